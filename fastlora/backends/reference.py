@@ -1,0 +1,87 @@
+"""Plain-PyTorch implementations of every op: the oracle the kernels are tested against, and the fallback.
+
+Computes in fp32 (inputs upcast), which is what the fused kernels accumulate in; outputs are rounded once.
+Signatures follow :mod:`fastlora.ops` (without the trailing backend name).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlora.dropout import apply_dropout, keep_mask
+from fastlora.nf4 import nf4_table
+
+
+def nf4_resolve_absmax(absmax_q: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float) -> Tensor:
+    block = torch.arange(absmax_q.numel(), device=absmax_q.device) // blocksize2
+    # Same operation order as bitsandbytes: code lookup times block scale, then + offset, all in fp32.
+    return code2.float()[absmax_q.long()] * absmax2.float()[block] + offset
+
+
+def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: n * k].long()
+    block = torch.arange(n * k, device=packed.device) // blocksize
+    return (nf4_table(packed.device)[codes] * absmax.float()[block]).to(dtype).reshape(n, k)
+
+
+def _dense_weight(weight: Tensor, absmax: Tensor | None, blocksize: int, n: int, k: int) -> Tensor:
+    if absmax is None:
+        return weight.float()
+    return nf4_dequantize(weight.view(torch.uint8).reshape(-1), absmax, blocksize, n, k, torch.float32)
+
+
+def _adapter_slices(ranks: list[int]):
+    start = 0
+    for index, r in enumerate(ranks):
+        yield index, slice(start, start + r)
+        start += r
+
+
+def lora_down(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
+    x32, a32 = x.float(), lora_a.float()
+    parts = [apply_dropout(x32, seeds[i], dropout_p[i]) @ a32[cols].T for i, cols in _adapter_slices(ranks)]
+    return torch.cat(parts, dim=1) if parts else x32.new_zeros((x.shape[0], 0))
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
+) -> Tensor:
+    n, k = lora_b.shape[0], x.shape[1]
+    y = x.float() @ _dense_weight(weight, absmax, blocksize, n, k).T + lora_s.float() @ lora_b.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
+    dy = grad_out.float()
+    return dy @ lora_b.float(), dy.T @ lora_s.float()
+
+
+def lora_down_grad(grad_s: Tensor, x: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
+    x32 = x.float()
+    parts = [grad_s[:, cols].float().T @ apply_dropout(x32, seeds[i], dropout_p[i]) for i, cols in _adapter_slices(ranks)]
+    return torch.cat(parts, dim=0) if parts else x32.new_zeros((0, x.shape[1]))
+
+
+def lora_linear_grad_input(
+    grad_out: Tensor,
+    weight: Tensor,
+    absmax: Tensor | None,
+    blocksize: int,
+    grad_s: Tensor,
+    lora_a: Tensor,
+    ranks: list[int],
+    seeds: Tensor,
+    dropout_p: list[float],
+) -> Tensor:
+    m, n, k = grad_out.shape[0], grad_out.shape[1], lora_a.shape[1]
+    dx = grad_out.float() @ _dense_weight(weight, absmax, blocksize, n, k)
+    for i, cols in _adapter_slices(ranks):
+        lora_dx = grad_s[:, cols].float() @ lora_a[cols].float()
+        p = dropout_p[i]
+        if p > 0.0:
+            lora_dx = lora_dx * keep_mask(seeds[i], p, m, k).float() * (1.0 / (1.0 - p))
+        dx = dx + lora_dx
+    return dx.to(grad_out.dtype)
