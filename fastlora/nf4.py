@@ -73,7 +73,7 @@ class NF4Weight:
         n, k = shape
         if packed.numel() != (n * k + 1) // 2:
             raise UnsupportedQuantization(f"packed size {packed.numel()} does not match shape {shape}")
-        return NF4Weight(packed, _resolved_absmax(packed, state), int(state.blocksize), (n, k))
+        return NF4Weight(packed, _resolved_absmax(weight, state), int(state.blocksize), (n, k))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
         """W[n, k] in ``dtype``, bit-identical to ``bitsandbytes.functional.dequantize_4bit``."""
@@ -83,18 +83,20 @@ class NF4Weight:
         return ops.nf4_dequantize(self.packed, self.absmax, self.blocksize, n, k, dtype, backend)
 
 
-# Resolved absmax per packed tensor. Keyed weakly on the tensor object so a freed weight frees its entry; the
-# version counter and data pointer detect in-place requantization (merge into a 4-bit base rewrites the data).
-_ABSMAX_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# Resolved absmax per Params4bit. Keyed weakly on the parameter so a freed weight frees its entry; the version
+# counter, data pointer and quant state identity detect requantization (merging into a 4-bit base rewrites both).
+# (Tensors compare elementwise, so a WeakKeyDictionary cannot hold them: key on id() with a weakref to evict.)
+_ABSMAX_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
-def _resolved_absmax(packed: torch.Tensor, state) -> torch.Tensor:
-    key = (packed._version, packed.data_ptr(), id(state), id(state.absmax), state.absmax._version)
-    hit = _ABSMAX_CACHE.get(packed)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+def _resolved_absmax(weight: torch.Tensor, state) -> torch.Tensor:
+    key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
+    hit = _ABSMAX_CACHE.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
     absmax = resolve_absmax(state)
-    _ABSMAX_CACHE[packed] = (key, absmax)
+    weight_id = id(weight)
+    _ABSMAX_CACHE[weight_id] = (weakref.ref(weight, lambda _: _ABSMAX_CACHE.pop(weight_id, None)), key, absmax)
     return absmax
 
 

@@ -1,0 +1,116 @@
+"""One ``torch.autograd.Function`` for the LoRA linear: dense or NF4 base plus stacked adapters.
+
+Forward saves x (in the compute dtype, shared with any other layer that reads the same x), the thin
+``S = drop(x)·Aᵀ`` [M, R] and the per-call dropout seeds; never the dequantized W, a dropped copy of x or a
+mask. Backward regenerates the dropout masks from the seeds.
+
+Usage::
+
+    y = lora_linear(x, base, adapters, backend="triton")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastlora import ops
+from fastlora.dropout import draw_seeds
+
+
+@dataclass(frozen=True)
+class BaseWeight:
+    """The frozen base of a LoRA layer: a dense [N, K] weight, or NF4 codes plus resolved fp32 absmax."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    out_features: int
+    absmax: Optional[Tensor] = None
+    blocksize: int = 0
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One active LoRA adapter: A [r, K], B [N, r], scale, and the dropout probability in effect now."""
+
+    lora_a: Tensor
+    lora_b: Tensor
+    scale: float
+    dropout_p: float
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b + Σ_a s_a·(drop_a(x)·A_aᵀ)·B_aᵀ on 2-D x in the compute dtype. Adapter tensors follow the
+    fixed arguments as A_1, B_1, A_2, B_2, ... so that autograd routes their gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
+        lora_as, lora_bs = adapter_tensors[0::2], adapter_tensors[1::2]
+        ranks = [a.shape[0] for a in lora_as]
+        lora_a = torch.cat([a.float() for a in lora_as])
+        # Scales are folded into B, so the kernels see one epilogue matrix for all adapters.
+        lora_b = torch.cat([b.float() * s for b, s in zip(lora_bs, scales)], dim=1)
+        lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, backend)
+        y = ops.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend)
+        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors)
+        ctx.config = (blocksize, ranks, list(scales), list(dropout_p), backend, bias is not None)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors = ctx.saved_tensors
+        blocksize, ranks, scales, dropout_p, backend, has_bias = ctx.config
+        grad_out = grad_out.contiguous()
+        grad_s, grad_b_unscaled = ops.lora_up_grad(grad_out, lora_b, lora_s, backend)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.lora_linear_grad_input(
+                grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p, backend
+            )
+        grad_a_all = ops.lora_down_grad(grad_s, x, ranks, seeds, dropout_p, backend)
+        grad_bias = None
+        if has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
+        grads = []
+        start = 0
+        for a, b, r, s in zip(adapter_tensors[0::2], adapter_tensors[1::2], ranks, scales):
+            grads.append(grad_a_all[start : start + r].to(a.dtype))
+            grads.append((grad_b_unscaled[:, start : start + r] * s).to(b.dtype))
+            start += r
+        return (grad_x, None, None, grad_bias, None, None, None, None, None, *grads)
+
+
+def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend: str) -> Tensor:
+    """The fused LoRA linear on x[..., K] (already in the compute dtype); returns [..., N] in x's dtype.
+
+    Usage::
+
+        y = lora_linear(x, BaseWeight(w, b, w.shape[0]), [Adapter(a, b_, 2.0, 0.0)], "torch")
+    """
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    seeds = (
+        draw_seeds(len(adapters), x.device)
+        if any(a.dropout_p > 0.0 for a in adapters)
+        else torch.zeros(len(adapters), dtype=torch.int64, device=x.device)
+    )
+    adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
+    y = LoRALinearFunction.apply(
+        x2d,
+        base.weight,
+        base.absmax,
+        base.bias,
+        seeds,
+        base.blocksize,
+        tuple(a.scale for a in adapters),
+        tuple(a.dropout_p for a in adapters),
+        backend,
+        *adapter_tensors,
+    )
+    return y.reshape(*lead, base.out_features)

@@ -1,0 +1,55 @@
+"""fastlora's NF4 reading equals bitsandbytes' dequantize_4bit bit for bit (fp32 and half outputs)."""
+
+import pytest
+import torch
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+from fastlora.nf4 import NF4_TABLE, NF4Weight, UnsupportedQuantization, nf4_table
+
+
+def _params4bit(n, k, blocksize, nested, quant_type="nf4"):
+    packed, state = bnbF.quantize_4bit(torch.randn(n, k), blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True, quant_type=quant_type), packed, state
+
+
+def test_table_matches_bitsandbytes():
+    code = bnbF.get_4bit_type("nf4", device="cpu")
+    assert torch.equal(nf4_table("cpu"), code.float())
+    assert len(NF4_TABLE) == 16
+
+
+# K not a multiple of the block size makes blocks cross rows; odd N*K leaves the last byte half used.
+@pytest.mark.parametrize("n,k", [(7, 100), (5, 33), (16, 64), (3, 130), (1, 1), (9, 257)])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_bit_exact(n, k, blocksize, nested):
+    weight, packed, state = _params4bit(n, k, blocksize, nested)
+    nf4 = NF4Weight.from_params4bit(weight)
+    assert nf4.shape == (n, k) and nf4.absmax.dtype == torch.float32
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        state.dtype = dtype
+        expected = bnbF.dequantize_4bit(packed, state)
+        got = nf4.dequantize(dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got, expected), f"max diff {(got.float() - expected.float()).abs().max()}"
+
+
+def test_absmax_cached_and_invalidated_on_requantization():
+    weight, packed, state = _params4bit(8, 128, 64, True)
+    first = NF4Weight.from_params4bit(weight)
+    assert NF4Weight.from_params4bit(weight).absmax is first.absmax  # resolved once, reused
+
+    # Requantize in place (what merging into a 4-bit base does): new codes and a new quant state.
+    new_packed, new_state = bnbF.quantize_4bit(torch.randn(8, 128) * 3, blocksize=64, compress_statistics=True, quant_type="nf4")
+    weight.data.copy_(new_packed)
+    weight.quant_state = new_state
+    again = NF4Weight.from_params4bit(weight)
+    assert again.absmax is not first.absmax
+    assert torch.equal(again.dequantize(), bnbF.dequantize_4bit(new_packed, new_state))
+
+
+def test_fp4_is_refused():
+    weight, _, _ = _params4bit(4, 64, 64, False, quant_type="fp4")
+    with pytest.raises(UnsupportedQuantization, match="fp4"):
+        NF4Weight.from_params4bit(weight)
