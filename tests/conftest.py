@@ -108,25 +108,29 @@ def lora_layer_model(
     return model
 
 
-def tiny_llama_peft(kind: str, *, r: int = 8, dropout: float = 0.0, seed: int = 0, dtype=torch.bfloat16):
-    """A tiny Llama with LoRA on all linear layers. kind: "qlora" (NF4 double quant through from_pretrained with
-    BitsAndBytesConfig, compute ``dtype``), "dense" (base in ``dtype``)."""
+def tiny_llama_base(kind: str, *, seed: int = 0, dtype=torch.bfloat16):
+    """A tiny Llama without adapters. kind: "qlora" (NF4 double quant through from_pretrained with
+    BitsAndBytesConfig, compute ``dtype``) or "dense" (base in ``dtype``). The same seed gives the same weights."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     torch.manual_seed(seed)
     config = LlamaConfig(**TINY_LLAMA)
-    if kind == "qlora":
-        with tempfile.TemporaryDirectory() as tmp:
-            AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-            quant = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
-            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if kind != "qlora":
+        return AutoModelForCausalLM.from_config(config).to(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype)
+
+
+def tiny_llama_peft(kind: str, *, r: int = 8, dropout: float = 0.0, seed: int = 0, dtype=torch.bfloat16):
+    """:func:`tiny_llama_base` with LoRA (random A and B) on all linear layers."""
+    model = tiny_llama_base(kind, seed=seed, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear"))
     randomize_lora(model, std=0.05)
     return model
