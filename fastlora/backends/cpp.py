@@ -1,0 +1,197 @@
+"""The C++ CPU backend: the ops of :mod:`fastlora.ops` for CPU tensors, built from ``csrc/`` on first use.
+
+The sources are compiled with ninja through ``torch.utils.cpp_extension.load`` the first time an op (or
+:func:`unavailable_reason`) needs them, and cached in a build directory keyed on the torch and Python versions
+(``$FASTLORA_BUILD_DIR``, else ``$TORCH_EXTENSIONS_DIR/fastlora_cpp_<tag>``, else
+``~/.cache/fastlora/cpp_<tag>``). They register ``fastlora_cpp::*`` operators (CPU dispatch key); the functions
+here adapt them to the signatures of :mod:`fastlora.backends.reference`, computing dropout thresholds on the host
+from :func:`fastlora.dropout.dropout_threshold`. A failed build never raises at import: :func:`unavailable_reason`
+returns why, and the registry falls back to the torch reference.
+
+Usage::
+
+    from fastlora.backends import cpp
+    if cpp.unavailable_reason() is None:
+        y = cpp.lora_linear(x, packed, absmax, 64, None, s, b)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastlora.dropout import dropout_threshold
+
+EXTENSION_NAME = "fastlora_cpp"
+SOURCE_FILES = ("lora_ops.cpp",)
+HEADER_FILES = ("nf4_dequant.h", "dropout_mask.h")
+# -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
+# (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
+CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+LD_FLAGS = ("-fopenmp",)
+# Last lines of a failed build kept in the reason: enough for the compiler's error, short enough to report.
+_REASON_LINES = 15
+
+_lock = threading.Lock()
+_ops = None  # torch.ops.fastlora_cpp once loaded
+_failure: str | None = None
+
+
+def source_dir() -> Path:
+    """The directory holding the C++ sources: ``csrc/`` of a source checkout, else the installed package data."""
+    checkout = Path(__file__).resolve().parents[2] / "csrc"
+    if (checkout / SOURCE_FILES[0]).is_file():
+        return checkout
+    return Path(str(resources.files("fastlora.csrc")))
+
+
+def default_build_dir() -> Path:
+    """Where the extension is built and cached, one directory per torch/Python version (see module docstring)."""
+    override = os.environ.get("FASTLORA_BUILD_DIR")
+    if override:
+        return Path(override)
+    tag = f"torch{torch.__version__.replace('+', '_')}_py{sys.version_info.major}{sys.version_info.minor}"
+    extensions_root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if extensions_root:
+        return Path(extensions_root) / f"{EXTENSION_NAME}_{tag}"
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_root / "fastlora" / f"cpp_{tag}"
+
+
+def build(build_dir: Path | str | None = None, verbose: bool = False):
+    """Compile (or reuse the cached build of) the C++ ops, load them into this process and return ``torch.ops.fastlora_cpp``.
+
+    A process can load the library once only (a second copy would register the same operators again), so a
+    second call returns the loaded ops without building. Raises whatever the compiler or loader raises.
+    Usage: ``cpp.build("/tmp/fresh", verbose=True)``.
+    """
+    global _ops
+    from torch.utils import cpp_extension
+
+    with _lock:
+        if _ops is None:
+            sources = source_dir()
+            target = Path(build_dir) if build_dir is not None else default_build_dir()
+            target.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(sources / name) for name in SOURCE_FILES],
+                extra_cflags=list(CXX_FLAGS),
+                extra_ldflags=list(LD_FLAGS),
+                extra_include_paths=[str(sources)],
+                build_directory=str(target),
+                is_python_module=False,
+                verbose=verbose,
+            )
+            _ops = torch.ops.fastlora_cpp
+    return _ops
+
+
+def _loaded_ops():
+    """torch.ops.fastlora_cpp, building on first use; raises RuntimeError with the reason when that fails."""
+    global _failure
+    if _ops is not None:
+        return _ops
+    if _failure is None:
+        try:
+            return build()
+        except Exception as err:  # noqa: BLE001 - any build/load failure means "fall back", with the reason
+            lines = f"{type(err).__name__}: {err}".strip().splitlines()
+            _failure = "C++ extension failed to build or load: " + "\n".join(lines[-_REASON_LINES:])
+    raise RuntimeError(_failure)
+
+
+def unavailable_reason() -> str | None:
+    """None when the C++ ops are built and loaded (building them now if needed), else why they cannot be."""
+    try:
+        _loaded_ops()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def _dropout_args(dropout_p: list[float]) -> tuple[list[int], list[float]]:
+    """Per adapter: the uint32 drop threshold and the fp64 keep scale 1/(1-p) (1.0 when p == 0)."""
+    thresholds = [dropout_threshold(p) if p > 0.0 else 0 for p in dropout_p]
+    scales = [1.0 / (1.0 - p) if p > 0.0 else 1.0 for p in dropout_p]
+    return thresholds, scales
+
+
+def _packed(weight: Tensor, absmax: Tensor | None) -> Tensor:
+    """NF4 weights in any quant_storage dtype as the flat uint8 bytes the kernels read; dense weights as given."""
+    return weight if absmax is None else weight.view(torch.uint8).reshape(-1)
+
+
+def nf4_resolve_absmax(absmax_q: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float) -> Tensor:
+    return _loaded_ops().nf4_resolve_absmax(absmax_q, code2, absmax2, blocksize2, float(offset))
+
+
+def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    return _loaded_ops().nf4_dequantize(_packed(packed, absmax), absmax, blocksize, n, k, dtype)
+
+
+def lora_down(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
+    thresholds, scales = _dropout_args(dropout_p)
+    return _loaded_ops().lora_down(x, lora_a, list(ranks), seeds, thresholds, scales)
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
+) -> Tensor:
+    return _loaded_ops().lora_linear(x, _packed(weight, absmax), absmax, blocksize, bias, lora_s, lora_b)
+
+
+def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
+    return _loaded_ops().lora_up_grad(grad_out, lora_b, lora_s)
+
+
+def lora_down_grad(grad_s: Tensor, x: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
+    thresholds, scales = _dropout_args(dropout_p)
+    return _loaded_ops().lora_down_grad(grad_s, x, list(ranks), seeds, thresholds, scales)
+
+
+def lora_linear_grad_input(
+    grad_out: Tensor,
+    weight: Tensor,
+    absmax: Tensor | None,
+    blocksize: int,
+    grad_s: Tensor,
+    lora_a: Tensor,
+    ranks: list[int],
+    seeds: Tensor,
+    dropout_p: list[float],
+) -> Tensor:
+    thresholds, scales = _dropout_args(dropout_p)
+    return _loaded_ops().lora_linear_grad_input(
+        grad_out, _packed(weight, absmax), absmax, blocksize, grad_s, lora_a, list(ranks), seeds, thresholds, scales
+    )
+
+
+# ---- tuning and test knobs (not part of the op schema) -------------------------------------------------------
+
+
+def set_panel_bytes(panel_bytes: int) -> int:
+    """Set the size of the fp32 weight panel dequantized per GEMM call; returns the previous size.
+
+    Usage: ``previous = cpp.set_panel_bytes(4096)`` (tests force many partial panels this way).
+    """
+    return _loaded_ops().set_panel_bytes(panel_bytes)
+
+
+def set_avx2_enabled(enabled: bool) -> bool:
+    """Allow (default) or forbid the AVX2 code paths; returns the previous setting.
+
+    Usage: ``cpp.set_avx2_enabled(False)`` runs the portable paths, e.g. to test them on an AVX2 machine.
+    """
+    return _loaded_ops().set_avx2_enabled(enabled)
+
+
+def has_avx2() -> bool:
+    """Whether this CPU runs the AVX2 code paths. Usage: ``cpp.has_avx2()``."""
+    return _loaded_ops().has_avx2()
