@@ -1,0 +1,198 @@
+"""Pieces every fastlora kernel shares: the NF4 tile unpacker, the dropout hash, dot precision, launch helpers.
+
+Nothing here launches a kernel. The ``@triton.jit`` helpers are inlined into the kernels that call them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora.dropout import dropout_threshold
+from fastlora.nf4 import nf4_table
+
+#: Smallest tile edge ``tl.dot`` accepts; thin operands (LoRA rank) are padded up to it.
+MIN_DOT = 16
+#: M is rounded up to a power of two (at least this) to key autotuning and dispatch, so a training run with
+#: varying sequence lengths tunes a handful of buckets instead of every M.
+MIN_M_BUCKET = 16
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``), i.e. on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def m_bucket(m: int) -> int:
+    """The autotune/dispatch bucket of ``m`` tokens: the next power of two, at least 16."""
+    return max(MIN_M_BUCKET, triton.next_power_of_2(m))
+
+
+def rank_block(r: int) -> int:
+    """Tile width for a LoRA rank ``r``: a power of two, at least ``tl.dot``'s minimum of 16."""
+    return max(MIN_DOT, triton.next_power_of_2(r))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for fp32 operands when the model computes in ``dtype``.
+
+    fp32 models follow ``torch.get_float32_matmul_precision()`` so fp32 parity with PEFT holds ("highest" →
+    IEEE). Half-precision models only meet fp32 operands in the LoRA branch (A, B and S are fp32); TF32 keeps
+    that branch's error (~5e-4 relative) far below the bf16/fp16 rounding of the output.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def config_pruner(config_sets: dict[str, list], pick, interpreter: triton.Config):
+    """An ``early_config_prune`` hook: the interpreter's one small config, or the set ``pick`` names.
+
+    ``pick(hopper: bool, args: dict) -> str`` chooses among ``config_sets`` from the GPU generation and the
+    launch arguments (base kind, dtype). With one config left, Triton's autotuner runs it without timing,
+    so interpreter runs never benchmark.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return [interpreter]
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        return config_sets[pick(hopper, {**named_args, **kwargs})]
+
+    return prune
+
+
+def all_configs(config_sets: dict[str, list]) -> list:
+    """Every config of every set, for ``triton.autotune`` (the pruner narrows them per launch)."""
+    return [cfg for configs in config_sets.values() for cfg in configs]
+
+
+def generation(hopper: bool, fp32: bool) -> str:
+    """Config set prefix: fp32 inputs (IEEE ``tl.dot`` is FMA-based, register hungry) get small tiles."""
+    return "fp32" if fp32 else ("hopper" if hopper else "ampere")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def table(device: torch.device) -> torch.Tensor:
+    """The 16-entry fp32 NF4 code table on ``device`` (kernels gather from it; it stays in L1)."""
+    return nf4_table(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _group_tables(device: torch.device, ranks: tuple[int, ...], dropout_p: tuple[float, ...]):
+    # Adapters without dropout need no mask: they merge into one group with one wide dot. Adapters with
+    # dropout keep a group each (their own mask). Row: (first rank column, rank, drop threshold, adapter).
+    if all(p == 0.0 for p in dropout_p):
+        rows, scales = [(0, sum(ranks), 0, 0)], [1.0]
+    else:
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        rows = [(s, r, dropout_threshold(p), i) for i, (s, r, p) in enumerate(zip(starts, ranks, dropout_p))]
+        scales = [1.0 / (1.0 - p) for p in dropout_p]
+    groups = torch.tensor(rows, dtype=torch.int64, device=device)
+    group_scales = torch.tensor(scales, dtype=torch.float32, device=device)
+    return groups, group_scales, max(r for _, r, _, _ in rows)
+
+
+@functools.lru_cache(maxsize=16)
+def no_seeds(device: torch.device) -> torch.Tensor:
+    """A seeds tensor for a call without dropout (the kernels never read it, but need a pointer)."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def adapter_groups(ranks: list[int], dropout_p: list[float], device: torch.device):
+    """Per-group launch table for stacked adapters: ``(groups i64[G, 4], scales f32[G], widest rank)``.
+
+    Cached per (device, ranks, p), so the first (warm-up) call builds it and CUDA-graph captures only read it.
+    """
+    return _group_tables(torch.device(device), tuple(int(r) for r in ranks), tuple(float(p) for p in dropout_p))
+
+
+# ---- @triton.jit helpers ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mix32(x):
+    """lowbias32 on uint32 (products wrap modulo 2**32), as :func:`fastlora.dropout.mix32`."""
+    x ^= x >> 16
+    x *= tl.full((), 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x *= tl.full((), 0x846CA68B, tl.uint32)
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def dropout_keep(seed_ptr, rows, cols, K, threshold):
+    """Bool [len(rows), len(cols)]: elements of x[M, K] the hash dropout keeps (:mod:`fastlora.dropout`).
+
+    The seed is read from memory, not passed by value, so a CUDA graph replays with the seed of the moment.
+    """
+    key = mix32(tl.load(seed_ptr).to(tl.uint32))
+    flat = rows.to(tl.uint32)[:, None] * K.to(tl.uint32) + cols.to(tl.uint32)[None, :]  # wraps mod 2**32
+    return mix32(flat ^ key).to(tl.int64) >= threshold
+
+
+@triton.jit
+def nf4_tile(
+    packed_ptr,
+    absmax_ptr,
+    table_ptr,
+    rows,
+    k0,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+):
+    """fp32 W[rows, k0:k0+BLOCK_K] of an NF4 weight W[N, K], unpacked in registers (zero outside W).
+
+    Flat element i = n*K + k sits in byte i // 2, high nibble when i is even. With K even every row starts on
+    a byte, so a row's bytes are contiguous and one byte load yields two elements (``EVEN_K``). ``ROW_SCALE``
+    (blocks never cross rows and the tile lies inside one block) loads one absmax per row, not per element.
+    """
+    row_base = rows.to(tl.int64) * K
+    row_ok = rows < N
+    if EVEN_K:
+        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ok = row_ok[:, None] & (half * 2 < K)[None, :]
+        byte = tl.load(packed_ptr + row_base[:, None] // 2 + half[None, :], mask=ok, other=0).to(tl.int32)
+        codes = tl.interleave(byte >> 4, byte & 0xF)
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        flat = row_base[:, None] + cols[None, :]
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        byte = tl.load(packed_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
+        codes = (byte >> (4 - 4 * (flat % 2)).to(tl.int32)) & 0xF
+    values = tl.load(table_ptr + codes)
+    if ROW_SCALE:
+        scale = tl.load(absmax_ptr + (row_base + k0) // BLOCKSIZE, mask=row_ok, other=0.0)[:, None]
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        flat = row_base[:, None] + cols[None, :]
+        scale = tl.load(absmax_ptr + flat // BLOCKSIZE, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    return values * scale
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row tiles walked together, so neighbours share W tiles in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n

@@ -1,0 +1,94 @@
+"""LoRA down-projection of stacked adapters: ``S[:, a] = drop_a(x)·A_aᵀ`` in fp32, one launch for all adapters.
+
+A thin GEMM ([M, K]·[K, R], R = total rank): bound by reading x, so x is read in its own dtype and upcast in
+registers, and each adapter's dropout mask is regenerated from its seed instead of being read. The same
+kernel computes ``dy·B`` for :func:`fastlora.kernels.lora_up_grad.lora_up_grad` (A := Bᵀ via strides).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora.kernels import common
+
+CONFIGS = {
+    "hopper": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+    ],
+    "ampere": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    ],
+    # fp32 x: IEEE tl.dot runs on FMAs, so smaller tiles keep its operands in registers.
+    "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)],
+}
+
+
+def config_set(hopper: bool, args: dict) -> str:
+    """The config set for a launch: fp32 x gets its own, else the GPU generation's."""
+    return common.generation(hopper, args["x_ptr"].dtype == torch.float32)
+
+
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+
+
+@triton.autotune(
+    configs=common.all_configs(CONFIGS),
+    key=["M_BUCKET", "K", "R_BLOCK"],
+    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
+)
+@triton.jit
+def lora_down_kernel(
+    x_ptr, a_ptr, groups_ptr, scales_ptr, seeds_ptr, s_ptr,
+    M, K, stride_ar, stride_ak, stride_sm, M_BUCKET,
+    R_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Program (row tile, adapter group). A group row: (first rank column, rank, drop threshold, adapter index).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = groups_ptr + tl.program_id(1) * 4
+    first, rank, threshold, adapter = tl.load(group), tl.load(group + 1), tl.load(group + 2), tl.load(group + 3)
+    scale = tl.load(scales_ptr + tl.program_id(1))
+    ranks = tl.arange(0, R_BLOCK)
+    m_ok, r_ok = rows < M, ranks < rank
+    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < K
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        if threshold > 0:
+            x = tl.where(common.dropout_keep(seeds_ptr + adapter, rows, cols, K, threshold), x * scale, 0.0)
+        a_ptrs = a_ptr + (first + ranks)[None, :] * stride_ar + cols[:, None] * stride_ak
+        a_t = tl.load(a_ptrs, mask=r_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+        acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
+    s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * stride_sm + (first + ranks)[None, :]
+    tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+def thin_down(x: torch.Tensor, a: torch.Tensor, ranks: list[int], seeds: torch.Tensor, dropout_p: list[float]) -> torch.Tensor:
+    """fp32 ``[M, R] = drop(x)·aᵀ`` for x [M, K] and ``a`` any-strided [R, K] (e.g. ``B.T`` for ``dy·B``)."""
+    m, k = x.shape
+    x = x.contiguous()
+    s = torch.empty((m, a.shape[0]), dtype=torch.float32, device=x.device)
+    if a.shape[0] == 0:
+        return s
+    groups, scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups.shape[0])  # noqa: E731
+    lora_down_kernel[grid](
+        x, a, groups, scales, seeds, s, m, k, a.stride(0), a.stride(1), s.stride(0), common.m_bucket(m),
+        R_BLOCK=common.rank_block(widest), PRECISION=common.dot_precision(x.dtype),
+    )  # fmt: skip
+    return s
+
+
+def lora_down(x: torch.Tensor, lora_a: torch.Tensor, ranks: list[int], seeds: torch.Tensor, dropout_p: list[float]) -> torch.Tensor:
+    """``S[M, R]`` (fp32): adapter a's columns are ``drop_a(x)·A_aᵀ``, its mask from ``seeds[a]`` and ``dropout_p[a]``.
+
+    Usage: ``s = lora_down(x, torch.cat([a1, a2]), [16, 16], seeds, [0.1, 0.0])``
+    """
+    return thin_down(x, lora_a, ranks, seeds, dropout_p)

@@ -1,0 +1,178 @@
+"""Fused LoRA linear forward: ``y = x·Wᵀ + bias + S·Bᵀ`` with W dense or NF4, one store of y.
+
+NF4 W is unpacked in registers tile by tile and never written to memory; the base GEMM and the low-rank
+epilogue (S = drop(x)·Aᵀ from :mod:`fastlora.kernels.lora_down`, B with the LoRA scales folded in) accumulate
+in one fp32 tile. The same kernel with ``BASE=0`` is the epilogue alone, adding bias + S·Bᵀ onto a y that
+cuBLAS already holds: that is the "split" path :mod:`fastlora.kernels.dispatch` picks where it measures faster.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora.kernels import common, dispatch
+from fastlora.kernels.nf4_dequantize import nf4_dequantize
+
+#: Values of the BASE constexpr: where x·Wᵀ comes from.
+BASE_IN_OUTPUT, BASE_DENSE, BASE_NF4 = 0, 1, 2
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# Config sets, chosen per launch by GPU generation, base kind and dtype (``config_set``). Hopper: large tiles
+# for compute-bound M; narrow N tiles at small M so a 4096-wide layer still spreads over 132 SMs while
+# streaming W (decode is bound by reading W). NF4 keeps BLOCK_K=64: the tile stays inside one absmax block
+# (one scale per row) and the unpacked tile plus its gathers fit registers; wider K tiles spill.
+CONFIGS = {
+    "hopper-nf4": [
+        _config(128, 128, 64, 8, 3),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(32, 64, 64, 4, 4),
+        _config(16, 64, 64, 4, 4),
+        _config(16, 32, 64, 4, 4),
+        _config(16, 16, 64, 2, 4),
+    ],
+    "hopper-dense": [
+        _config(128, 128, 64, 8, 3),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(32, 64, 128, 4, 4),
+        _config(16, 64, 128, 4, 4),
+        _config(16, 32, 256, 4, 3),
+        _config(16, 16, 256, 2, 4),
+    ],
+    "ampere-nf4": [
+        _config(128, 128, 32, 8, 3),
+        _config(128, 64, 32, 4, 4),
+        _config(64, 64, 32, 4, 4),
+        _config(16, 64, 64, 4, 3),
+        _config(16, 32, 64, 4, 3),
+    ],
+    "ampere-dense": [
+        _config(128, 128, 32, 8, 3),
+        _config(128, 64, 32, 4, 4),
+        _config(64, 64, 32, 4, 4),
+        _config(16, 64, 128, 4, 3),
+        _config(16, 32, 128, 4, 3),
+    ],
+    "fp32": [_config(64, 64, 32, 8, 3), _config(32, 64, 32, 4, 3), _config(16, 32, 32, 4, 3)],
+}
+
+
+def config_set(hopper: bool, args: dict) -> str:
+    """The config set for a launch: fp32 inputs, else GPU generation and base kind (split epilogue: dense)."""
+    generation = common.generation(hopper, args["x_ptr"].dtype == torch.float32)
+    return generation if generation == "fp32" else f"{generation}-{'nf4' if args['BASE'] == BASE_NF4 else 'dense'}"
+
+
+#: Small tiles so interpreter tests cross tile edges in every dimension.
+INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
+
+
+@triton.autotune(
+    configs=common.all_configs(CONFIGS),
+    key=["M_BUCKET", "N", "K", "R_BLOCK", "BASE"],
+    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
+    restore_value=["y_ptr"],  # BASE=0 accumulates onto y: benchmarking must not compound it
+)
+@triton.jit
+def lora_linear_kernel(
+    x_ptr, w_ptr, absmax_ptr, table_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = common.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rows_m < M, rows_n < N
+    y_ptrs = y_ptr + rows_m.to(tl.int64)[:, None] * N + rows_n[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+
+    if BASE == 0:
+        acc = tl.load(y_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_ok = cols < K
+            x = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * K + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if BASE == 1:
+                w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * K + cols[None, :]
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(x.dtype)
+            else:
+                w = common.nf4_tile(
+                    w_ptr, absmax_ptr, table_ptr, rows_n, k0, N, K,
+                    BLOCKSIZE, BLOCK_K, EVEN_K, K_ALIGNED and BLOCKSIZE % BLOCK_K == 0,
+                ).to(x.dtype)  # fmt: skip
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        ranks = tl.arange(0, R_BLOCK)
+        r_ok = ranks < R
+        s = tl.load(s_ptr + rows_m.to(tl.int64)[:, None] * R + ranks[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rows_n.to(tl.int64)[:, None] * R + ranks[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(s.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision=LORA_PRECISION)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _launch(x, weight, absmax, blocksize, bias, lora_s, lora_b, y, base: int) -> torch.Tensor:
+    m, k = x.shape
+    n, r = lora_b.shape
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    lora_linear_kernel[grid](
+        x, weight, absmax if absmax is not None else y, common.table(x.device),
+        bias if bias is not None else y, lora_s, lora_b, y,
+        m, n, k, r, common.m_bucket(m),
+        BASE=base, HAS_BIAS=bias is not None, HAS_LORA=r > 0, R_BLOCK=common.rank_block(r),
+        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0,
+        PRECISION=common.dot_precision(x.dtype), LORA_PRECISION=common.dot_precision(x.dtype),
+    )  # fmt: skip
+    return y
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    blocksize: int,
+    bias: torch.Tensor | None,
+    lora_s: torch.Tensor,
+    lora_b: torch.Tensor,
+    path: str | None = None,
+) -> torch.Tensor:
+    """``y[M, N] = x·Wᵀ + bias + S·Bᵀ`` in x's dtype; W dense [N, K] or NF4-packed u8 when ``absmax`` is given.
+
+    ``path`` forces "fused" or "split"; by default :func:`fastlora.kernels.dispatch.choice` decides.
+
+    Usage: ``y = lora_linear(x, packed, absmax, 64, None, s, b_scaled)``
+    """
+    m, k = x.shape
+    n = lora_b.shape[0]
+    base = "nf4" if absmax is not None else "dense"
+    x, lora_s, lora_b = x.contiguous(), lora_s.contiguous(), lora_b.contiguous()
+    if absmax is not None:
+        weight = weight.view(torch.uint8).reshape(-1)
+    else:
+        weight = weight.contiguous()
+    path = path or dispatch.choice("forward", base, m, n, k, x.dtype).path
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if path == "fused":
+        return _launch(x, weight, absmax, blocksize, bias, lora_s, lora_b, y, BASE_NF4 if absmax is not None else BASE_DENSE)
+    if absmax is not None:
+        weight = nf4_dequantize(weight, absmax, blocksize, n, k, x.dtype, out=dispatch.dequant_buffer(n, k, x.dtype, x.device))
+    torch.matmul(x, weight.to(x.dtype).T, out=y)
+    return _launch(x, weight, None, blocksize, bias, lora_s, lora_b, y, BASE_IN_OUTPUT)

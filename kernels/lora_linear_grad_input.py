@@ -1,0 +1,163 @@
+"""Fused LoRA linear backward for the input: ``dx = dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)``, one store.
+
+W (dense or NF4, unpacked in registers) is read as stored, [N, K], which is already the layout dy·W wants
+(reduction over N). Each adapter's term is masked with its dropout mask, regenerated from its seed, inside
+the same fp32 tile. ``BASE=0`` adds only the LoRA terms onto a dx cuBLAS already wrote (the split path).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora.kernels import common, dispatch
+from fastlora.kernels.lora_linear import BASE_DENSE, BASE_IN_OUTPUT, BASE_NF4
+from fastlora.kernels.nf4_dequantize import nf4_dequantize
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# BLOCK_N is the reduction here, BLOCK_K the output columns. NF4 bytes run along K; BLOCK_K=64 keeps the
+# tile inside one absmax block (one scale per row), and wider NF4 tiles exceed shared memory or registers.
+CONFIGS = {
+    "hopper-nf4": [
+        _config(128, 64, 64, 8, 3),
+        _config(64, 64, 64, 4, 4),
+        _config(64, 32, 64, 4, 4),
+        _config(32, 64, 64, 4, 3),
+        _config(16, 32, 64, 4, 3),
+    ],
+    "hopper-dense": [
+        _config(128, 64, 128, 8, 3),
+        _config(128, 64, 64, 8, 4),
+        _config(64, 64, 128, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(32, 128, 64, 4, 4),
+        _config(16, 128, 64, 4, 4),
+        _config(16, 256, 32, 4, 3),
+    ],
+    "ampere-nf4": [_config(128, 32, 64, 8, 3), _config(64, 32, 64, 4, 4), _config(16, 64, 64, 4, 3)],
+    "ampere-dense": [_config(128, 32, 128, 8, 3), _config(64, 32, 64, 4, 4), _config(16, 128, 64, 4, 3)],
+    "fp32": [_config(64, 32, 64, 8, 3), _config(32, 32, 64, 4, 3), _config(16, 32, 32, 4, 3)],
+}
+
+
+def config_set(hopper: bool, args: dict) -> str:
+    """The config set for a launch: fp32 inputs, else GPU generation and base kind (split epilogue: dense)."""
+    generation = common.generation(hopper, args["dy_ptr"].dtype == torch.float32)
+    return generation if generation == "fp32" else f"{generation}-{'nf4' if args['BASE'] == BASE_NF4 else 'dense'}"
+
+
+INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
+
+
+@triton.autotune(
+    configs=common.all_configs(CONFIGS),
+    key=["M_BUCKET", "N", "K", "R_BLOCK", "BASE"],
+    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
+    restore_value=["dx_ptr"],  # BASE=0 accumulates onto dx: benchmarking must not compound it
+)
+@triton.jit
+def lora_linear_grad_input_kernel(
+    dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, scales_ptr, seeds_ptr, dx_ptr,
+    M, N, K, R, N_GROUPS, M_BUCKET,
+    BASE: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_k = common.grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok, k_ok = rows < M, cols < K
+    dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    out_ok = m_ok[:, None] & k_ok[None, :]
+
+    if BASE == 0:
+        acc = tl.load(dx_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            n_ok = ns < N
+            dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * N + ns[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            if BASE == 1:
+                w_ptrs = w_ptr + ns.to(tl.int64)[:, None] * K + cols[None, :]
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dy.dtype)
+            else:
+                w = common.nf4_tile(
+                    w_ptr, absmax_ptr, table_ptr, ns, pid_k * BLOCK_K, N, K,
+                    BLOCKSIZE, BLOCK_K, EVEN_K, K_ALIGNED and BLOCKSIZE % BLOCK_K == 0,
+                ).to(dy.dtype)  # fmt: skip
+            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+
+    # One (masked) low-rank term per adapter group. A group row: (first rank, rank, threshold, adapter).
+    ranks = tl.arange(0, R_BLOCK)
+    for g in range(N_GROUPS):
+        first, rank = tl.load(groups_ptr + g * 4), tl.load(groups_ptr + g * 4 + 1)
+        threshold, adapter = tl.load(groups_ptr + g * 4 + 2), tl.load(groups_ptr + g * 4 + 3)
+        r_ok = ranks < rank
+        ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * R + (first + ranks)[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + (first + ranks).to(tl.int64)[:, None] * K + cols[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        lora = tl.dot(ds.to(tl.float32), a.to(tl.float32), input_precision=LORA_PRECISION)
+        if threshold > 0:
+            keep = common.dropout_keep(seeds_ptr + adapter, rows, cols, K, threshold)
+            lora = tl.where(keep, lora * tl.load(scales_ptr + g), 0.0)
+        acc += lora
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _launch(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p, dx, base: int):
+    m, n = grad_out.shape
+    k = lora_a.shape[1]
+    r = lora_a.shape[0]
+    groups, scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    lora_linear_grad_input_kernel[grid](
+        grad_out, weight, absmax if absmax is not None else dx, common.table(dx.device), grad_s, lora_a,
+        groups if r else dx, scales if r else dx, seeds, dx,
+        m, n, k, r, groups.shape[0] if r else 0, common.m_bucket(m),
+        BASE=base, R_BLOCK=common.rank_block(widest),
+        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0,
+        PRECISION=common.dot_precision(dx.dtype), LORA_PRECISION=common.dot_precision(dx.dtype),
+    )  # fmt: skip
+    return dx
+
+
+def lora_linear_grad_input(
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    blocksize: int,
+    grad_s: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: list[int],
+    seeds: torch.Tensor,
+    dropout_p: list[float],
+    path: str | None = None,
+) -> torch.Tensor:
+    """``dx[M, K] = dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)`` in dy's dtype; W dense or NF4 (given ``absmax``).
+
+    ``path`` forces "fused" or "split"; by default :func:`fastlora.kernels.dispatch.choice` decides.
+
+    Usage: ``dx = lora_linear_grad_input(dy, packed, absmax, 64, ds, a, [16], seeds, [0.1])``
+    """
+    m, n = grad_out.shape
+    k = lora_a.shape[1]
+    base = "nf4" if absmax is not None else "dense"
+    grad_out, grad_s, lora_a = grad_out.contiguous(), grad_s.contiguous(), lora_a.contiguous()
+    weight = weight.view(torch.uint8).reshape(-1) if absmax is not None else weight.contiguous()
+    path = path or dispatch.choice("grad_input", base, m, n, k, grad_out.dtype).path
+    dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
+    args = (blocksize, grad_s, lora_a, ranks, seeds, dropout_p, dx)
+    if path == "fused":
+        return _launch(grad_out, weight, absmax, *args, BASE_NF4 if absmax is not None else BASE_DENSE)
+    if absmax is not None:
+        weight = nf4_dequantize(weight, absmax, blocksize, n, k, dx.dtype, out=dispatch.dequant_buffer(n, k, dx.dtype, dx.device))
+    torch.matmul(grad_out, weight.to(dx.dtype), out=dx)
+    return _launch(grad_out, weight, None, *args, BASE_IN_OUTPUT)

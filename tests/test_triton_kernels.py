@@ -1,0 +1,238 @@
+"""Every Triton kernel against the reference ops, on CPU under Triton's interpreter (fp16 and fp32).
+
+Run with the interpreter switched on before Triton is imported (it is read when kernels are decorated)::
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton_kernels.py
+
+Without it every test here is skipped. bf16 is left to the GPU tests: the interpreter's bf16 ``tl.dot`` is
+wrong (triton#11584). Shapes are odd on purpose: M in 1, 7, 33, 130 and N, K off the 32-wide interpreter
+tiles; K=200 makes absmax blocks cross rows, K=97 (odd) splits bytes across rows, K=256 takes the
+one-absmax-per-row fast path. Outputs start as NaN (``poisoned_empty``), so an unwritten element fails.
+
+Tolerances are bounds, not guesses: with ``magnitude`` = the same sum taken over absolute values, the
+kernel and the reference may differ by ``out_eps * |ref| + acc_eps * magnitude`` where out_eps is one ulp of
+the output dtype (both round once) and acc_eps covers fp32 accumulation in a different order (2K units of
+2**-24) plus, for fp16, rounding NF4/dense W values to fp16 before ``tl.dot`` (2**-11; the reference keeps
+them in fp32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="interpreter tests: run `TRITON_INTERPRET=1 python -m pytest tests/test_triton_kernels.py`",
+    ),
+]
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import bitsandbytes.functional as bnbF
+
+    from fastlora import kernels, ops
+    from fastlora.backends import reference as ref
+    from fastlora.dropout import apply_dropout, draw_seeds, keep_mask
+    from fastlora.kernels import dispatch
+    from fastlora.nf4 import resolve_absmax
+
+DTYPES = [torch.float16, torch.float32]
+MS = [1, 7, 33, 130]
+# (N, K): K=200 blocks cross rows; K=97 odd (bytes cross rows, N*K odd); K=256 one absmax per row tile.
+SHAPES = [(72, 200), (45, 97), (40, 256)]
+ADAPTERS = {  # name: (ranks, dropout p)
+    "one": ([8], [0.0]),
+    "one_dropout": ([16], [0.5]),
+    "three_dropout": ([4, 16, 8], [0.25, 0.0, 0.5]),
+}
+OUT_EPS = {torch.float16: 2.0**-10, torch.float32: 2.0**-23}
+W_EPS = {torch.float16: 2.0**-11, torch.float32: 0.0}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """Every float tensor the launchers allocate starts as NaN, so an element no program writes fails."""
+    real_empty = torch.empty
+
+    def empty(*size, dtype=None, **kwargs):
+        out = real_empty(*size, dtype=dtype, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def assert_bounded(actual, expected, magnitude, dtype, k):
+    """|actual - expected| <= out_eps(dtype)*|expected| + (2k*2**-24 + w_eps(dtype))*magnitude, elementwise."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert not actual.isnan().any(), "unwritten (NaN) elements"
+    bound = OUT_EPS[dtype] * expected.double().abs() + (2 * k * 2.0**-24 + W_EPS[dtype]) * magnitude.double()
+    err = (actual.double() - expected.double()).abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound + 1e-30).all(), f"err {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
+
+
+def nf4_weight(n, k, blocksize, nested):
+    """(packed u8, fp32 absmax, fp32 W) of a random W[n, k] quantized by bitsandbytes on the CPU."""
+    packed, state = bnbF.quantize_4bit(torch.randn(n, k) / k**0.5, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    absmax = resolve_absmax(state)
+    return packed.reshape(-1), absmax, ref.nf4_dequantize(packed.reshape(-1), absmax, blocksize, n, k, torch.float32)
+
+
+def base_weight(base, n, k, dtype, blocksize=64, nested=True):
+    """(weight as the op takes it, absmax or None, fp32 W as the kernels see it before rounding)."""
+    if base == "nf4":
+        return nf4_weight(n, k, blocksize, nested)
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    return w, None, w.float()
+
+
+def stacked_adapters(name, k):
+    ranks, p = ADAPTERS[name]
+    return torch.randn(sum(ranks), k) / k**0.5, ranks, draw_seeds(len(ranks), "cpu"), p
+
+
+def dropped(x, ranks, seeds, p):
+    """drop_a(x) per adapter in float64 (the masks are the reference definition's)."""
+    return [apply_dropout(x.double(), seeds[i], p[i]) for i in range(len(ranks))]
+
+
+# ---- NF4 ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_resolve_absmax_bit_exact(blocksize):
+    # 130*200/64 = 407 absmax codes: two blocks of the second-level absmax (256 codes each).
+    _, state = bnbF.quantize_4bit(torch.randn(130, 200), blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    s2 = state.state2
+    got = kernels.nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, s2.blocksize, float(state.offset))
+    expected = ref.nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, s2.blocksize, float(state.offset))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n,k", [(72, 200), (45, 97), (1, 1), (9, 257)])
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (128, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_bit_exact(n, k, blocksize, nested, dtype):
+    packed, state = bnbF.quantize_4bit(torch.randn(n, k), blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    got = kernels.nf4_dequantize(packed.reshape(-1), resolve_absmax(state), blocksize, n, k, dtype)
+    state.dtype = dtype
+    assert torch.equal(got, bnbF.dequantize_4bit(packed, state))
+
+
+# ---- LoRA down and its gradient ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("adapters", list(ADAPTERS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_down(m, adapters, dtype):
+    k = 97
+    x = torch.randn(m, k).to(dtype)
+    a, ranks, seeds, p = stacked_adapters(adapters, k)
+    got = kernels.lora_down(x, a, ranks, seeds, p)
+    expected = ref.lora_down(x, a, ranks, seeds, p)
+    magnitude = torch.cat([xd.abs() @ a_i.double().abs().T for xd, a_i in zip(dropped(x, ranks, seeds, p), a.split(ranks))], 1)
+    assert_bounded(got, expected, magnitude, torch.float32, k)
+
+
+@pytest.mark.parametrize("m,rows_per_split", [(1, None), (33, None), (130, None), (130, 48)])
+@pytest.mark.parametrize("adapters", list(ADAPTERS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_down_grad(m, rows_per_split, adapters, dtype):
+    k = 200
+    x = torch.randn(m, k).to(dtype)
+    _, ranks, seeds, p = stacked_adapters(adapters, k)
+    grad_s = torch.randn(m, sum(ranks))
+    got = kernels.lora_down_grad(grad_s, x, ranks, seeds, p, rows_per_split=rows_per_split)
+    expected = ref.lora_down_grad(grad_s, x, ranks, seeds, p)
+    parts = [g.double().abs().T @ xd.abs() for g, xd in zip(grad_s.split(ranks, 1), dropped(x, ranks, seeds, p))]
+    assert_bounded(got, expected, torch.cat(parts), torch.float32, m)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_up_grad(m, dtype):
+    n, r = 72, 24
+    dy, b, s = torch.randn(m, n).to(dtype), torch.randn(n, r), torch.randn(m, r)
+    got_ds, got_db = kernels.lora_up_grad(dy, b, s)
+    exp_ds, exp_db = ref.lora_up_grad(dy, b, s)
+    dy64 = dy.double().abs()
+    assert_bounded(got_ds, exp_ds, dy64 @ b.double().abs(), torch.float32, n)
+    assert_bounded(got_db, exp_db, dy64.T @ s.double().abs(), torch.float32, m)
+
+
+# ---- fused linear forward and backward -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_lora_linear(m, n, k, base, dtype, path):
+    blocksize, nested = (64, True) if m % 2 else (128, False)
+    weight, absmax, w32 = base_weight(base, n, k, dtype, blocksize, nested)
+    x, bias = torch.randn(m, k).to(dtype), (torch.randn(n) * 0.1).to(dtype)
+    s, b = torch.randn(m, 24), torch.randn(n, 24) * 0.1
+    got = kernels.lora_linear(x, weight, absmax, blocksize, bias, s, b, path=path)
+    expected = ref.lora_linear(x, weight, absmax, blocksize, bias, s, b)
+    x64, w64, s64, b64 = x.double(), w32.double(), s.double(), b.double()
+    magnitude = x64.abs() @ w64.abs().T + s64.abs() @ b64.abs().T + bias.double().abs()
+    assert_bounded(got, expected, magnitude, dtype, k)
+    exact = (x64 @ w64.T + s64 @ b64.T + bias.double()).to(dtype)  # the float64 formula, rounded once
+    assert_bounded(got, exact, magnitude, dtype, k)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_lora_linear_grad_input(m, n, k, base, dtype, path):
+    adapters = "three_dropout" if m % 2 else "one"
+    blocksize, nested = (128, True) if m % 2 else (64, False)
+    weight, absmax, w32 = base_weight(base, n, k, dtype, blocksize, nested)
+    a, ranks, seeds, p = stacked_adapters(adapters, k)
+    dy, ds = torch.randn(m, n).to(dtype), torch.randn(m, sum(ranks))
+    got = kernels.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, ranks, seeds, p, path=path)
+    expected = ref.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, ranks, seeds, p)
+    dy64 = dy.double()
+    magnitude, exact = dy64.abs() @ w32.double().abs(), dy64 @ w32.double()
+    for i, (ds_i, a_i) in enumerate(zip(ds.double().split(ranks, 1), a.double().split(ranks))):
+        keep = keep_mask(seeds[i], p[i], m, k).double() / (1 - p[i])
+        magnitude += (ds_i.abs() @ a_i.abs()) * keep
+        exact += (ds_i @ a_i) * keep
+    assert_bounded(got, expected, magnitude, dtype, max(n, 16))
+    assert_bounded(got, exact.to(dtype), magnitude, dtype, max(n, 16))
+
+
+def test_lora_linear_without_adapters():
+    x, w = torch.randn(7, 40, dtype=torch.float16), torch.randn(24, 40, dtype=torch.float16)
+    s, b = torch.zeros(7, 0), torch.zeros(24, 0)
+    got = kernels.lora_linear(x, w, None, 64, None, s, b, path="fused")
+    assert_bounded(got, ref.lora_linear(x, w, None, 64, None, s, b), x.double().abs() @ w.double().abs().T, torch.float16, 40)
+
+
+# ---- the op layer and dispatch ---------------------------------------------------------------------------------
+
+
+def test_ops_route_to_triton_backend():
+    m, n, k = 7, 45, 97
+    packed, absmax, _ = nf4_weight(n, k, 64, True)
+    x, a, b, seeds = torch.randn(m, k, dtype=torch.float16), torch.randn(16, k) / 10, torch.randn(n, 16), draw_seeds(1, "cpu")
+    s = {be: ops.lora_down(x, a, [16], seeds, [0.5], be) for be in ("triton", "torch")}
+    y = {be: ops.lora_linear(x, packed, absmax, 64, None, s["torch"], b, be) for be in ("triton", "torch")}
+    torch.testing.assert_close(s["triton"], s["torch"], rtol=1e-5, atol=1e-5)  # fp32, K=97
+    torch.testing.assert_close(y["triton"], y["torch"], rtol=2e-3, atol=2e-3)  # fp16 output: 2 ulp
+
+
+def test_dispatch_choice_is_reported(monkeypatch):
+    got = dispatch.choice("forward", "nf4", 16, 4096, 4096, torch.bfloat16)
+    assert got.path in dispatch.PATHS and got.source
+    assert dispatch.choice("forward", "nf4", 1, 64, 64, torch.float16).path == "fused"
+    monkeypatch.setenv(dispatch.ENV_VAR, "split")
+    assert dispatch.choice("grad_input", "dense", 1, 64, 64, torch.float16) == ("split", f"forced by {dispatch.ENV_VAR}")
