@@ -10,7 +10,15 @@ import fastlora
 from fastlora.dropout import draw_seeds, keep_mask
 from tests.conftest import lora_layer_model
 
-BACKEND = "torch"
+from fastlora.backends import unavailable_reason
+
+# Every backend that serves CPU tensors in this process (Triton only under its interpreter, in its own tests).
+CPU_BACKENDS = [name for name in ("torch", "cpp") if unavailable_reason(name, "cpu") is None]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    return request.param
 
 
 def run(model, x, dy):
@@ -75,15 +83,15 @@ CASES = [
 @pytest.mark.parametrize("m,k,n", CASES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("n_adapters", [1, 2])
-def test_fp32_parity_with_peft(base, m, k, n, bias, n_adapters):
+def test_fp32_parity_with_peft(base, m, k, n, bias, n_adapters, backend):
     adapters = ((4, 8, 0.0, False), (3, 5, 0.0, True))[:n_adapters]  # second adapter uses rslora scaling
     model = lora_layer_model(k, n, base=base, dtype=torch.float32, bias=bias, adapters=adapters)
     if bias:
         layer_of(model).get_base_layer().bias.requires_grad_(True)
     x, dy = torch.randn(m, k), torch.randn(m, n)
     y_ref, g_ref = run(model, x, dy)
-    report = fastlora.patch(model, backend=BACKEND)
-    assert report.patched == {"base_model.model.lin": BACKEND}
+    report = fastlora.patch(model, backend=backend)
+    assert report.patched == {"base_model.model.lin": backend}
     y, g = run(model, x, dy)
     assert report.fused_calls == 1 and not report.fallback_calls
     # fp32 end to end: the only differences are summation order (K <= 130 terms): 1e-5 relative is ~100 ulps.
@@ -100,7 +108,7 @@ def _rel_err(a, ref):
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n", CASES[1:])
-def test_half_precision_no_worse_than_peft(base, dtype, m, k, n):
+def test_half_precision_no_worse_than_peft(base, dtype, m, k, n, backend):
     """In bf16/fp16, PEFT rounds the base output and the LoRA term separately; fastlora accumulates both in fp32
     and rounds once. Both are compared with a float64 computation on the same (half) inputs: fastlora's error
     must not exceed PEFT's by more than half an output ulp's worth, and both stay within a few ulps."""
@@ -108,7 +116,7 @@ def test_half_precision_no_worse_than_peft(base, dtype, m, k, n):
     x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
     y_peft, g_peft = run(model, x, dy)
     y64, gx64 = float64_reference(model, x, dy)
-    fastlora.patch(model, backend=BACKEND)
+    fastlora.patch(model, backend=backend)
     y, g = run(model, x, dy)
     assert y.dtype == y_peft.dtype == dtype and g["x"].dtype == dtype
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
@@ -123,25 +131,25 @@ def test_half_precision_no_worse_than_peft(base, dtype, m, k, n):
 
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("nested", [True, False])
-def test_nf4_quant_layouts(blocksize, nested):
+def test_nf4_quant_layouts(blocksize, nested, backend):
     model = lora_layer_model(200, 24, base="nf4", dtype=torch.float32, blocksize=blocksize, nested=nested)
     x, dy = torch.randn(5, 200), torch.randn(5, 24)
     y_ref, g_ref = run(model, x, dy)
-    fastlora.patch(model, backend=BACKEND)
+    fastlora.patch(model, backend=backend)
     y, g = run(model, x, dy)
     assert_close_fp32(y, y_ref)
     for name in g:
         assert_close_fp32(g[name], g_ref[name], name)
 
 
-def test_autocast_dense_fp32_base():
+def test_autocast_dense_fp32_base(backend):
     """Under bf16 autocast PEFT runs the base and the LoRA matmuls in bf16; fastlora runs the base in bf16 (as
     autocast would) and the LoRA term in fp32: outputs agree to bf16 precision, dtype is autocast's."""
     model = lora_layer_model(64, 48, base="dense", dtype=torch.float32)
     x, dy = torch.randn(9, 64), torch.randn(9, 48, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref, g_ref = run(model, x, dy)
-    fastlora.patch(model, backend=BACKEND)
+    fastlora.patch(model, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, g = run(model, x, dy)
     assert y.dtype == y_ref.dtype == torch.bfloat16
@@ -154,13 +162,13 @@ def test_autocast_dense_fp32_base():
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
-def test_dropout_matches_masked_reference(base):
+def test_dropout_matches_masked_reference(base, backend):
     """Training-mode dropout: fastlora's masks are its own counter-based masks (PEFT draws different ones from
     torch's RNG), so the check is exact against a float64 computation with those masks, per adapter."""
     m, k, n = 33, 70, 40
     model = lora_layer_model(k, n, base=base, adapters=((4, 8, 0.3, False), (2, 2, 0.1, False)))
     model.train()
-    fastlora.patch(model, backend=BACKEND)
+    fastlora.patch(model, backend=backend)
     x, dy = torch.randn(m, k), torch.randn(m, n)
     torch.manual_seed(1234)
     seeds = draw_seeds(2, "cpu")
@@ -177,7 +185,7 @@ def test_dropout_matches_masked_reference(base):
     assert_close_fp32(y_eval, y_peft_eval)
 
 
-def test_dropout_statistics_match_peft():
+def test_dropout_statistics_match_peft(backend):
     """Same keep probability and 1/(1-p) scaling as PEFT's nn.Dropout: the LoRA term's mean and variance over many
     dropout draws agree with PEFT's (masks themselves differ)."""
     k, n, p = 64, 8, 0.25
@@ -191,7 +199,7 @@ def test_dropout_statistics_match_peft():
             return model(x) - layer.get_base_layer()(x)
 
     peft_terms = torch.stack([lora_term() for _ in range(20)])
-    fastlora.patch(model, backend=BACKEND)
+    fastlora.patch(model, backend=backend)
     ours = torch.stack([lora_term() for _ in range(20)])
     # 20 x 512 x 8 samples: means and spreads agree to a few percent.
     torch.testing.assert_close(ours.mean(0).mean(), peft_terms.mean(0).mean(), rtol=0.05, atol=0.01)
@@ -226,7 +234,7 @@ def saved_activation_bytes(output: torch.Tensor, model: torch.nn.Module) -> int:
     return total
 
 
-def test_saved_activations_smaller_than_peft():
+def test_saved_activations_smaller_than_peft(backend):
     """QLoRA layer with fp32 adapters on a bf16 base: PEFT keeps an fp32 copy of x for lora_A's gradient and the
     [M, r] intermediate (the base matmul needs only W); fastlora keeps x in bf16, S [M, r] and the small stacked
     adapter copies. (Where q, k and v read the same x, PEFT makes three fp32 copies and fastlora shares one.)"""
@@ -238,7 +246,7 @@ def test_saved_activations_smaller_than_peft():
         return saved_activation_bytes(model(x), model)
 
     peft_bytes = measure()
-    fastlora.patch(model, backend=BACKEND)
+    fastlora.patch(model, backend=backend)
     ours = measure()
     x_bytes = m * k * 2
     print(f"saved activations: PEFT {peft_bytes} B, fastlora {ours} B, x (bf16) alone {x_bytes} B")
