@@ -83,16 +83,20 @@ def resolve(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-_served: set[tuple[str, str, bool]] = set()
+_served: dict[tuple[str, str], ModuleType] = {}
 
 
 def implementation(name: str, device_type: str) -> ModuleType:
     """The module implementing the ops for backend ``name`` on ``device_type`` (raises if it cannot serve it).
-    Called on every op in eager mode, so a positive answer is remembered (per interpreter setting)."""
-    key = (name, device_type, _triton_interpreting())
-    if key not in _served:
-        reason = unavailable_reason(name, device_type)
-        if reason is not None:
-            raise BackendUnavailable(f"backend {name!r} cannot run on {device_type}: {reason}")
-        _served.add(key)
-    return _load(name)
+    Called on every op in eager mode, so a positive answer is remembered; Triton on CPU depends on
+    ``TRITON_INTERPRET`` and is checked each time."""
+    module = _served.get((name, device_type))
+    if module is not None:
+        return module
+    reason = unavailable_reason(name, device_type)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run on {device_type}: {reason}")
+    module = _load(name)
+    if not (name == "triton" and device_type == "cpu"):
+        _served[(name, device_type)] = module
+    return module

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU run in one command: install what the GPU machine lacks, print `fastlora info`, run the GPU-marked
+# tests, then the full GPU benchmark. Everything lands in OUT_DIR: log.txt (all output), report.md,
+# results.json and the PNG plots (8 files at most, as the GPU machine returns).
+#
+# Usage: bench/gpu_check.sh [OUT_DIR] [extra `fastlora bench` options...]
+#   OUT_DIR defaults to $OUT (the GPU machine's output folder), else bench/results/<date>.
+#   FASTLORA_SKIP_TESTS=1 skips the tests; FASTLORA_TEST_TIMEOUT (s, default 150) caps them.
+# Bring bitsandbytes as a wheel in .whl/ (../shared/gpu/wheels.sh downloads it): the GPU machine has no network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-bench/results/$(date -u +%Y%m%d-%H%M)}}"
+shift || true
+mkdir -p "$out"
+log="$out/log.txt"
+# tqdm redraws into a log file line by line: once every 30 s is enough to see progress.
+export TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
+
+{
+  echo "== setup ($(date -u +%FT%TZ))"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastlora-site .whl/*.whl \
+      && export PYTHONPATH="/tmp/fastlora-site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
+    # Without a usable setuptools, lay the package out by hand: kernels/ and bench/ install inside fastlora/.
+    layout=/tmp/fastlora-layout/fastlora
+    mkdir -p "$layout"
+    for entry in fastlora/*; do ln -sfn "$PWD/$entry" "$layout/$(basename "$entry")"; done
+    ln -sfn "$PWD/kernels" "$layout/kernels"
+    ln -sfn "$PWD/bench" "$layout/bench"
+    export PYTHONPATH="/tmp/fastlora-layout${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -m fastlora.cli info
+
+  if [ "${FASTLORA_SKIP_TESTS:-0}" != 1 ]; then
+    echo "== GPU tests ($(date -u +%FT%TZ))"
+    timeout "${FASTLORA_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests
+    echo "GPU tests exit status: $?"
+  fi
+
+  echo "== GPU benchmark ($(date -u +%FT%TZ))"
+  python3 -m fastlora.cli bench --device cuda --suite all --out "$out" "$@"
+  echo "benchmark exit status: $? ($(date -u +%FT%TZ))"
+} 2>&1 | tee "$log"

@@ -1,0 +1,482 @@
+"""Layer benchmark: one LoRA linear layer of a real model shape, every contender on the same weights and inputs.
+
+Contenders (each first checked against an fp32 reference of the same layer, then timed only if it passes):
+
+- ``peft``: PEFT's ``lora.Linear`` / ``lora.bnb.Linear4bit`` as users run it (bitsandbytes for NF4).
+- ``split``: the strongest existing practice (unsloth's ``fast_lora``, axolotl): W dequantized by bitsandbytes
+  into one reused buffer, one GEMM, the LoRA term added in place with ``addmm_``; backward likewise.
+- ``fastlora[<backend>]``: the same PEFT layer after ``fastlora.patch(model, backend=...)``, one per backend.
+  ``fastlora[triton:fused]`` / ``[triton:split]`` force the Triton backend's path (``FASTLORA_TRITON_PATH``).
+- ``dense``: ``F.linear`` with a dense W of the same shape in the compute dtype, no LoRA: the hardware
+  reference (it is checked against ``x·Wᵀ + b``).
+
+"fwd" runs under ``torch.no_grad()`` (the inference path); "fwd+bwd" returns the gradients of x, A and B via
+``torch.autograd.grad``. The check runs the exact call that is timed.
+
+Usage::
+
+    records = run_layer_suite(settings, torch.device("cpu"), peaks, progress=tqdm(...))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlora.bench.models import LinearShape, layer_shapes, nf4_linear
+from fastlora.bench.results import LayerRecord
+from fastlora.bench.timing import Peaks, RotatingInputs, TimingPolicy, cache_bytes, time_interleaved
+
+#: Largest accepted max |out - ref| / max |ref| per compute dtype. The reference computes in fp32 from the same
+#: (already rounded) inputs, so what remains is output rounding and summation order; a wrong LoRA scale, a
+#: missing bias or a transposed operand is off by tens of percent.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+#: LoRA alpha / r, as the usual "alpha = 2r" configurations have it.
+LORA_SCALE = 2.0
+PEFT = "peft"
+#: Forces the Triton backend's path for every call (the variable :mod:`fastlora.kernels.dispatch` reads).
+FORCED_PATH_ENV = "FASTLORA_TRITON_PATH"
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One timed problem: an M x K -> N LoRA layer with a ``base`` ("dense"|"nf4") W, in ``mode`` ("fwd"|"fwd+bwd")."""
+
+    model: str
+    shape: LinearShape
+    tokens: int
+    base: str
+    mode: str
+    rank: int
+    dtype: torch.dtype
+
+    def flops(self, computes: str) -> float:
+        """Useful floating-point operations: the base GEMMs (dx only in backward: W is frozen) plus, for a LoRA
+        contender, the low-rank products (S = x·Aᵀ, S·Bᵀ; dy·B, its product with A, dA and dB)."""
+        m, k, n, r = self.tokens, self.shape.in_features, self.shape.out_features, self.rank
+        backward = self.mode == "fwd+bwd"
+        base = 2 * m * k * n * (2 if backward else 1)
+        lora = 2 * m * r * (k + n) * (3 if backward else 1)
+        return base + (lora if computes == "lora" else 0)
+
+    def min_bytes(self, computes: str) -> float:
+        """Bytes a perfect implementation must move: W once per pass (NF4: 0.5 B/param plus one u8 absmax per
+        64), activations and their gradients once, LoRA weights (fp32) read and their gradients written."""
+        m, k, n, r = self.tokens, self.shape.in_features, self.shape.out_features, self.rank
+        elt = torch.finfo(self.dtype).bits // 8
+        weight = n * k * (0.5 + 1 / 64) if self.base == "nf4" else n * k * elt
+        backward = self.mode == "fwd+bwd"
+        passes = 2 if backward else 1
+        activations = elt * (m * k * (3 if backward else 1) + m * n * passes)  # x (twice in bwd), dx; y, dy
+        lora = 4 * r * (k + n) * (3 if backward else 1) if computes == "lora" else 0
+        return weight * passes + activations + lora
+
+
+@dataclass
+class BaseLayer:
+    """A frozen base layer (dense, or bitsandbytes NF4 with double quant) and the fp32 W and bias the
+    reference computes with."""
+
+    layer: nn.Module
+    base: str
+    weight_fp32: Tensor
+    bias_fp32: Tensor | None
+    dtype: torch.dtype
+
+
+@dataclass
+class LayerFixture:
+    """A base layer and one adapter (A [r, K], B [N, r], fp32 as PEFT keeps them), shared by all contenders of
+    a shape and rank."""
+
+    base: BaseLayer
+    lora_a: Tensor
+    lora_b: Tensor
+
+
+@dataclass
+class Contender:
+    """One way to compute the layer. ``computes`` is "lora" (the LoRA layer) or "base" (x·Wᵀ + b only);
+    ``trainable`` are the tensors besides x that fwd+bwd differentiates. fastlora contenders also carry their
+    ``backend``, the Triton path they force (``forced_path``) and the PatchReport that counts PEFT fallbacks."""
+
+    name: str
+    computes: str
+    forward: Callable[[Tensor], Tensor]
+    trainable: tuple[Tensor, ...] = ()
+    backend: str | None = None
+    forced_path: str | None = None
+    patch_report: object | None = None
+    note: str = ""
+
+    def context(self) -> ContextManager:
+        """What every call runs inside: the forced Triton path, if any."""
+        if self.forced_path is None:
+            return contextlib.nullcontext()
+        return _environment(FORCED_PATH_ENV, self.forced_path)
+
+
+def fastlora_name(backend: str, forced_path: str | None = None) -> str:
+    """Contender name of fastlora with ``backend`` (and a forced Triton path): "fastlora[cpp]", "fastlora[triton:split]"."""
+    return f"fastlora[{backend}:{forced_path}]" if forced_path else f"fastlora[{backend}]"
+
+
+class _OneLayer(nn.Module):
+    """A model holding one linear layer for ``get_peft_model`` to target."""
+
+    def __init__(self, proj: nn.Module, loaded_in_4bit: bool):
+        super().__init__()
+        self.proj = proj
+        # PEFT wraps a bnb layer in lora.bnb.Linear4bit only when the model says it was loaded in 4 bit.
+        self.is_loaded_in_4bit = loaded_in_4bit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def _randn(generator: torch.Generator, *size: int, std: float) -> Tensor:
+    return torch.randn(*size, generator=generator, device=generator.device) * std
+
+
+def make_base(shape: LinearShape, base: str, dtype: torch.dtype, device: torch.device, seed: int) -> BaseLayer:
+    """Random base layer: dense ``dtype``, or NF4 (double quant) computing in ``dtype``; drawn on ``device``."""
+    import bitsandbytes.functional as bnbF
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    k, n = shape.in_features, shape.out_features
+    weight = _randn(generator, n, k, std=k**-0.5).to(dtype)  # y has unit scale for unit-scale x
+    bias = _randn(generator, n, std=0.1).to(dtype) if shape.bias else None
+    if base == "nf4":
+        layer = nf4_linear(weight, bias, compute_dtype=dtype)
+        weight_fp32 = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    elif base == "dense":
+        layer = nn.Linear(k, n, bias=shape.bias, device="meta")
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        weight_fp32 = weight.float()
+    else:
+        raise ValueError(f"base must be 'dense' or 'nf4', not {base!r}")
+    return BaseLayer(layer, base, weight_fp32, None if bias is None else bias.float(), dtype)
+
+
+def add_adapter(base: BaseLayer, rank: int, seed: int) -> LayerFixture:
+    """A random adapter for ``base``: A like PEFT's init; B random (PEFT starts it at zero), sized so the LoRA
+    term is as large as the base term, so a wrong scale or a dropped LoRA term cannot hide in the tolerance."""
+    generator = torch.Generator(device=base.weight_fp32.device).manual_seed(seed)
+    n, k = base.weight_fp32.shape
+    return LayerFixture(base, _randn(generator, rank, k, std=k**-0.5), _randn(generator, n, rank, std=0.5 * rank**-0.5))
+
+
+def make_fixture(shape: LinearShape, base: str, rank: int, dtype: torch.dtype, device: torch.device, seed: int) -> LayerFixture:
+    """A base layer and an adapter in one call (Usage: ``make_fixture(shape, "nf4", 16, torch.bfloat16, dev, 0)``)."""
+    return add_adapter(make_base(shape, base, dtype, device, seed), rank, seed + 1)
+
+
+def peft_contender(fixture: LayerFixture, backend: str | None = None, forced_path: str | None = None) -> Contender:
+    """PEFT's LoRA layer around the fixture's base; with ``backend``, patched by fastlora (raises
+    :class:`ContenderUnavailable` when fastlora leaves the layer on PEFT, with the reason). The layer is called
+    directly, not through the PeftModel, so no wrapper overhead is timed."""
+    from peft import LoraConfig, get_peft_model
+
+    rank = fixture.lora_a.shape[0]
+    config = LoraConfig(r=rank, lora_alpha=LORA_SCALE * rank, lora_dropout=0.0, target_modules=["proj"])
+    model = get_peft_model(_OneLayer(fixture.base.layer, fixture.base.base == "nf4"), config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(fixture.lora_a)
+        layer.lora_B["default"].weight.copy_(fixture.lora_b)
+    trainable = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    if backend is None:
+        return Contender(PEFT, "lora", layer, trainable)
+
+    import fastlora
+
+    report = fastlora.patch(model, backend=backend)
+    if not report.patched:
+        raise ContenderUnavailable(f"fastlora left the layer on PEFT: {report.skipped or report}")
+    return Contender(fastlora_name(backend, forced_path), "lora", layer, trainable, backend, forced_path, report)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+class ContenderUnavailable(RuntimeError):
+    """This contender cannot run this case here (the message says why): recorded as "skipped"."""
+
+
+class SplitLoRALinear(torch.autograd.Function):
+    """The split practice: ``y = x·Wᵀ + b``, then ``y.addmm_(x·Aᵀ, Bᵀ, alpha=s)``, with W from ``dequantize()``
+    (a reused buffer); backward calls it again for ``dx = dy·W`` and adds the LoRA term with ``addmm_``. The LoRA
+    product runs in the compute dtype, as unsloth does."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, dequantize, scale):
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        s = x @ a.T
+        y = F.linear(x, dequantize(), bias)
+        y.addmm_(s, b.T, alpha=scale)
+        ctx.save_for_backward(x, a, b, s)
+        ctx.dequantize, ctx.scale, ctx.param_dtype = dequantize, scale, lora_a.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, a, b, s = ctx.saved_tensors
+        grad_s = grad_y @ b
+        grad_a = (grad_s.T @ x).mul_(ctx.scale).to(ctx.param_dtype)
+        grad_b = (grad_y.T @ s).mul_(ctx.scale).to(ctx.param_dtype)
+        grad_x = grad_y @ ctx.dequantize()
+        grad_x.addmm_(grad_s, a, alpha=ctx.scale)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _weight_source(fixture: LayerFixture) -> tuple[Callable[[], Tensor], str]:
+    """A function giving W in the compute dtype, as the split practice gets it, and how it does so."""
+    weight = fixture.base.layer.weight
+    if fixture.base.base == "dense":
+        return (lambda: weight), "dense W used in place"
+    import bitsandbytes.functional as bnbF
+
+    state = weight.quant_state
+    buffer = torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
+    try:
+        bnbF.dequantize_4bit(weight.data, state, out=buffer)
+    except NotImplementedError:  # bitsandbytes' CPU backend has no out= variant
+        return (lambda: bnbF.dequantize_4bit(weight.data, state)), "bitsandbytes cannot dequantize into a buffer here: allocates W per call"
+    return (lambda: bnbF.dequantize_4bit(weight.data, state, out=buffer)), "W dequantized into one reused buffer"
+
+
+def split_contender(fixture: LayerFixture) -> Contender:
+    lora_a = fixture.lora_a.clone().requires_grad_()
+    lora_b = fixture.lora_b.clone().requires_grad_()
+    bias = fixture.base.layer.bias
+    dequantize, note = _weight_source(fixture)
+    forward = lambda x: SplitLoRALinear.apply(x, lora_a, lora_b, bias, dequantize, LORA_SCALE)  # noqa: E731
+    return Contender("split", "lora", forward, (lora_a, lora_b), note=note)
+
+
+def dense_contender(fixture: LayerFixture) -> Contender:
+    weight = fixture.base.weight_fp32.to(fixture.base.dtype)
+    bias = fixture.base.layer.bias
+    return Contender("dense", "base", lambda x: F.linear(x, weight, bias), note="dense F.linear, no LoRA")
+
+
+def run_once(contender: Contender, x: Tensor, grad_y: Tensor, mode: str) -> list[Tensor]:
+    """The call that is checked and timed: y, and in "fwd+bwd" the gradients of x and the trainable tensors."""
+    with contender.context():
+        if mode == "fwd":
+            with torch.no_grad():
+                return [contender.forward(x)]
+        y = contender.forward(x)
+        return [y, *torch.autograd.grad(y, (x, *contender.trainable), grad_y)]
+
+
+def reference_outputs(fixture: LayerFixture, computes: str, x: Tensor, grad_y: Tensor, mode: str) -> list[Tensor]:
+    """The same outputs as :func:`run_once`, computed in fp32 from the same inputs and weights."""
+    x32 = x.detach().float().requires_grad_()
+    a32 = fixture.lora_a.detach().clone().requires_grad_()
+    b32 = fixture.lora_b.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        y = F.linear(x32, fixture.base.weight_fp32, fixture.base.bias_fp32)
+        inputs = [x32]
+        if computes == "lora":
+            y = y + LORA_SCALE * (x32 @ a32.T) @ b32.T
+            inputs += [a32, b32]
+        if mode == "fwd":
+            return [y.detach()]
+        return [y.detach(), *torch.autograd.grad(y, inputs, grad_y.float())]
+
+
+def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
+    """max over outputs of max |got - want| / max |want| (inf when shapes differ or values are not finite)."""
+    if len(got) != len(want):
+        return math.inf
+    worst = 0.0
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return math.inf
+        diff = (g.detach().float() - w).abs().max().item()
+        worst = max(worst, diff / max(w.abs().max().item(), 1e-12))
+    return worst if math.isfinite(worst) else math.inf
+
+
+def contenders_for(fixture: LayerFixture, settings, device: torch.device) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders the settings ask for, and for each one that cannot run here, the reason."""
+    builders: list[tuple[str, Callable[[], Contender]]] = [(PEFT, lambda: peft_contender(fixture))]
+    if settings.include_split:
+        builders.append(("split", lambda: split_contender(fixture)))
+    for backend in settings.backends:
+        paths = settings.triton_paths if backend == "triton" else ("auto",)
+        for path in paths:
+            forced = None if path == "auto" else path
+            builders.append((fastlora_name(backend, forced), lambda b=backend, p=forced: peft_contender(fixture, b, p)))
+    if settings.include_dense:
+        builders.append(("dense", lambda: dense_contender(fixture)))
+    contenders, unavailable = [], {}
+    for name, build in builders:
+        try:
+            contenders.append(build())
+        except Exception as err:  # noqa: BLE001 - recorded per case as skipped, with the reason
+            unavailable[name] = f"{type(err).__name__}: {err}"
+    return contenders, unavailable
+
+
+def triton_path(case: LayerCase, forced: str | None) -> str | None:
+    """Which path (fused/split) the Triton backend takes for this case, as ``fastlora.kernels.dispatch`` says;
+    None when it cannot say (no Triton kernels, or an older kernels module without a dispatcher)."""
+    if forced:
+        return f"{forced} (forced)"
+    try:
+        from fastlora.kernels import dispatch
+
+        ops = ("forward",) if case.mode == "fwd" else ("forward", "grad_input")
+        m, n, k = case.tokens, case.shape.out_features, case.shape.in_features
+        choices = [dispatch.choice(op, case.base, m, n, k, case.dtype) for op in ops]
+    except Exception:  # noqa: BLE001 - the path is informative only; its absence must not stop the benchmark
+        return None
+    return ", ".join(f"{op}: {c.path}" for op, c in zip(ops, choices)) + f" ({choices[0].source})"
+
+
+def run_case(
+    case: LayerCase,
+    fixture: LayerFixture,
+    contenders: list[Contender],
+    unavailable: dict[str, str],
+    device: torch.device,
+    peaks: Peaks | None,
+    policy: TimingPolicy,
+) -> list[LayerRecord]:
+    """Check every contender against the fp32 reference, time those that pass (interleaved), return records."""
+    tolerance = TOLERANCE[case.dtype]
+    k, n, m = case.shape.in_features, case.shape.out_features, case.tokens
+    generator = torch.Generator(device=device).manual_seed(m * 7919 + k * 31 + n)
+
+    def make_inputs(_: int) -> tuple[Tensor, Tensor]:
+        x = _randn(generator, m, k, std=1.0).to(case.dtype).requires_grad_(case.mode == "fwd+bwd")
+        return x, _randn(generator, m, n, std=1.0).to(case.dtype)
+
+    elt = torch.finfo(case.dtype).bits // 8
+    pool = RotatingInputs(make_inputs, (m * k + m * n) * elt, cache_bytes(device))
+    x0, grad_y0 = pool.first()
+    references: dict[str, list[Tensor]] = {}
+
+    records: dict[str, LayerRecord] = {}
+    timed: dict[str, Callable[[], object]] = {}
+    for name, reason in unavailable.items():
+        records[name] = _record(case, name, "skipped", reason, tolerance=tolerance)
+    for contender in contenders:
+        want = references.get(contender.computes)
+        if want is None:
+            want = references[contender.computes] = reference_outputs(fixture, contender.computes, x0, grad_y0, case.mode)
+        status, detail, error = _check(contender, x0, grad_y0, case.mode, want, tolerance)
+        path = triton_path(case, contender.forced_path) if contender.backend == "triton" else None
+        records[contender.name] = _record(case, contender.name, status, detail or contender.note, error, tolerance, path)
+        if status == "ok":
+            timed[contender.name] = lambda c=contender: run_once(c, *pool.next(), case.mode)
+    del references, x0, grad_y0  # the fp32 reference can be larger than the layer: free it before timing
+    try:
+        medians = time_interleaved(timed, device, policy)
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large M: recorded, the suite goes on
+        status = "oom" if isinstance(err, torch.OutOfMemoryError) else "error"
+        for name in timed:
+            records[name].status, records[name].detail = status, f"while timing: {err}".splitlines()[0]
+        medians = {}
+    peft_time = medians.get(PEFT)
+    computes = {c.name: c.computes for c in contenders}
+    for name, seconds in medians.items():
+        record = records[name]
+        record.median_s = seconds
+        record.speedup_vs_peft = peft_time / seconds if peft_time else None
+        record.tflops = case.flops(computes[name]) / seconds / 1e12
+        record.gbps = case.min_bytes(computes[name]) / seconds / 1e9
+        if peaks is not None:
+            record.gemm_peak_fraction = record.tflops / peaks.gemm_tflops
+            record.copy_peak_fraction = record.gbps / peaks.copy_gbps
+    return list(records.values())
+
+
+def _check(contender: Contender, x: Tensor, grad_y: Tensor, mode: str, want: list[Tensor], tolerance: float):
+    """(status, detail, error) of one checked call: "ok", "mismatch", "fallback", "oom" or "error"."""
+    report = contender.patch_report
+    fallbacks_before = sum(report.fallback_calls.values()) if report is not None else 0
+    try:
+        got = run_once(contender, x, grad_y, mode)
+    except torch.OutOfMemoryError as err:
+        return "oom", str(err).splitlines()[0], None
+    except Exception as err:  # noqa: BLE001 - a contender that raises is reported, the others still run
+        return "error", f"{type(err).__name__}: {err}".splitlines()[0], None
+    if report is not None and sum(report.fallback_calls.values()) > fallbacks_before:
+        return "fallback", f"ran PEFT's forward: {dict(report.fallback_calls)}", None
+    error = relative_error(got, want)
+    if not error <= tolerance:
+        return "mismatch", f"max relative error {error:.3g} > tolerance {tolerance:g}", error
+    return "ok", "", error
+
+
+def _record(case: LayerCase, contender: str, status: str, detail: str = "", error=None, tolerance=None, path=None) -> LayerRecord:
+    return LayerRecord(
+        model=case.model,
+        projections=case.shape.projections,
+        in_features=case.shape.in_features,
+        out_features=case.shape.out_features,
+        bias=case.shape.bias,
+        tokens=case.tokens,
+        base=case.base,
+        mode=case.mode,
+        rank=case.rank,
+        dtype=str(case.dtype).removeprefix("torch."),
+        contender=contender,
+        status=status,
+        detail=detail,
+        check_error=error,
+        tolerance=tolerance,
+        path=path,
+    )
+
+
+def count_cases(settings) -> int:
+    """How many cases :func:`run_layer_suite` runs (for the progress bar)."""
+    shapes = sum(len(layer_shapes(model)) for model in settings.layer_models)
+    return shapes * len(settings.bases) * len(settings.ranks) * len(settings.modes) * len(settings.tokens)
+
+
+def run_layer_suite(settings, device: torch.device, peaks: Peaks | None, progress=None) -> list[LayerRecord]:
+    """Every (model shape, base, rank, mode, M) case of ``settings``; one record per contender and case."""
+    records: list[LayerRecord] = []
+    for model in settings.layer_models:
+        for shape_index, shape in enumerate(layer_shapes(model)):
+            for base in settings.bases:
+                base_layer = make_base(shape, base, settings.dtype, device, seed=settings.seed + shape_index)
+                for rank in settings.ranks:
+                    fixture = add_adapter(base_layer, rank, seed=settings.seed + rank)
+                    contenders, unavailable = contenders_for(fixture, settings, device)
+                    for mode in settings.modes:
+                        for tokens in settings.tokens:
+                            case = LayerCase(model, shape, tokens, base, mode, rank, settings.dtype)
+                            if progress is not None:
+                                progress.set_postfix_str(f"{model} {shape.projections} {base} r{rank} {mode} M={tokens}")
+                            records += run_case(case, fixture, contenders, unavailable, device, peaks, settings.timing)
+                            if progress is not None:
+                                progress.update(1)
+                    del fixture, contenders
+                del base_layer
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return records

@@ -1,0 +1,113 @@
+"""Benchmark settings: one dataclass, with defaults per device that keep a full run short.
+
+CPU defaults finish in a few minutes on 2 cores: a 17M-parameter Llama ("tiny") for every suite, fp32 compute
+(bf16 matmuls are several times slower than fp32 on CPUs without AMX/AVX512-BF16, so QLoRA on CPU computes in
+fp32; ``--dtype bfloat16`` measures bf16 instead). GPU defaults are the full suite of the issue: Llama-3-8B,
+Llama-3.2-1B and Qwen2.5-7B layer shapes for M = 1 ... 8192, r = 16 and 64; Llama-3.2-1B and Llama-3-8B
+training; a sequence-length sweep on Llama-3-8B QLoRA; bf16 compute. It finishes in under 10 minutes on one H100.
+
+Usage::
+
+    settings = default_settings("cpu")
+    settings = dataclasses.replace(settings, tokens=(1, 16), steps=2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastlora import backends
+from fastlora.bench.timing import TimingPolicy
+
+SUITES = ("layers", "train", "memory")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything a run does; saved verbatim into results.json and the report."""
+
+    device: str
+    suites: tuple[str, ...]
+    dtype: torch.dtype
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # Contenders: fastlora backends (each one a contender), and the Triton paths to measure ("auto" = its
+    # dispatcher's choice; "fused"/"split" force one).
+    backends: tuple[str, ...] = ()
+    triton_paths: tuple[str, ...] = ("auto",)
+    include_split: bool = True
+    include_dense: bool = True
+    # Layer suite.
+    layer_models: tuple[str, ...] = ("tiny",)
+    tokens: tuple[int, ...] = (1, 16, 128)
+    bases: tuple[str, ...] = ("dense", "nf4")
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    ranks: tuple[int, ...] = (16,)
+    timing: TimingPolicy = field(default_factory=TimingPolicy)
+    # Training suite: LoRA r = train_rank on all linear layers, AdamW, synthetic tokens.
+    train_models: tuple[str, ...] = ("tiny",)
+    methods: tuple[str, ...] = ("lora", "qlora")
+    checkpointing: tuple[bool, ...] = (False, True)
+    train_rank: int = 16
+    seq_len: int = 256
+    batch: int = 2
+    warmup: int = 1
+    steps: int = 4
+    lr: float = 1e-3
+    train_backends: tuple[str, ...] = ()
+    # Memory suite: peak memory of one training step over a sequence-length sweep (OOM is recorded, not fatal).
+    memory_models: tuple[str, ...] = ("tiny",)
+    memory_method: str = "qlora"
+    memory_seq_lens: tuple[int, ...] = (128, 256, 512, 1024)
+    memory_checkpointing: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-ready: dtypes as names."""
+        payload = asdict(self)
+        payload["dtype"] = dtype_name(self.dtype)
+        return payload
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def available_backends(device_type: str) -> tuple[str, ...]:
+    """fastlora backends that can run on ``device_type`` here. On CUDA the torch reference is left out: it is
+    the test oracle (fp32 upcasts), not a contender; name it with ``--backends`` to measure it anyway."""
+    names = [name for name in backends.NAMES if backends.unavailable_reason(name, device_type) is None]
+    if device_type == "cpu" and "triton" in names:
+        names.remove("triton")  # on CPU only the test interpreter runs Triton: nothing to time
+    if device_type == "cuda" and len(names) > 1:
+        names.remove("torch")
+    return tuple(names)
+
+
+def default_settings(device: str) -> BenchSettings:
+    """The defaults for ``device`` ("cpu" or "cuda"): see the module docstring."""
+    device_type = torch.device(device).type
+    available = available_backends(device_type)
+    if device_type == "cpu":
+        return BenchSettings(device=device, suites=SUITES, dtype=torch.float32, backends=available, train_backends=available)
+    return BenchSettings(
+        device=device,
+        suites=SUITES,
+        dtype=torch.bfloat16,
+        backends=available,
+        layer_models=("llama-3-8b", "llama-3.2-1b", "qwen2.5-7b"),
+        tokens=(1, 16, 128, 512, 2048, 4096, 8192),
+        ranks=(16, 64),
+        timing=TimingPolicy(warmup_ms=5.0, rep_ms=20.0),
+        train_models=("llama-3.2-1b", "llama-3-8b"),
+        seq_len=2048,
+        batch=2,
+        warmup=2,
+        steps=5,
+        lr=1e-4,
+        train_backends=available,
+        memory_models=("llama-3-8b",),
+        memory_seq_lens=(1024, 2048, 4096, 8192, 16384, 32768),
+    )

@@ -1,0 +1,181 @@
+"""The ``fastlora`` command: ``fastlora bench`` runs the benchmark suite, ``fastlora info`` says what this
+machine offers.
+
+Usage::
+
+    fastlora info
+    fastlora bench                                  # every suite, defaults for the device, into ./fastlora-bench
+    fastlora bench --device cuda --suite layers --model llama-3-8b --tokens 1,4096 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+
+def _split(convert: Callable[[str], object] = str) -> Callable[[str], tuple]:
+    """An argparse type for comma-separated lists."""
+
+    def parse(text: str) -> tuple:
+        return tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+
+    return parse
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(text: str) -> torch.dtype:
+    from fastlora.bench.settings import DTYPES
+
+    name = _DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype {text!r}: choose from {', '.join(DTYPES)} (or fp32, bf16, fp16)")
+    return DTYPES[name]
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
+    return text == "on"
+
+
+def _threads(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _bench_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark PEFT vs fastlora: layers, training, memory",
+        description="Benchmark LoRA/QLoRA layers, training and memory: PEFT vs the split practice vs fastlora per "
+        "backend. Defaults depend on --device (a few minutes on a CPU, under 10 minutes on one H100). Writes "
+        "report.md, results.json and PNG plots into --out.",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--suite", default="all", type=_split(), help="layers, train, memory or all; or a comma list")
+    p.add_argument("--model", type=_split(), help="model preset(s) for every suite (default per device; see fastlora info)")
+    p.add_argument("--out", default="fastlora-bench", help="output directory (default ./fastlora-bench)")
+    p.add_argument("--dtype", type=_dtype, help="compute dtype: float32 (CPU default), bfloat16 (GPU default), float16")
+    p.add_argument("--backends", type=_split(), help="fastlora backends to measure (default: all available, torch reference only on CPU)")
+    p.add_argument("--triton-paths", type=_split(), help="Triton paths to measure: auto, fused, split (default auto)")
+    p.add_argument("--no-split", action="store_true", help="leave out the split-practice contender")
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense F.linear reference")
+    layer = p.add_argument_group("layer suite")
+    layer.add_argument("--tokens", type=_split(int), help="M values, e.g. 1,16,128")
+    layer.add_argument("--ranks", type=_split(int), help="LoRA ranks, e.g. 16,64")
+    layer.add_argument("--bases", type=_split(), help="dense, nf4")
+    layer.add_argument("--modes", type=_split(), help="fwd, fwd+bwd")
+    train = p.add_argument_group("training and memory suites")
+    train.add_argument("--methods", type=_split(), help="lora, qlora")
+    train.add_argument("--checkpointing", type=_split(_on_off), help="gradient checkpointing settings: off,on")
+    train.add_argument("--seq-len", type=int, help="training sequence length")
+    train.add_argument("--batch", type=int, help="training batch size")
+    train.add_argument("--steps", type=int, help="timed optimizer steps")
+    train.add_argument("--warmup", type=int, help="untimed optimizer steps first")
+    train.add_argument("--lr", type=float, help="AdamW learning rate")
+    train.add_argument("--memory-seq-lens", type=_split(int), help="sequence lengths of the memory sweep")
+    p.add_argument("--threads", type=_threads, default="auto", help="torch CPU threads, or auto: cores not busy now (default)")
+    p.add_argument("--seed", type=int, help="random seed for weights and data")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+#: CLI option -> BenchSettings field(s) it sets.
+_OVERRIDES = {
+    "dtype": ("dtype",),
+    "backends": ("backends", "train_backends"),
+    "triton_paths": ("triton_paths",),
+    "tokens": ("tokens",),
+    "ranks": ("ranks",),
+    "bases": ("bases",),
+    "modes": ("modes",),
+    "methods": ("methods",),
+    "checkpointing": ("checkpointing",),
+    "seq_len": ("seq_len",),
+    "batch": ("batch",),
+    "steps": ("steps",),
+    "warmup": ("warmup",),
+    "lr": ("lr",),
+    "memory_seq_lens": ("memory_seq_lens",),
+    "model": ("layer_models", "train_models", "memory_models"),
+    "seed": ("seed",),
+}
+
+
+def settings_from_args(args: argparse.Namespace):
+    """BenchSettings: the device's defaults, overridden by whatever the command line gives."""
+    from fastlora.bench.models import preset
+    from fastlora.bench.runner import auto_threads
+    from fastlora.bench.settings import SUITES, default_settings
+
+    settings = default_settings(args.device)
+    changes = {field: value for option, fields in _OVERRIDES.items() if (value := getattr(args, option)) is not None for field in fields}
+    suites = SUITES if "all" in args.suite else args.suite
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        raise SystemExit(f"fastlora bench: unknown suite(s) {sorted(unknown)}; choose from {', '.join(SUITES)} or all")
+    for model in args.model or ():
+        preset(model)  # raises with the list of known presets
+    changes["suites"] = tuple(suites)
+    changes["include_split"] = not args.no_split
+    changes["include_dense"] = not args.no_dense
+    if torch.device(args.device).type == "cpu":
+        changes["threads"] = auto_threads() if args.threads == "auto" else args.threads
+    return dataclasses.replace(settings, **changes)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastlora.bench.report import problems, summary_table
+    from fastlora.bench.runner import run_benchmarks
+
+    settings = settings_from_args(args)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    results = run_benchmarks(settings, args.out, show_progress=not args.quiet)
+    print()
+    print(summary_table(results))
+    print(f"\nwrote {args.out}/report.md, results.json and plots in {results.wall_time_s:.0f} s")
+    # A contender computing different numbers is a failure of the run, not a footnote.
+    failed = [line for line in problems(results) if ": mismatch" in line or ": error" in line]
+    return 1 if failed else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from fastlora.bench.environment import backend_status, cpp_build_state, describe_environment, format_environment
+    from fastlora.bench.models import MODEL_PRESETS
+
+    cpp_state = cpp_build_state()  # before backend_status, which builds the extension if needed
+    print(format_environment(describe_environment(), backend_status(), cpp_state))
+    try:
+        from fastlora.kernels import dispatch
+
+        gpus = list(json.loads(dispatch.TABLE_PATH.read_text()).get("gpus", {}))
+        print("triton dispatch table: " + (f"measured on {', '.join(gpus)}" if gpus else "not measured on any GPU yet (defaults)"))
+    except Exception as err:  # noqa: BLE001 - informative only
+        print(f"triton dispatch table: unavailable ({type(err).__name__}: {err})")
+    print("model presets: " + ", ".join(f"{name} ({p.note})" for name, p in MODEL_PRESETS.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastlora", description="Fused-kernel backend for PEFT LoRA/QLoRA.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(subparsers)
+    subparsers.add_parser("info", help="devices, backends available (and why not), C++ build state, versions")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastlora`` command."""
+    args = build_parser().parse_args(argv)
+    return {"bench": cmd_bench, "info": cmd_info}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
