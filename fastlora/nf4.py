@@ -90,6 +90,9 @@ _ABSMAX_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
 def _resolved_absmax(weight: torch.Tensor, state) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot key a cache on ids and data pointers; resolving is one cheap op in the graph.
+        return resolve_absmax(state)
     key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
     hit = _ABSMAX_CACHE.get(id(weight))
     if hit is not None and hit[0]() is weight and hit[1] == key:
@@ -107,6 +110,12 @@ def resolve_absmax(state) -> torch.Tensor:
     from fastlora import ops
 
     s2 = state.state2
+    if torch.compiler.is_compiling():
+        # float() of the 0-d offset would break the graph (a data-dependent scalar): trace the reference's fp32
+        # ops with the offset tensor itself.
+        from fastlora.backends.reference import nf4_resolve_absmax
+
+        return nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, int(s2.blocksize), state.offset)
     # bitsandbytes adds the offset as a 0-d tensor in fp32; a Python float rounds the same way once cast.
     offset = float(state.offset)
     return ops.nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, int(s2.blocksize), offset, "torch")

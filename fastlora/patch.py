@@ -52,6 +52,16 @@ def _is_params4bit(weight) -> bool:
     return isinstance(weight, Params4bit)
 
 
+def _is_sharded_4bit(base: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit whose weight FSDP replaced by a plain tensor or DTensor (sharded at rest, a
+    plain gathered tensor inside forward). bitsandbytes keeps the quant state on the module for this case."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    return isinstance(base, Linear4bit) and not _is_params4bit(base.weight) and base.quant_state is not None
+
+
 @dataclass
 class PatchReport:
     """What :func:`patch` did: fused layers with their backend, layers left on PEFT with the reason, and
@@ -112,14 +122,19 @@ class FusedForward:
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan = _call_plan(self.layer, self.device_type, x, args, kwargs)
+        # torch.compile guards on Python ints it reads, so counting inside a compiled region would recompile the
+        # graph on every call; calls there go uncounted (the plan above is still decided on every trace).
+        counting = not torch.compiler.is_compiling()
         if isinstance(plan, str):
-            self.report.fallback_calls[plan] += 1
-            if plan not in self._warned:
-                self._warned.add(plan)
-                logger.warning("fastlora: %s runs PEFT's forward: %s", self.name, plan)
+            if counting:
+                self.report.fallback_calls[plan] += 1
+                if plan not in self._warned:
+                    self._warned.add(plan)
+                    logger.warning("fastlora: %s runs PEFT's forward: %s", self.name, plan)
             return self.original(x, *args, **kwargs)
         x_compute, base, adapters, out_dtype = plan
-        self.report.fused_calls += 1
+        if counting:
+            self.report.fused_calls += 1
         with torch.autocast(x.device.type, enabled=False):
             y = lora_linear(x_compute, base, adapters, self.backend)
         return y if y.dtype == out_dtype else y.to(out_dtype)
@@ -141,6 +156,8 @@ def _structural_reason(layer: nn.Module) -> Optional[str]:
             NF4Weight.from_params4bit(base.weight)
         except UnsupportedQuantization as err:
             return f"4-bit {err}"
+    elif _is_sharded_4bit(base):
+        pass  # the quant state is checked on each call, against the weight FSDP gathers then
     elif type(layer) is LoraLinear4bit:
         return f"4-bit base weight of type {type(base.weight).__name__}"
     elif type(base) is not nn.Linear:
@@ -196,7 +213,7 @@ def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
     base_layer = layer.get_base_layer()
     if base_layer.weight.requires_grad:
         return "base weight requires grad"
-    if _is_params4bit(base_layer.weight):
+    if _is_params4bit(base_layer.weight) or _is_sharded_4bit(base_layer):
         return _nf4_plan(base_layer, x, adapters)
     return _dense_plan(base_layer, x, adapters)
 
@@ -216,6 +233,12 @@ def _dense_plan(base_layer: nn.Linear, x: torch.Tensor, adapters):
 
 
 def _nf4_plan(base_layer, x: torch.Tensor, adapters):
+    if _is_sharded_4bit(base_layer):
+        # FSDP gathered the packed weight into a plain tensor that lost its quant state: re-attach the module's
+        # state exactly as bitsandbytes' own forward does, so we read the gathered weight, never a shard.
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base_layer)
     try:
         nf4 = NF4Weight.from_params4bit(base_layer.weight)
     except UnsupportedQuantization as err:
