@@ -50,9 +50,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
         lora_as, lora_bs = adapter_tensors[0::2], adapter_tensors[1::2]
         ranks = [a.shape[0] for a in lora_as]
-        lora_a = torch.cat([a.float() for a in lora_as])
-        # Scales are folded into B, so the kernels see one epilogue matrix for all adapters.
-        lora_b = torch.cat([b.float() * s for b, s in zip(lora_bs, scales)], dim=1)
+        lora_a, lora_b = _stack_adapters(lora_as, lora_bs, scales)
         lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, backend)
         y = ops.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend)
         ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors)
@@ -84,6 +82,31 @@ class LoRALinearFunction(torch.autograd.Function):
         return (grad_x, None, None, grad_bias, None, None, None, None, None, *grads)
 
 
+def _stack_adapters(lora_as, lora_bs, scales) -> tuple[Tensor, Tensor]:
+    """fp32 A stacked along r [R, K] and B [N, R] with each adapter's scale folded in, so the kernels see one
+    epilogue for all adapters. A single fp32 adapter's A is used as it is (no copy)."""
+    if len(lora_as) == 1:
+        return lora_as[0].float(), lora_bs[0].float() * scales[0]
+    lora_a = torch.cat([a.float() for a in lora_as])
+    lora_b = torch.cat([b.float() * s for b, s in zip(lora_bs, scales)], dim=1)
+    return lora_a, lora_b
+
+
+# Seeds for calls without dropout: never read by the kernels, so one constant tensor per (device, count) serves
+# every call (and stays valid inside CUDA graphs).
+_UNUSED_SEEDS: dict[tuple[torch.device, int], Tensor] = {}
+
+
+def _seeds(adapters: Sequence[Adapter], device: torch.device) -> Tensor:
+    if any(a.dropout_p > 0.0 for a in adapters):
+        return draw_seeds(len(adapters), device)
+    key = (device, len(adapters))
+    seeds = _UNUSED_SEEDS.get(key)
+    if seeds is None:
+        seeds = _UNUSED_SEEDS[key] = torch.zeros(len(adapters), dtype=torch.int64, device=device)
+    return seeds
+
+
 def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend: str) -> Tensor:
     """The fused LoRA linear on x[..., K] (already in the compute dtype); returns [..., N] in x's dtype.
 
@@ -95,11 +118,7 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     x2d = x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    seeds = (
-        draw_seeds(len(adapters), x.device)
-        if any(a.dropout_p > 0.0 for a in adapters)
-        else torch.zeros(len(adapters), dtype=torch.int64, device=x.device)
-    )
+    seeds = _seeds(adapters, x.device)
     adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
     y = LoRALinearFunction.apply(
         x2d,

@@ -25,7 +25,6 @@ from torch import nn
 
 from fastlora import backends
 from fastlora.autograd import Adapter, BaseWeight, lora_linear
-from fastlora.dropout import dropout_threshold
 from fastlora.nf4 import NF4Weight, UnsupportedQuantization
 
 logger = logging.getLogger("fastlora")
@@ -135,7 +134,11 @@ class FusedForward:
         x_compute, base, adapters, out_dtype = plan
         if counting:
             self.report.fused_calls += 1
-        with torch.autocast(x.device.type, enabled=False):
+        if torch.is_autocast_enabled(x.device.type):
+            # The plan already applied autocast's dtype; the ops' internal matmuls must not be recast.
+            with torch.autocast(x.device.type, enabled=False):
+                y = lora_linear(x_compute, base, adapters, self.backend)
+        else:
             y = lora_linear(x_compute, base, adapters, self.backend)
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
@@ -187,26 +190,28 @@ def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
         return "input dtype casting disabled"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    # Submodules straight from _modules: this runs on every call, and nn.Module.__getattr__ is slow.
+    submodules = layer._modules
+    lora_A, lora_B, lora_dropout = submodules["lora_A"], submodules["lora_B"], submodules["lora_dropout"]
+    active = [a for a in layer.active_adapters if a in lora_A]
     if not active:
         return "no active adapter on this layer"
+    variants = getattr(layer, "lora_variant", {})
     adapters = []
     for name in active:
-        if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+        if name in variants or layer.use_dora.get(name, False):
             return "LoRA variant (DoRA or other)"
-        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        lora_a, lora_b = lora_A[name], lora_B[name]
         if lora_b.bias is not None or lora_a.bias is not None:
             return "lora_bias"
-        dropout = layer.lora_dropout[name]
+        dropout = lora_dropout[name]
         if isinstance(dropout, nn.Dropout):
             p = float(dropout.p) if dropout.training else 0.0
         elif isinstance(dropout, nn.Identity):
             p = 0.0
         else:
             return f"dropout module {type(dropout).__name__}"
-        try:
-            dropout_threshold(p)
-        except ValueError:
+        if not 0.0 <= p < 1.0:
             return f"dropout p={p}"
         adapters.append(Adapter(lora_a.weight, lora_b.weight, float(layer.scaling[name]), p))
 

@@ -48,10 +48,9 @@ def lora_linear(
     x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
 ) -> Tensor:
     n, k = lora_b.shape[0], x.shape[1]
-    y = x.float() @ _dense_weight(weight, absmax, blocksize, n, k).T + lora_s.float() @ lora_b.float().T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    x32, w32 = x.float(), _dense_weight(weight, absmax, blocksize, n, k)
+    y = x32 @ w32.T if bias is None else torch.addmm(bias.float(), x32, w32.T)
+    return y.addmm_(lora_s.float(), lora_b.float().T).to(x.dtype)
 
 
 def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
