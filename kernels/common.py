@@ -76,6 +76,18 @@ def generation(hopper: bool, fp32: bool) -> str:
     return "fp32" if fp32 else ("hopper" if hopper else "ampere")
 
 
+def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    """An autotune config of the tiled GEMM kernels (BLOCK_M/N/K tiles, GROUP_M swizzle)."""
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+def config_set_by_x_dtype(hopper: bool, args: dict) -> str:
+    """The config set of a thin-GEMM launch: fp32 x gets its own, else the GPU generation's."""
+    return generation(hopper, args["x_ptr"].dtype == torch.float32)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
     if device.type != "cuda":

@@ -29,11 +29,6 @@ CONFIGS = {
 }
 
 
-def config_set(hopper: bool, args: dict) -> str:
-    """The config set for a launch: fp32 x gets its own, else the GPU generation's."""
-    return common.generation(hopper, args["x_ptr"].dtype == torch.float32)
-
-
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 #: Rows of M one program reduces, in multiples of this; sized so each split still streams a long stretch.
 SPLIT_GRANULE = 512
@@ -42,7 +37,7 @@ SPLIT_GRANULE = 512
 @triton.autotune(
     configs=common.all_configs(CONFIGS),
     key=["M_BUCKET", "K", "R_BLOCK"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
+    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, common.config_set_by_x_dtype, INTERPRETER_CONFIG)},
 )
 @triton.jit
 def lora_down_grad_kernel(

@@ -19,10 +19,7 @@ from fastlora.kernels.nf4_dequantize import nf4_dequantize
 BASE_IN_OUTPUT, BASE_DENSE, BASE_NF4 = 0, 1, 2
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
-    )
+_config = common.gemm_config
 
 
 # Config sets, chosen per launch by GPU generation, base kind and dtype (``config_set``). Hopper: large tiles

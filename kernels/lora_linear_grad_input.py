@@ -16,10 +16,7 @@ from fastlora.kernels.lora_linear import BASE_DENSE, BASE_IN_OUTPUT, BASE_NF4
 from fastlora.kernels.nf4_dequantize import nf4_dequantize
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
-    )
+_config = common.gemm_config
 
 
 # BLOCK_N is the reduction here, BLOCK_K the output columns. NF4 bytes run along K; BLOCK_K=64 keeps the

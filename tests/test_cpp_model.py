@@ -15,25 +15,13 @@ import torch
 import fastlora
 from fastlora.backends import cpp
 from tests.conftest import tiny_llama_peft
+from tests.test_model_parity import train
 
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler: the cpp backend falls back to torch here", allow_module_level=True)
 
 STEPS = 10
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def train(model, batches, lr=2e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 # The standard QLoRA recipe (bf16 compute, dropout) and PEFT's fastest CPU setting (fp32 compute).

@@ -11,21 +11,9 @@ import torch
 
 import fastlora
 from tests.conftest import lora_layer_model, tiny_llama_peft
-from tests.test_model_parity import STEPS, max_abs_diff
+from tests.test_model_parity import STEPS, max_abs_diff, train
 
 pytestmark = pytest.mark.gpu
-
-
-def _train(model, batches):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("kind", ["qlora", "dense"])
@@ -36,7 +24,7 @@ def test_tiny_llama_triton_matches_peft_on_gpu(kind):
     patched = tiny_llama_peft(kind, dtype=torch.bfloat16).cuda()
     report = fastlora.patch(patched, backend="triton")
     assert set(report.patched.values()) == {"triton"} and not report.skipped
-    ref_losses, losses = _train(reference, batches), _train(patched, batches)
+    ref_losses, losses = train(reference, batches), train(patched, batches)
     assert report.fused_calls == 14 * STEPS and not report.fallback_calls
     # Same bf16 tolerance as the CPU parity test (tests/test_model_parity.py).
     assert max_abs_diff(ref_losses, losses) < 2e-2

@@ -17,6 +17,7 @@ import torch
 
 import fastlora
 from tests.conftest import tiny_llama_peft
+from tests.test_model_parity import train
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -27,19 +28,6 @@ pytestmark = [
 ]
 
 STEPS = 3  # the interpreter runs ~80 kernel launches per step
-
-
-def train(model, batches, lr=2e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def test_qlora_fp32_dropout_training_matches_torch_backend():
