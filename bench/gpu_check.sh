@@ -5,7 +5,10 @@
 #
 # Usage: bench/gpu_check.sh [OUT_DIR] [extra `fastlora bench` options...]
 #   OUT_DIR defaults to $OUT (the GPU machine's output folder), else bench/results/<date>.
-#   FASTLORA_SKIP_TESTS=1 skips the tests; FASTLORA_TEST_TIMEOUT (s, default 150) caps them.
+#   FASTLORA_GPU_STAGES (default "tests,dispatch,bench") picks the stages, e.g. "tests,dispatch" for a first
+#   10-minute call and "bench" for a second; FASTLORA_TEST_TIMEOUT (s, default 150) caps the tests.
+#   The dispatch stage measures fused vs split on this GPU for the benchmark's layer shapes and writes
+#   kernels/dispatch_table.json, copied to OUT_DIR as well: commit it so later runs dispatch by measurement.
 # Bring bitsandbytes as a wheel in .whl/ (../shared/gpu/wheels.sh downloads it): the GPU machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,13 +37,23 @@ export TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -m fastlora.cli info
 
-  if [ "${FASTLORA_SKIP_TESTS:-0}" != 1 ]; then
+  stages=",${FASTLORA_GPU_STAGES:-tests,dispatch,bench},"
+  if [[ $stages == *,tests,* ]]; then
     echo "== GPU tests ($(date -u +%FT%TZ))"
     timeout "${FASTLORA_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests
     echo "GPU tests exit status: $?"
   fi
 
-  echo "== GPU benchmark ($(date -u +%FT%TZ))"
-  python3 -m fastlora.cli bench --device cuda --suite all --out "$out" "$@"
-  echo "benchmark exit status: $? ($(date -u +%FT%TZ))"
+  if [[ $stages == *,dispatch,* ]]; then
+    echo "== dispatch table: fused vs split per shape and M ($(date -u +%FT%TZ))"
+    timeout "${FASTLORA_DISPATCH_TIMEOUT:-360}" python3 -m fastlora.bench.dispatch_shapes
+    echo "dispatch exit status: $? (the table keeps every shape measured before a time-out)"
+    cp kernels/dispatch_table.json "$out/"
+  fi
+
+  if [[ $stages == *,bench,* ]]; then
+    echo "== GPU benchmark ($(date -u +%FT%TZ))"
+    python3 -m fastlora.cli bench --device cuda --suite all --out "$out" "$@"
+    echo "benchmark exit status: $? ($(date -u +%FT%TZ))"
+  fi
 } 2>&1 | tee "$log"

@@ -42,7 +42,7 @@ class BenchSettings:
     include_dense: bool = True
     # Layer suite.
     layer_models: tuple[str, ...] = ("tiny",)
-    tokens: tuple[int, ...] = (1, 16, 128)
+    tokens: tuple[int, ...] = (1, 16, 128, 512)
     bases: tuple[str, ...] = ("dense", "nf4")
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     ranks: tuple[int, ...] = (16,)

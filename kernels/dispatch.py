@@ -139,19 +139,20 @@ def measure(
         raise RuntimeError("dispatch.measure needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
     entries: dict[str, dict] = {}
-    for op in OPS:
-        for base in bases:
-            for dtype in dtypes:
-                for n, k in shapes:
+    # Shapes outermost, written after each: a run cut short by a time limit keeps what it measured.
+    for n, k in shapes:
+        for op in OPS:
+            for base in bases:
+                for dtype in dtypes:
                     row = entries.setdefault(table_key(op, base, dtype, n, k), {})
                     for m in m_values:
                         run = _problem(op, base, m, n, k, rank, dtype)
                         ms = {p: triton.testing.do_bench(lambda p=p: run(p), return_mode="median") for p in PATHS}
                         path = "split" if ms["split"] < 0.99 * ms["fused"] else "fused"
                         row[str(common.m_bucket(m))] = {"path": path, "fused_us": ms["fused"] * 1e3, "split_us": ms["split"] * 1e3}
-    if write:
-        table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"gpus": {}}
-        table["gpus"].setdefault(gpu, {}).update(entries)
-        TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        _table.cache_clear()
+        if write:
+            table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"gpus": {}}
+            table["gpus"].setdefault(gpu, {}).update(entries)
+            TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            _table.cache_clear()
     return entries
