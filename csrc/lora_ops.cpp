@@ -3,12 +3,18 @@
 // Signatures mirror fastlora/backends/reference.py; dropout takes host-computed thresholds and scales.
 //
 // Strategy: everything is computed in fp32 (bf16/fp16 inputs are upcast once: on AVX2-only CPUs fp32 GEMM
-// is several times faster than bf16 GEMM). The base weight is never materialized whole: it is dequantized
-// panel by panel into one reused fp32 buffer sized to stay in cache (both cores fill it in parallel), and
-// each panel feeds the BLAS GEMM of the output tile it covers, accumulating (beta = 1) into an output that
-// already holds bias + LoRA term. Beating MKL's GEMM by hand is not the aim: feeding it cache-hot panels is.
+// is several times faster than bf16 GEMM). The base product comes first, written fresh, and the thin LoRA
+// term is accumulated into it. How W reaches the base product depends on its kind and on M:
+// - dense fp32 W: handed to BLAS as it is;
+// - NF4 W and at most a few tokens (decode): fused row kernels (nf4_gemv.h) read the 4-bit codes once and
+//   multiply in L1; W is never written out in fp32;
+// - otherwise, when its fp32 copy fits the whole-weight limit: W is converted in one pass (both cores) into a
+//   reused per-thread buffer and fed to one GEMM, as the split practice does, without its allocation;
+// - larger W: converted panel by panel into that buffer, each panel's GEMM accumulating into its output tile.
+// Beating MKL's GEMM by hand is not the aim: feeding it the weight cheaply is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +25,7 @@
 
 #include "dropout_mask.h"
 #include "nf4_dequant.h"
+#include "nf4_gemv.h"
 
 namespace fastlora {
 namespace {
@@ -27,7 +34,18 @@ namespace {
 // must be large enough to amortize that, yet small enough to stay in the last-level cache.
 constexpr int64_t kDefaultPanelBytes = 8 << 20;
 std::atomic<int64_t> panel_bytes{kDefaultPanelBytes};
+// Largest fp32 copy of W kept whole: below it a non-fp32 W (NF4, bf16, fp16) is converted in one pass into a
+// reused per-thread buffer and fed to a single GEMM (what the split practice does, minus its allocation);
+// above it, panel by panel. One GEMM call over all of W is the fastest at every size measured that fits.
+constexpr int64_t kDefaultWholeWeightBytes = 64 << 20;
+std::atomic<int64_t> whole_weight_bytes{kDefaultWholeWeightBytes};
+// Up to this many tokens an NF4 W is never written out in fp32: the fused row kernels of nf4_gemv.h read the
+// codes once and multiply in L1 (decode sizes, where dequantize + BLAS costs about twice as much).
+constexpr int64_t kDefaultFusedTokens = 4;
+std::atomic<int64_t> fused_tokens{kDefaultFusedTokens};
 constexpr int64_t kPanelAlign = 16;
+// Up to this many elements of dy, lora_up_grad computes dB as dy^T @ S (see there).
+constexpr int64_t kTransposedUpGradElements = 512 * 1536;
 // Elements per parallel task for elementwise loops: enough work to amortize waking a thread.
 constexpr int64_t kElementGrain = 1 << 15;
 
@@ -44,6 +62,22 @@ int64_t panel_extent(int64_t other, int64_t total) {
   const int64_t fit = panel_bytes.load(std::memory_order_relaxed) / (static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(other, 1));
   const int64_t aligned = std::max(kPanelAlign, fit / kPanelAlign * kPanelAlign);
   return std::min(aligned, total);
+}
+
+// A reused per-thread fp32 scratch of at least `numel` elements, viewed as [rows, cols]. It only ever holds a
+// converted copy of W that one op reads and drops before returning, so it never aliases an op's output.
+at::Tensor scratch(int64_t rows, int64_t cols) {
+  thread_local at::Tensor buffer;
+  const int64_t numel = rows * cols;
+  if (!buffer.defined() || buffer.numel() < numel) {
+    buffer = at::Tensor();  // free the old one first: the peak is one buffer, not two
+    buffer = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  }
+  return buffer.narrow(0, 0, numel).view({rows, cols});
+}
+
+bool whole_weight_fits(int64_t n, int64_t k) {
+  return n * k * static_cast<int64_t>(sizeof(float)) <= whole_weight_bytes.load(std::memory_order_relaxed);
 }
 
 // The frozen base weight W[n, k]: NF4-packed (absmax given) or dense in any floating dtype.
@@ -66,8 +100,39 @@ class BaseWeight {
     }
   }
 
-  // fp32 dense weights go straight to BLAS; everything else is converted panel by panel.
+  // fp32 dense weights go straight to BLAS; everything else is converted (whole or by panels) or fused.
   bool is_dense_f32() const { return dense_.defined() && dense_.scalar_type() == at::kFloat; }
+  // Whether the fused few-token kernels take a product with `tokens` rows.
+  bool fused_for(int64_t tokens) const {
+    return packed_.defined() && tokens <= fused_tokens.load(std::memory_order_relaxed) && n_ > 0 && k_ > 0;
+  }
+
+  // y[tokens, n] += x[tokens, k] @ W^T without materializing W (all contiguous fp32).
+  void fused_forward(const at::Tensor& x32, at::Tensor& y32) const {
+    const uint8_t* packed = packed_.data_ptr<uint8_t>();
+    const float* absmax = absmax_.data_ptr<float>();
+    const float* x = x32.data_ptr<float>();
+    float* y = y32.data_ptr<float>();
+    const int64_t tokens = x32.size(0);
+    at::parallel_for(0, n_, std::max<int64_t>(1, kElementGrain / k_), [&](int64_t begin, int64_t end) {
+      nf4_rows_times_tokens(packed, absmax, blocksize_, k_, n_, x, tokens, y, begin, end);
+    });
+  }
+
+  // dx[tokens, k] += dy[tokens, n] @ W without materializing W (all contiguous fp32); threads own column slices.
+  void fused_grad_input(const at::Tensor& dy32, at::Tensor& dx32) const {
+    const uint8_t* packed = packed_.data_ptr<uint8_t>();
+    const float* absmax = absmax_.data_ptr<float>();
+    const float* dy = dy32.data_ptr<float>();
+    float* dx = dx32.data_ptr<float>();
+    const int64_t tokens = dy32.size(0);
+    constexpr int64_t kSlice = 64;  // columns per task: whole 32-element dequant steps, slices stay in L1
+    const int64_t slices = (k_ + kSlice - 1) / kSlice;
+    at::parallel_for(0, slices, std::max<int64_t>(1, kElementGrain / (kSlice * n_)), [&](int64_t begin, int64_t end) {
+      nf4_tokens_times_columns(packed, absmax, blocksize_, k_, n_, dy, tokens, dx, begin * kSlice,
+                               std::min(k_, end * kSlice));
+    });
+  }
   const at::Tensor& dense() const { return dense_; }
 
   // panel[rows, cols] (contiguous) = W[row0 : row0+rows, col0 : col0+cols] in fp32.
@@ -111,7 +176,7 @@ struct Adapters {
            at::ArrayRef<double> keep_scales) {
     TORCH_CHECK(thresholds.size() == ranks_.size() && keep_scales.size() == ranks_.size(),
                 "one dropout threshold and scale per adapter");
-    const at::Tensor seeds64 = seeds.to(at::kLong).contiguous();
+    at::Tensor seeds64;  // read only when some adapter drops out
     int64_t offset = 0;
     for (size_t i = 0; i < ranks_.size(); ++i) {
       offsets.push_back(offset);
@@ -119,6 +184,9 @@ struct Adapters {
       offset += ranks_[i];
       const bool active = thresholds[i] != 0 || keep_scales[i] != 1.0;
       if (active) {
+        if (!seeds64.defined()) {
+          seeds64 = seeds.to(at::kLong).contiguous();
+        }
         TORCH_CHECK(static_cast<int64_t>(i) < seeds64.numel(), "no seed for adapter ", i);
         masks.emplace_back(DropoutMask(seeds64.data_ptr<int64_t>()[i], thresholds[i], keep_scales[i]));
       } else {
@@ -209,7 +277,7 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, at::IntArray
   const Adapters adapters(ranks, seeds, thresholds, keep_scales);
   const at::Tensor x32 = as_f32(x), a32 = as_f32(lora_a);
   if (!adapters.any_dropout()) {
-    return at::mm(x32, a32.t().contiguous());  // a contiguous A^T [K, R] measured ~20% faster than a view
+    return at::mm(x32, a32.t());  // a view of A^T: measured as fast as or faster than a contiguous copy
   }
   std::vector<at::Tensor> parts;
   for (size_t i = 0; i < adapters.ranks.size(); ++i) {
@@ -228,20 +296,40 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t n = lora_b.size(0), k = x.size(1);
   const BaseWeight base(weight, absmax, blocksize, n, k);
   const at::Tensor x32 = as_f32(x), s32 = as_f32(lora_s), b32 = as_f32(lora_b);
-  // The output starts as bias + S @ B^T; the base GEMM then accumulates into it tile by tile.
-  at::Tensor y32 = bias.has_value() ? at::addmm(as_f32(*bias), s32, b32.t()) : at::mm(s32, b32.t());
+  // The base product first, written fresh; the thin LoRA term then accumulates into it. MKL measured up to 9%
+  // slower on the big GEMM when it accumulates into an existing output (beta = 1) than when it writes one.
+  const std::optional<at::Tensor> bias32 =
+      bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
+  const auto product = [&](const at::Tensor& w_t) {
+    return bias32.has_value() ? at::addmm(*bias32, x32, w_t) : at::mm(x32, w_t);
+  };
+  const auto bias_or_zeros = [&]() {
+    // clone, not contiguous(): with one token the expanded bias already counts as contiguous and would alias it
+    return bias32.has_value() ? bias32->expand({x32.size(0), n}).clone(at::MemoryFormat::Contiguous)
+                              : at::zeros({x32.size(0), n}, x32.options());
+  };
+  at::Tensor y32;
   if (base.is_dense_f32()) {
-    y32.addmm_(x32, base.dense().t());
-  } else if (n > 0 && k > 0) {
-    const int64_t panel_rows = panel_extent(k, n);
-    at::Tensor buffer = at::empty({panel_rows, k}, x32.options());
-    for (int64_t row0 = 0; row0 < n; row0 += panel_rows) {
+    y32 = product(base.dense().t());
+  } else if (base.fused_for(x32.size(0))) {
+    y32 = bias_or_zeros();
+    base.fused_forward(x32, y32);
+  } else if (n > 0 && k > 0 && whole_weight_fits(n, k)) {
+    at::Tensor w32 = scratch(n, k);
+    base.fill(0, 0, w32);
+    y32 = product(w32.t());
+  } else {
+    y32 = bias_or_zeros();
+    const int64_t panel_rows = n > 0 && k > 0 ? panel_extent(k, n) : 0;
+    at::Tensor buffer = panel_rows > 0 ? scratch(panel_rows, k) : at::Tensor();
+    for (int64_t row0 = 0; row0 < n && panel_rows > 0; row0 += panel_rows) {
       const int64_t rows = std::min(panel_rows, n - row0);
       at::Tensor panel = buffer.narrow(0, 0, rows);
       base.fill(row0, 0, panel);
       y32.narrow(1, row0, rows).addmm_(x32, panel.t());
     }
   }
+  y32.addmm_(s32, b32.t());
   return to_dtype(y32, x.scalar_type());
 }
 
@@ -249,8 +337,13 @@ std::tuple<at::Tensor, at::Tensor> lora_up_grad(const at::Tensor& grad_out, cons
                                                 const at::Tensor& lora_s) {
   const NoAutocast fp32_compute;
   const at::Tensor dy32 = as_f32(grad_out);
-  // MKL runs S^T @ dy (dy untransposed) about twice as fast as dy^T @ S here; transposing [R, N] back is cheap.
-  return {at::mm(dy32, as_f32(lora_b)), at::mm(as_f32(lora_s).t(), dy32).t().contiguous()};
+  const at::Tensor s32 = as_f32(lora_s);
+  // For large dy MKL runs S^T @ dy (dy untransposed) up to 1.6x faster than dy^T @ S here, and transposing [R, N]
+  // back is cheap; for smaller dy (below about 512 x 1536) dy^T @ S is faster, by 3x at a few tokens.
+  if (dy32.numel() <= kTransposedUpGradElements) {
+    return {at::mm(dy32, as_f32(lora_b)), at::mm(dy32.t(), s32)};
+  }
+  return {at::mm(dy32, as_f32(lora_b)), at::mm(s32.t(), dy32).t().contiguous()};
 }
 
 at::Tensor lora_down_grad(const at::Tensor& grad_s, const at::Tensor& x, at::IntArrayRef ranks,
@@ -282,12 +375,33 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
   const Adapters adapters(ranks, seeds, thresholds, keep_scales);
   const at::Tensor dy32 = as_f32(grad_out), ds32 = as_f32(grad_s), a32 = as_f32(lora_a);
 
-  // dx starts as the LoRA term (masked per adapter); the base GEMM then accumulates into it.
+  // The base product dy @ W first, written fresh (see lora_linear); then the LoRA term, masked per adapter.
+  const int64_t m = grad_out.size(0);
   at::Tensor dx32;
-  if (!adapters.any_dropout()) {
-    dx32 = at::mm(ds32, a32);
+  if (base.is_dense_f32()) {
+    dx32 = at::mm(dy32, base.dense());
+  } else if (base.fused_for(m)) {
+    dx32 = at::zeros({m, k}, dy32.options());
+    base.fused_grad_input(dy32, dx32);
+  } else if (n > 0 && k > 0 && whole_weight_fits(n, k)) {
+    at::Tensor w32 = scratch(n, k);
+    base.fill(0, 0, w32);
+    dx32 = at::mm(dy32, w32);
   } else {
-    dx32 = at::zeros({grad_out.size(0), k}, dy32.options());
+    dx32 = at::zeros({m, k}, dy32.options());
+    // Column panels W[:, col0:col0+cols] make each panel's GEMM own a disjoint slice of dx.
+    const int64_t panel_cols = n > 0 && k > 0 ? panel_extent(n, k) : 0;
+    at::Tensor buffer = panel_cols > 0 ? scratch(n, panel_cols).view({-1}) : at::Tensor();
+    for (int64_t col0 = 0; col0 < k && panel_cols > 0; col0 += panel_cols) {
+      const int64_t cols = std::min(panel_cols, k - col0);
+      at::Tensor panel = buffer.narrow(0, 0, n * cols).view({n, cols});
+      base.fill(0, col0, panel);
+      dx32.narrow(1, col0, cols).addmm_(dy32, panel);
+    }
+  }
+  if (!adapters.any_dropout()) {
+    dx32.addmm_(ds32, a32);
+  } else {
     for (size_t i = 0; i < adapters.ranks.size(); ++i) {
       const at::Tensor ds = ds32.narrow(1, adapters.offsets[i], adapters.ranks[i]);
       const at::Tensor a = a32.narrow(0, adapters.offsets[i], adapters.ranks[i]);
@@ -298,19 +412,6 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
       }
     }
   }
-  if (base.is_dense_f32()) {
-    dx32.addmm_(dy32, base.dense());
-  } else if (n > 0 && k > 0) {
-    // Column panels W[:, col0:col0+cols] make each panel's GEMM own a disjoint slice of dx.
-    const int64_t panel_cols = panel_extent(n, k);
-    at::Tensor buffer = at::empty({n * panel_cols}, dy32.options());
-    for (int64_t col0 = 0; col0 < k; col0 += panel_cols) {
-      const int64_t cols = std::min(panel_cols, k - col0);
-      at::Tensor panel = buffer.narrow(0, 0, n * cols).view({n, cols});
-      base.fill(0, col0, panel);
-      dx32.narrow(1, col0, cols).addmm_(dy32, panel);
-    }
-  }
   return to_dtype(dx32, grad_out.scalar_type());
 }
 
@@ -318,6 +419,16 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
 int64_t set_panel_bytes(int64_t bytes) {
   TORCH_CHECK(bytes > 0, "panel size must be positive");
   return panel_bytes.exchange(bytes);
+}
+
+int64_t set_whole_weight_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "whole-weight limit must be non-negative");
+  return whole_weight_bytes.exchange(bytes);
+}
+
+int64_t set_fused_tokens(int64_t tokens) {
+  TORCH_CHECK(tokens >= 0, "token limit must be non-negative");
+  return fused_tokens.exchange(tokens);
 }
 
 bool set_avx2_enabled(bool enabled) { return avx2_enabled().exchange(enabled); }
@@ -339,6 +450,8 @@ TORCH_LIBRARY(fastlora_cpp, m) {
         "Tensor lora_a, int[] ranks, Tensor seeds, int[] thresholds, float[] keep_scales) -> Tensor");
   // Knobs without tensors have no dispatch key to route on: registered as plain (catch-all) functions.
   m.def("set_panel_bytes(int bytes) -> int", &fastlora::set_panel_bytes);
+  m.def("set_whole_weight_bytes(int bytes) -> int", &fastlora::set_whole_weight_bytes);
+  m.def("set_fused_tokens(int tokens) -> int", &fastlora::set_fused_tokens);
   m.def("set_avx2_enabled(bool enabled) -> bool", &fastlora::set_avx2_enabled);
   m.def("has_avx2() -> bool", &fastlora::has_avx2);
 }
@@ -351,4 +464,60 @@ TORCH_LIBRARY_IMPL(fastlora_cpp, CPU, m) {
   m.impl("lora_up_grad", &fastlora::lora_up_grad);
   m.impl("lora_down_grad", &fastlora::lora_down_grad);
   m.impl("lora_linear_grad_input", &fastlora::lora_linear_grad_input);
+}
+
+// The same hot ops as plain Python functions for fastlora/backends/cpp.py: a direct pybind11 call costs ~1 us
+// where a torch.ops call with list arguments costs ~15 us, more than the GEMMs of a decode-sized layer. Like the
+// registered CPU kernels they run below autograd (their callers are autograd.Functions) and release the GIL.
+namespace {
+namespace py = pybind11;
+using Ints = std::vector<int64_t>;
+using Doubles = std::vector<double>;
+using Tensor = at::Tensor;
+using OptionalTensor = std::optional<at::Tensor>;
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def(
+      "lora_down",
+      [](const Tensor& x, const Tensor& a, const Ints& ranks, const Tensor& seeds, const Ints& thresholds,
+         const Doubles& scales) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return fastlora::lora_down(x, a, ranks, seeds, thresholds, scales);
+      },
+      no_gil);
+  m.def(
+      "lora_linear",
+      [](const Tensor& x, const Tensor& weight, const OptionalTensor& absmax, int64_t blocksize,
+         const OptionalTensor& bias, const Tensor& lora_s, const Tensor& lora_b) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return fastlora::lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b);
+      },
+      no_gil);
+  m.def(
+      "lora_up_grad",
+      [](const Tensor& grad_out, const Tensor& lora_b, const Tensor& lora_s) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return fastlora::lora_up_grad(grad_out, lora_b, lora_s);
+      },
+      no_gil);
+  m.def(
+      "lora_down_grad",
+      [](const Tensor& grad_s, const Tensor& x, const Ints& ranks, const Tensor& seeds, const Ints& thresholds,
+         const Doubles& scales) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return fastlora::lora_down_grad(grad_s, x, ranks, seeds, thresholds, scales);
+      },
+      no_gil);
+  m.def(
+      "lora_linear_grad_input",
+      [](const Tensor& grad_out, const Tensor& weight, const OptionalTensor& absmax, int64_t blocksize,
+         const Tensor& grad_s, const Tensor& lora_a, const Ints& ranks, const Tensor& seeds, const Ints& thresholds,
+         const Doubles& scales) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return fastlora::lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds,
+                                                thresholds, scales);
+      },
+      no_gil);
 }

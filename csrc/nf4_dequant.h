@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -52,6 +53,55 @@ __attribute__((target("avx2,fma"))) static inline __m256 nf4_lookup_avx2(__m256i
   return _mm256_blendv_ps(low, high, use_high);
 }
 
+// 32 elements per step from 16 bytes, for blocksizes that are multiples of 32 (all bitsandbytes ones): the
+// 16-entry table is split into its four byte planes, each looked up with one in-lane byte shuffle (vpshufb),
+// and the planes are interleaved back into floats. The codes are first ordered so that the interleave yields
+// whole output vectors without lane-crossing fix-ups: lane 0 holds elements 0-3, 8-11, 16-19, 24-27 and lane 1
+// elements 4-7, 12-15, 20-23, 28-31. About 0.8 instructions per element instead of 1.2 for the path below.
+__attribute__((target("avx2,fma"))) static void dequantize_segment_avx2_32(const uint8_t* packed,
+                                                                           const float* absmax,
+                                                                           int64_t blocksize, int64_t flat,
+                                                                           int64_t count, float* out) {
+  alignas(32) static const struct Planes {
+    uint8_t bytes[4][32];
+    Planes() {
+      for (int c = 0; c < 16; ++c) {
+        uint8_t value[4];
+        std::memcpy(value, &kNF4Table[c], 4);
+        for (int plane = 0; plane < 4; ++plane) {
+          bytes[plane][c] = bytes[plane][c + 16] = value[plane];
+        }
+      }
+    }
+  } planes;
+  const __m256i plane0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes.bytes[0]));
+  const __m256i plane1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes.bytes[1]));
+  const __m256i plane2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes.bytes[2]));
+  const __m256i plane3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes.bytes[3]));
+  const __m256i low_nibble = _mm256_set1_epi16(0x0F);
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (; count >= 32; flat += 32, out += 32, count -= 32) {
+    // word i = byte i of the 16: its high nibble (element 2i) in the low byte, its low nibble above it.
+    const __m256i words =
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + flat / 2)));
+    const __m256i codes_in_order =
+        _mm256_or_si256(_mm256_srli_epi16(words, 4), _mm256_slli_epi16(_mm256_and_si256(words, low_nibble), 8));
+    const __m256i codes = _mm256_permutevar8x32_epi32(codes_in_order, order);
+    const __m256i b0 = _mm256_shuffle_epi8(plane0, codes);
+    const __m256i b1 = _mm256_shuffle_epi8(plane1, codes);
+    const __m256i b2 = _mm256_shuffle_epi8(plane2, codes);
+    const __m256i b3 = _mm256_shuffle_epi8(plane3, codes);
+    const __m256i b01_low = _mm256_unpacklo_epi8(b0, b1), b01_high = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i b23_low = _mm256_unpacklo_epi8(b2, b3), b23_high = _mm256_unpackhi_epi8(b2, b3);
+    const __m256 scale = _mm256_set1_ps(absmax[flat / blocksize]);
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(b01_low, b23_low)), scale));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(b01_low, b23_low)), scale));
+    _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(b01_high, b23_high)), scale));
+    _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(b01_high, b23_high)), scale));
+  }
+  dequantize_segment_portable(packed, absmax, blocksize, flat, count, out);
+}
+
 // 16 elements per step from 8 bytes. Steps start at flat indices that are multiples of 16, so with a
 // blocksize that is a multiple of 16 a step never straddles two absmax blocks.
 __attribute__((target("avx2,fma"))) static void dequantize_segment_avx2(const uint8_t* packed,
@@ -60,6 +110,12 @@ __attribute__((target("avx2,fma"))) static void dequantize_segment_avx2(const ui
                                                                         int64_t count, float* out) {
   if (blocksize % 16 != 0) {
     dequantize_segment_portable(packed, absmax, blocksize, flat, count, out);
+    return;
+  }
+  if (blocksize % 32 == 0) {
+    const int64_t head32 = std::min(count, (32 - flat % 32) % 32);
+    dequantize_segment_portable(packed, absmax, blocksize, flat, head32, out);
+    dequantize_segment_avx2_32(packed, absmax, blocksize, flat + head32, count - head32, out + head32);
     return;
   }
   const int64_t head = std::min(count, (16 - flat % 16) % 16);

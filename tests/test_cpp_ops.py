@@ -5,8 +5,11 @@ Tolerances (the reference also computes in fp32 and rounds once, so only fp32 su
 - bf16 / fp16 outputs: at most one rounding step apart: rtol 2**-7 (bf16) / 2**-10 (fp16), atol 1e-3 x max|ref|.
 - NF4 dequantization, the nested-absmax resolve and the dropout masks: bit for bit.
 
-Most parity tests run with tiny weight panels, so every shape spans several panels with a partial last one and
-panel edges fall mid-block and mid-byte; one test runs the default (single panel at these sizes).
+An NF4 or low-precision W takes one of three paths: few tokens (M <= the fused limit, NF4 only) go through the
+fused row kernels that never write W out; otherwise W is converted whole into a reused buffer when it fits
+(the default at these sizes), else panel by panel. Most parity tests force the panel path with tiny panels, so
+every shape spans several panels with a partial last one and panel edges fall mid-block and mid-byte; the path
+tests run the fused and whole-W paths on the same cases.
 """
 
 from __future__ import annotations
@@ -49,9 +52,21 @@ def _built():
 
 @pytest.fixture
 def tiny_panels():
-    previous = cpp.set_panel_bytes(TINY_PANEL_BYTES)
+    """Force the panel path: no whole-W buffer, no fused few-token kernels, tiny panels."""
+    previous = cpp.set_panel_bytes(TINY_PANEL_BYTES), cpp.set_whole_weight_bytes(0), cpp.set_fused_tokens(0)
     yield
-    cpp.set_panel_bytes(previous)
+    cpp.set_panel_bytes(previous[0])
+    cpp.set_whole_weight_bytes(previous[1])
+    cpp.set_fused_tokens(previous[2])
+
+
+@pytest.fixture(params=["fused", "whole"])
+def weight_path(request):
+    """Force the fused few-token kernels (every M here) or the whole-W buffer (never fused)."""
+    previous = cpp.set_fused_tokens(10**6 if request.param == "fused" else 0), cpp.set_whole_weight_bytes(1 << 30)
+    yield request.param
+    cpp.set_fused_tokens(previous[0])
+    cpp.set_whole_weight_bytes(previous[1])
 
 
 @pytest.fixture(params=["avx2", "portable"])
@@ -174,10 +189,13 @@ def _layer(base, m, n, k, ranks, dtype, bias):
 
 def _check_fused(layer, ranks, dropout_p, seeds):
     t = layer
+    inputs = {name: v.clone() for name, v in t.items() if isinstance(v, torch.Tensor)}
     y = cpp.lora_linear(t["x"], t["weight"], t["absmax"], t["blocksize"], t["bias"], t["s"], t["b"])
     assert_matches(y, ref.lora_linear(t["x"], t["weight"], t["absmax"], t["blocksize"], t["bias"], t["s"], t["b"]))
     args = (t["dy"], t["weight"], t["absmax"], t["blocksize"], t["ds"], t["a"], ranks, seeds, dropout_p)
     assert_matches(cpp.lora_linear_grad_input(*args), ref.lora_linear_grad_input(*args))
+    for name, before in inputs.items():  # e.g. a one-token output that aliased the bias
+        assert torch.equal(t[name], before), f"{name} was modified"
 
 
 @pytest.mark.parametrize("m", [1, 7, 33, 130])
@@ -193,11 +211,25 @@ def test_fused_matches_reference_across_panels(m, base, dtype, adapters, bias, t
     _check_fused(_layer(base, m, 75, 200, ranks, dtype, bias), ranks, dropout_p, seeds)
 
 
+@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("n,k", [(75, 200), (40, 256)])  # K=200: rows start mid-block and off the 32-step grid
+@pytest.mark.parametrize("base", BASES, ids=lambda b: f"{b[0]}{b[1] or ''}{'_nested' if b[2] else ''}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "adapters,bias", [(ONE_ADAPTER, True), (THREE_ADAPTERS_DROPOUT, False)], ids=["one_bias", "three_dropout"]
+)
+def test_fused_and_whole_weight_paths_match_reference(m, n, k, base, dtype, adapters, bias, weight_path, isa):
+    ranks, dropout_p = adapters
+    seeds = torch.randint(0, 2**31 - 1, (len(ranks),), dtype=torch.int64)
+    _check_fused(_layer(base, m, n, k, ranks, dtype, bias), ranks, dropout_p, seeds)
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 130])  # defaults: fused up to 4 tokens, whole W above
 @pytest.mark.parametrize("base", BASES[:1] + BASES[3:], ids=["nf4", "dense"])
-def test_fused_matches_reference_default_panels(base, isa):
+def test_fused_matches_reference_default_panels(m, base, isa):
     ranks, dropout_p = THREE_ADAPTERS_DROPOUT
     seeds = torch.randint(0, 2**31 - 1, (3,), dtype=torch.int64)
-    _check_fused(_layer(base, 130, 300, 520, ranks, torch.float32, True), ranks, dropout_p, seeds)
+    _check_fused(_layer(base, m, 300, 520, ranks, torch.float32, True), ranks, dropout_p, seeds)
 
 
 def test_dense_bf16_weight_with_fp32_input():

@@ -5,7 +5,9 @@ The sources are compiled with ninja through ``torch.utils.cpp_extension.load`` t
 (``$FASTLORA_BUILD_DIR``, else ``$TORCH_EXTENSIONS_DIR/fastlora_cpp_<tag>``, else
 ``~/.cache/fastlora/cpp_<tag>``). They register ``fastlora_cpp::*`` operators (CPU dispatch key); the functions
 here adapt them to the signatures of :mod:`fastlora.backends.reference`, computing dropout thresholds on the host
-from :func:`fastlora.dropout.dropout_threshold`. A failed build never raises at import: :func:`unavailable_reason`
+from :func:`fastlora.dropout.dropout_threshold`. The hot ops are called through the extension's pybind11 functions
+rather than ``torch.ops`` (the dispatcher costs more than the work at decode sizes); the registered operators
+stay for the dispatcher-level callers and the tests. A failed build never raises at import: :func:`unavailable_reason`
 returns why, and the registry falls back to the torch reference.
 
 Usage::
@@ -30,7 +32,7 @@ from fastlora.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
 SOURCE_FILES = ("lora_ops.cpp",)
-HEADER_FILES = ("nf4_dequant.h", "dropout_mask.h")
+HEADER_FILES = ("nf4_dequant.h", "nf4_gemv.h", "dropout_mask.h")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -40,6 +42,8 @@ _REASON_LINES = 15
 
 _lock = threading.Lock()
 _ops = None  # torch.ops.fastlora_cpp once loaded
+# The extension's Python module: the hot ops as direct pybind11 calls, skipping the dispatcher (see lora_ops.cpp).
+_direct = None
 _failure: str | None = None
 
 
@@ -71,7 +75,7 @@ def build(build_dir: Path | str | None = None, verbose: bool = False):
     second call returns the loaded ops without building. Raises whatever the compiler or loader raises.
     Usage: ``cpp.build("/tmp/fresh", verbose=True)``.
     """
-    global _ops
+    global _ops, _direct
     from torch.utils import cpp_extension
 
     with _lock:
@@ -79,16 +83,17 @@ def build(build_dir: Path | str | None = None, verbose: bool = False):
             sources = source_dir()
             target = Path(build_dir) if build_dir is not None else default_build_dir()
             target.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(
+            module = cpp_extension.load(
                 name=EXTENSION_NAME,
                 sources=[str(sources / name) for name in SOURCE_FILES],
                 extra_cflags=list(CXX_FLAGS),
                 extra_ldflags=list(LD_FLAGS),
                 extra_include_paths=[str(sources)],
                 build_directory=str(target),
-                is_python_module=False,
+                is_python_module=True,
                 verbose=verbose,
             )
+            _direct = module
             _ops = torch.ops.fastlora_cpp
     return _ops
 
@@ -116,11 +121,26 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _dropout_args(dropout_p: list[float]) -> tuple[list[int], list[float]]:
-    """Per adapter: the uint32 drop threshold and the fp64 keep scale 1/(1-p) (1.0 when p == 0)."""
-    thresholds = [dropout_threshold(p) if p > 0.0 else 0 for p in dropout_p]
-    scales = [1.0 / (1.0 - p) if p > 0.0 else 1.0 for p in dropout_p]
-    return thresholds, scales
+def _direct_ops():
+    """The extension module (pybind11 functions), building on first use."""
+    if _direct is None:
+        _loaded_ops()
+    return _direct
+
+
+_dropout_cache: dict[tuple[float, ...], tuple[list[int], list[float]]] = {}
+
+
+def _dropout_args(dropout_p) -> tuple[list[int], list[float]]:
+    """Per adapter: the uint32 drop threshold and the fp64 keep scale 1/(1-p) (1.0 when p == 0); memoized, since
+    a model has only a few distinct dropout settings."""
+    key = tuple(dropout_p)
+    args = _dropout_cache.get(key)
+    if args is None:
+        thresholds = [dropout_threshold(p) if p > 0.0 else 0 for p in key]
+        scales = [1.0 / (1.0 - p) if p > 0.0 else 1.0 for p in key]
+        args = _dropout_cache[key] = (thresholds, scales)
+    return args
 
 
 def _packed(weight: Tensor, absmax: Tensor | None) -> Tensor:
@@ -138,22 +158,23 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: in
 
 def lora_down(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
     thresholds, scales = _dropout_args(dropout_p)
-    return _loaded_ops().lora_down(x, lora_a, list(ranks), seeds, thresholds, scales)
+    return _direct_ops().lora_down(x, lora_a, ranks, seeds, thresholds, scales)
 
 
 def lora_linear(
     x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
 ) -> Tensor:
-    return _loaded_ops().lora_linear(x, _packed(weight, absmax), absmax, blocksize, bias, lora_s, lora_b)
+    # The C++ side views any quant_storage dtype as bytes itself.
+    return _direct_ops().lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b)
 
 
 def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
-    return _loaded_ops().lora_up_grad(grad_out, lora_b, lora_s)
+    return _direct_ops().lora_up_grad(grad_out, lora_b, lora_s)
 
 
 def lora_down_grad(grad_s: Tensor, x: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
     thresholds, scales = _dropout_args(dropout_p)
-    return _loaded_ops().lora_down_grad(grad_s, x, list(ranks), seeds, thresholds, scales)
+    return _direct_ops().lora_down_grad(grad_s, x, ranks, seeds, thresholds, scales)
 
 
 def lora_linear_grad_input(
@@ -168,8 +189,8 @@ def lora_linear_grad_input(
     dropout_p: list[float],
 ) -> Tensor:
     thresholds, scales = _dropout_args(dropout_p)
-    return _loaded_ops().lora_linear_grad_input(
-        grad_out, _packed(weight, absmax), absmax, blocksize, grad_s, lora_a, list(ranks), seeds, thresholds, scales
+    return _direct_ops().lora_linear_grad_input(
+        grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, scales
     )
 
 
@@ -182,6 +203,22 @@ def set_panel_bytes(panel_bytes: int) -> int:
     Usage: ``previous = cpp.set_panel_bytes(4096)`` (tests force many partial panels this way).
     """
     return _loaded_ops().set_panel_bytes(panel_bytes)
+
+
+def set_whole_weight_bytes(whole_bytes: int) -> int:
+    """Set the largest fp32 copy of a non-fp32 W (NF4, bf16, fp16) converted whole into a reused per-thread buffer
+    and multiplied in one GEMM; larger weights go panel by panel. Returns the previous limit.
+
+    Usage: ``previous = cpp.set_whole_weight_bytes(0)`` (always panels, as tests do to exercise them).
+    """
+    return _loaded_ops().set_whole_weight_bytes(whole_bytes)
+
+
+def set_fused_tokens(tokens: int) -> int:
+    """Set the most tokens (rows of x) for which an NF4 W is multiplied by the fused few-token kernels, never
+    written out in fp32; returns the previous limit. Usage: ``cpp.set_fused_tokens(0)`` (always dequantize + BLAS).
+    """
+    return _loaded_ops().set_fused_tokens(tokens)
 
 
 def set_avx2_enabled(enabled: bool) -> bool:
