@@ -76,12 +76,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def available_backends(device_type: str) -> tuple[str, ...]:
-    """fastlora backends that can run on ``device_type`` here. On CUDA the torch reference is left out: it is
-    the test oracle (fp32 upcasts), not a contender; name it with ``--backends`` to measure it anyway."""
+    """fastlora backends that can run on ``device_type`` here. The torch reference is left out wherever a kernel
+    backend runs: it is the test oracle (fp32 upcasts, a whole dequantized W per call), not a contender, and on a
+    2-core CPU its large allocations also slow the contenders timed next to it. ``--backends`` adds it back."""
     names = [name for name in backends.NAMES if backends.unavailable_reason(name, device_type) is None]
     if device_type == "cpu" and "triton" in names:
         names.remove("triton")  # on CPU only the test interpreter runs Triton: nothing to time
-    if device_type == "cuda" and len(names) > 1:
+    if len(names) > 1:
         names.remove("torch")
     return tuple(names)
 
