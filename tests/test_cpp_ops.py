@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,4 +297,37 @@ def test_build_from_clean(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert list((tmp_path / "build").glob("*.so")), "no shared library in the fresh build directory"
+    print(done.stdout)
+
+
+def test_build_failure_falls_back_and_is_reported(tmp_path):
+    """Without a working C++ compiler: fastlora imports, the cpp backend says why it cannot run, "auto" resolves to
+    the torch reference on CPU, and patch reports that backend (in a new process with a fresh build directory)."""
+    script = textwrap.dedent(
+        """
+        import torch, fastlora
+        from fastlora import backends
+        from fastlora.backends import cpp
+        from tests.conftest import lora_layer_model
+        reason = cpp.unavailable_reason()
+        assert reason, "a failed build must give a reason"
+        assert backends.resolve("auto", "cpu") == "torch"
+        model = lora_layer_model(16, 8)
+        report = fastlora.patch(model)
+        assert set(report.patched.values()) == {"torch"}, report
+        x = torch.randn(3, 16)
+        with torch.no_grad():
+            y = model(x)
+        fastlora.unpatch(model)
+        with torch.no_grad():
+            torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+        print("reason:", reason.splitlines()[-1])
+        """
+    )
+    env = dict(os.environ, FASTLORA_BUILD_DIR=str(tmp_path / "build"), CXX="/bin/false", CC="/bin/false")
+    env.pop("FASTLORA_BACKEND", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
     print(done.stdout)
