@@ -451,9 +451,17 @@ def _record(case: LayerCase, contender: str, status: str, detail: str = "", erro
     )
 
 
+def selected_shapes(model: str, settings) -> list[LinearShape]:
+    """The model's layer shapes, restricted to ``settings.projections`` when it names any."""
+    shapes = layer_shapes(model)
+    if not settings.projections:
+        return shapes
+    return [s for s in shapes if set(s.projections.split(",")) & set(settings.projections)]
+
+
 def count_cases(settings) -> int:
     """How many cases :func:`run_layer_suite` runs (for the progress bar)."""
-    shapes = sum(len(layer_shapes(model)) for model in settings.layer_models)
+    shapes = sum(len(selected_shapes(model, settings)) for model in settings.layer_models)
     return shapes * len(settings.bases) * len(settings.ranks) * len(settings.modes) * len(settings.tokens)
 
 
@@ -461,7 +469,7 @@ def run_layer_suite(settings, device: torch.device, peaks: Peaks | None, progres
     """Every (model shape, base, rank, mode, M) case of ``settings``; one record per contender and case."""
     records: list[LayerRecord] = []
     for model in settings.layer_models:
-        for shape_index, shape in enumerate(layer_shapes(model)):
+        for shape_index, shape in enumerate(selected_shapes(model, settings)):
             for base in settings.bases:
                 base_layer = make_base(shape, base, settings.dtype, device, seed=settings.seed + shape_index)
                 for rank in settings.ranks:

@@ -45,6 +45,7 @@ class BenchSettings:
     tokens: tuple[int, ...] = (1, 16, 128, 512)
     bases: tuple[str, ...] = ("dense", "nf4")
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    projections: tuple[str, ...] = ()  # only shapes of these layers (e.g. "q_proj"); empty = every shape
     ranks: tuple[int, ...] = (16,)
     timing: TimingPolicy = field(default_factory=TimingPolicy)
     # Training suite: LoRA r = train_rank on all linear layers, AdamW, synthetic tokens.

@@ -72,6 +72,7 @@ def _bench_parser(subparsers) -> None:
     layer.add_argument("--ranks", type=_split(int), help="LoRA ranks, e.g. 16,64")
     layer.add_argument("--bases", type=_split(), help="dense, nf4")
     layer.add_argument("--modes", type=_split(), help="fwd, fwd+bwd")
+    layer.add_argument("--projections", type=_split(), help="only the shapes of these layers, e.g. q_proj,down_proj")
     train = p.add_argument_group("training and memory suites")
     train.add_argument("--methods", type=_split(), help="lora, qlora")
     train.add_argument("--checkpointing", type=_split(_on_off), help="gradient checkpointing settings: off,on")
@@ -95,6 +96,7 @@ _OVERRIDES = {
     "ranks": ("ranks",),
     "bases": ("bases",),
     "modes": ("modes",),
+    "projections": ("projections",),
     "methods": ("methods",),
     "checkpointing": ("checkpointing",),
     "seq_len": ("seq_len",),

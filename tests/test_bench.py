@@ -328,3 +328,18 @@ def test_bench_end_to_end_on_gpu(tmp_path):
     triton_layers = [r for r in results.layers if r.contender == "fastlora[triton]"]
     assert triton_layers and all(r.status == "ok" and r.path for r in triton_layers)
     assert all(r.memory_kind == "cuda max allocated" for r in results.train)
+
+
+def test_projections_select_layer_shapes():
+    """--projections keeps only the shapes of the named layers (a shape shared by several layers stays once)."""
+    import dataclasses
+
+    from fastlora.bench.layers import count_cases, selected_shapes
+    from fastlora.bench.settings import default_settings
+
+    settings = dataclasses.replace(default_settings("cpu"), layer_models=("llama-3.2-1b",), projections=("q_proj", "down_proj"))
+    shapes = selected_shapes("llama-3.2-1b", settings)
+    assert [(s.in_features, s.out_features) for s in shapes] == [(2048, 2048), (8192, 2048)]
+    assert "o_proj" in shapes[0].projections.split(",")
+    everything = dataclasses.replace(settings, projections=())
+    assert count_cases(settings) * 2 == count_cases(everything)
