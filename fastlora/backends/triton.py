@@ -1,16 +1,23 @@
 """The ``triton`` backend: the ops of :mod:`fastlora.ops` on the Triton kernels of :mod:`fastlora.kernels`.
 
-Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests). The linear ops pick the fused
-kernel or the split path per shape (:func:`fastlora.kernels.dispatch.choice`). Signatures follow
-:mod:`fastlora.backends.reference`.
+Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests). The kernels' launchers already have
+the signatures of :mod:`fastlora.backends.reference`, so this module re-exports them; the linear ops pick the
+fused kernel or the split path per shape (:func:`fastlora.kernels.dispatch.choice`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from fastlora import kernels
+from fastlora.kernels import (  # noqa: F401 - the launchers have the ops' signatures: re-exported as they are
+    lora_down,
+    lora_down_grad,
+    lora_linear,
+    lora_linear_grad_input,
+    lora_up_grad,
+    nf4_dequantize,
+    nf4_resolve_absmax,
+)
 from fastlora.kernels.common import interpreting
 
 #: tl.dot on bf16 and the async copies the configs pipeline with need Ampere or newer.
@@ -25,43 +32,3 @@ def unavailable_reason() -> str | None:
     if capability < MIN_CAPABILITY:
         return f"needs compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, found {capability[0]}.{capability[1]}"
     return None
-
-
-def nf4_resolve_absmax(absmax_q: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float) -> Tensor:
-    return kernels.nf4_resolve_absmax(absmax_q, code2, absmax2, blocksize2, offset)
-
-
-def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
-    return kernels.nf4_dequantize(packed, absmax, blocksize, n, k, dtype)
-
-
-def lora_down(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
-    return kernels.lora_down(x, lora_a, ranks, seeds, dropout_p)
-
-
-def lora_linear(
-    x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
-) -> Tensor:
-    return kernels.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b)
-
-
-def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
-    return kernels.lora_up_grad(grad_out, lora_b, lora_s)
-
-
-def lora_down_grad(grad_s: Tensor, x: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
-    return kernels.lora_down_grad(grad_s, x, ranks, seeds, dropout_p)
-
-
-def lora_linear_grad_input(
-    grad_out: Tensor,
-    weight: Tensor,
-    absmax: Tensor | None,
-    blocksize: int,
-    grad_s: Tensor,
-    lora_a: Tensor,
-    ranks: list[int],
-    seeds: Tensor,
-    dropout_p: list[float],
-) -> Tensor:
-    return kernels.lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p)
