@@ -88,6 +88,17 @@ def config_set_by_x_dtype(hopper: bool, args: dict) -> str:
     return generation(hopper, args["x_ptr"].dtype == torch.float32)
 
 
+def config_set_by_base(input_ptr: str, base_nf4: int):
+    """A config-set picker for the base-GEMM kernels: fp32 ``input_ptr`` gets its own set, else the GPU
+    generation's set for the base kind (``BASE == base_nf4`` is NF4; the split epilogue counts as dense)."""
+
+    def pick(hopper: bool, args: dict) -> str:
+        gen = generation(hopper, args[input_ptr].dtype == torch.float32)
+        return gen if gen == "fp32" else f"{gen}-{'nf4' if args['BASE'] == base_nf4 else 'dense'}"
+
+    return pick
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
     if device.type != "cuda":

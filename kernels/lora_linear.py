@@ -65,10 +65,7 @@ CONFIGS = {
 }
 
 
-def config_set(hopper: bool, args: dict) -> str:
-    """The config set for a launch: fp32 inputs, else GPU generation and base kind (split epilogue: dense)."""
-    generation = common.generation(hopper, args["x_ptr"].dtype == torch.float32)
-    return generation if generation == "fp32" else f"{generation}-{'nf4' if args['BASE'] == BASE_NF4 else 'dense'}"
+config_set = common.config_set_by_base("x_ptr", BASE_NF4)
 
 
 #: Small tiles so interpreter tests cross tile edges in every dimension.

@@ -44,10 +44,7 @@ CONFIGS = {
 }
 
 
-def config_set(hopper: bool, args: dict) -> str:
-    """The config set for a launch: fp32 inputs, else GPU generation and base kind (split epilogue: dense)."""
-    generation = common.generation(hopper, args["dy_ptr"].dtype == torch.float32)
-    return generation if generation == "fp32" else f"{generation}-{'nf4' if args['BASE'] == BASE_NF4 else 'dense'}"
+config_set = common.config_set_by_base("dy_ptr", BASE_NF4)
 
 
 INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
