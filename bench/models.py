@@ -45,6 +45,9 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     # Small enough that LoRA and QLoRA training of every contender finishes in about a minute on 2 CPU cores.
     "tiny": ModelPreset(512, 1536, 4, 8, 4, 4096, note="CPU default, 17M parameters"),
     "small": ModelPreset(1024, 2816, 8, 16, 4, 8192, note="CPU, 100M parameters"),
+    # The model of the CPU speed floors (hidden 1024, 4 layers, vocab 32000). The floors do not give the MLP width
+    # or the heads; 4096 with full multi-head attention is the width whose FLOPs fit their PEFT fp32 step (~1.9 s).
+    "small-32k": ModelPreset(1024, 4096, 4, 16, 16, 32000, note="CPU floors' model, 130M parameters"),
     "llama-3.2-1b": ModelPreset(2048, 8192, 16, 32, 8, 128256, tie_word_embeddings=True, note="Llama-3.2-1B shapes"),
     "llama-3-8b": ModelPreset(4096, 14336, 32, 32, 8, 128256, note="Llama-3-8B shapes"),
     # Qwen2 is a Llama with biases on q, k and v: the same LlamaConfig with attention_bias gives its shapes.
