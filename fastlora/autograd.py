@@ -48,11 +48,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
-        lora_as, lora_bs = adapter_tensors[0::2], adapter_tensors[1::2]
-        ranks = [a.shape[0] for a in lora_as]
-        lora_a, lora_b = _stack_adapters(lora_as, lora_bs, scales)
-        lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, backend)
-        y = ops.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend)
+        y, ranks, lora_a, lora_b, lora_s = _forward(
+            x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors
+        )
         ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors)
         ctx.config = (blocksize, ranks, list(scales), list(dropout_p), backend, bias is not None)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -80,6 +78,23 @@ class LoRALinearFunction(torch.autograd.Function):
             grads.append((grad_b_unscaled[:, start : start + r] * s).to(b.dtype))
             start += r
         return (grad_x, None, None, grad_bias, None, None, None, None, None, *grads)
+
+
+def _needs_graph(x: Tensor, bias: Optional[Tensor], adapter_tensors: list[Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or (bias is not None and bias.requires_grad) or any(t.requires_grad for t in adapter_tensors)
+
+
+def _forward(x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
+    """The forward ops on :class:`LoRALinearFunction`'s arguments: y, the ranks, the stacked A and scaled B, and
+    S (what backward needs)."""
+    lora_as, lora_bs = adapter_tensors[0::2], adapter_tensors[1::2]
+    ranks = [a.shape[0] for a in lora_as]
+    lora_a, lora_b = _stack_adapters(lora_as, lora_bs, scales)
+    lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, backend)
+    y = ops.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend)
+    return y, ranks, lora_a, lora_b, lora_s
 
 
 def _stack_adapters(lora_as, lora_bs, scales) -> tuple[Tensor, Tensor]:
@@ -120,16 +135,11 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
         x2d = x2d.contiguous()
     seeds = _seeds(adapters, x.device)
     adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
-    y = LoRALinearFunction.apply(
-        x2d,
-        base.weight,
-        base.absmax,
-        base.bias,
-        seeds,
-        base.blocksize,
-        tuple(a.scale for a in adapters),
-        tuple(a.dropout_p for a in adapters),
-        backend,
-        *adapter_tensors,
-    )
+    args = (x2d, base.weight, base.absmax, base.bias, seeds, base.blocksize, tuple(a.scale for a in adapters),
+            tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
+    if _needs_graph(x, base.bias, adapter_tensors):
+        y = LoRALinearFunction.apply(*args, *adapter_tensors)
+    else:
+        # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for.
+        y = _forward(*args, *adapter_tensors)[0]
     return y.reshape(*lead, base.out_features)

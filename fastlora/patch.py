@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,22 +44,31 @@ def _lora_classes():
     return LoraLayer, LoraLinear, LoraLinear4bit
 
 
-def _is_params4bit(weight) -> bool:
+@functools.lru_cache(maxsize=1)
+def _bnb_4bit_classes() -> tuple[type, type] | None:
+    """bitsandbytes' (Params4bit, Linear4bit), or None without bitsandbytes; looked up once (every call asks)."""
     try:
-        from bitsandbytes.nn import Params4bit
+        from bitsandbytes.nn import Linear4bit, Params4bit
     except ImportError:
-        return False
-    return isinstance(weight, Params4bit)
+        return None
+    return Params4bit, Linear4bit
+
+
+def _is_params4bit(weight) -> bool:
+    classes = _bnb_4bit_classes()
+    return classes is not None and isinstance(weight, classes[0])
 
 
 def _is_sharded_4bit(base: nn.Module) -> bool:
     """A bitsandbytes Linear4bit whose weight FSDP replaced by a plain tensor or DTensor (sharded at rest, a
     plain gathered tensor inside forward). bitsandbytes keeps the quant state on the module for this case."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return False
-    return isinstance(base, Linear4bit) and not _is_params4bit(base.weight) and base.quant_state is not None
+    classes = _bnb_4bit_classes()
+    return (
+        classes is not None
+        and isinstance(base, classes[1])
+        and not isinstance(base.weight, classes[0])
+        and base.quant_state is not None
+    )
 
 
 @dataclass
@@ -216,9 +226,10 @@ def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
         adapters.append(Adapter(lora_a.weight, lora_b.weight, float(layer.scaling[name]), p))
 
     base_layer = layer.get_base_layer()
-    if base_layer.weight.requires_grad:
+    weight = base_layer.weight
+    if weight.requires_grad:
         return "base weight requires grad"
-    if _is_params4bit(base_layer.weight) or _is_sharded_4bit(base_layer):
+    if _is_params4bit(weight) or _is_sharded_4bit(base_layer):
         return _nf4_plan(base_layer, x, adapters)
     return _dense_plan(base_layer, x, adapters)
 

@@ -101,6 +101,29 @@ def test_fp32_parity_with_peft(base, m, k, n, bias, n_adapters, backend):
         assert_close_fp32(g[name], g_ref[name], name)
 
 
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("m,k,n", CASES[1:])
+def test_inference_forward(base, m, k, n, backend):
+    """Under no_grad, and with frozen adapters, the patched layer runs its ops without an autograd node: the output
+    equals the training forward's bit for bit (same ops, same order) and PEFT's within fp32 rounding."""
+    adapters = ((4, 8, 0.0, False), (3, 5, 0.0, True))
+    model = lora_layer_model(k, n, base=base, dtype=torch.float32, bias=True, adapters=adapters)
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        y_peft = model(x)
+    report = fastlora.patch(model, backend=backend)
+    y_train = model(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        y_no_grad = model(x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    y_frozen = model(x)
+    assert report.fused_calls == 3 and not report.fallback_calls
+    assert y_train.grad_fn is not None and y_no_grad.grad_fn is None and y_frozen.grad_fn is None
+    assert torch.equal(y_no_grad, y_train.detach()) and torch.equal(y_frozen, y_no_grad)
+    assert_close_fp32(y_no_grad, y_peft)
+
+
 def _rel_err(a, ref):
     return ((a.double() - ref).norm() / ref.norm()).item()
 
