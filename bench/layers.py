@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fastlora.bench.models import LinearShape, layer_shapes, nf4_linear
 from fastlora.bench.results import LayerRecord
-from fastlora.bench.timing import Peaks, RotatingInputs, TimingPolicy, cache_bytes, time_interleaved
+from fastlora.bench.timing import Peaks, RotatingInputs, RunBudget, TimingPolicy, cache_bytes, time_interleaved
 
 #: Largest accepted max |out - ref| / max |ref| per compute dtype. The reference computes in fp32 from the same
 #: (already rounded) inputs, so what remains is output rounding and summation order; a wrong LoRA scale, a
@@ -465,18 +465,25 @@ def count_cases(settings) -> int:
     return shapes * len(settings.bases) * len(settings.ranks) * len(settings.modes) * len(settings.tokens)
 
 
-def run_layer_suite(settings, device: torch.device, peaks: Peaks | None, progress=None) -> list[LayerRecord]:
-    """Every (model shape, base, rank, mode, M) case of ``settings``; one record per contender and case."""
+def run_layer_suite(
+    settings, device: torch.device, peaks: Peaks | None, progress=None, budget: RunBudget | None = None, checkpoint=None
+) -> list[LayerRecord]:
+    """Every (model shape, base, rank, mode, M) case of ``settings``; one record per contender and case. Stops
+    before the next case once ``budget`` is spent; calls ``checkpoint(records)`` after each base layer."""
     records: list[LayerRecord] = []
     for model in settings.layer_models:
         for shape_index, shape in enumerate(selected_shapes(model, settings)):
             for base in settings.bases:
+                if budget is not None and budget.spent():
+                    return records
                 base_layer = make_base(shape, base, settings.dtype, device, seed=settings.seed + shape_index)
                 for rank in settings.ranks:
                     fixture = add_adapter(base_layer, rank, seed=settings.seed + rank)
                     contenders, unavailable = contenders_for(fixture, settings, device)
                     for mode in settings.modes:
                         for tokens in settings.tokens:
+                            if budget is not None and budget.spent():
+                                return records
                             case = LayerCase(model, shape, tokens, base, mode, rank, settings.dtype)
                             if progress is not None:
                                 progress.set_postfix_str(f"{model} {shape.projections} {base} r{rank} {mode} M={tokens}")
@@ -487,4 +494,11 @@ def run_layer_suite(settings, device: torch.device, peaks: Peaks | None, progres
                 del base_layer
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                if checkpoint is not None:
+                    checkpoint(records)
     return records
+
+
+def cases_done(records: list[LayerRecord]) -> int:
+    """How many cases ``records`` covers (each case has one record per contender)."""
+    return len({(r.model, r.projections, r.base, r.rank, r.mode, r.tokens) for r in records})

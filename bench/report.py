@@ -198,8 +198,8 @@ def memory_summary_rows(records: list[MemoryRecord]) -> list[list[object]]:
 
 
 def problems(results: Results) -> list[str]:
-    """Every record that is not a clean measurement, as one line each."""
-    lines = []
+    """What the time budget left out, and every record that is not a clean measurement, as one line each."""
+    lines = list(results.not_run)
     for r in results.layers:
         if r.status not in ("ok", "skipped"):
             lines.append(f"layers: {r.contender} on {r.model} {r.projections} {r.base} {r.mode} r={r.rank} M={r.tokens}: {r.status} ({r.detail})")

@@ -108,6 +108,8 @@ class Results:
     train: list[TrainRecord] = field(default_factory=list)
     memory: list[MemoryRecord] = field(default_factory=list)
     wall_time_s: Optional[float] = None
+    # What the run's time budget left out, one line per suite it cut short.
+    not_run: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from fastlora.bench import layers, plots, report, training
 from fastlora.bench.environment import backend_status, describe_environment
 from fastlora.bench.results import Results
 from fastlora.bench.settings import BenchSettings
-from fastlora.bench.timing import measure_peaks
+from fastlora.bench.timing import RunBudget, measure_peaks
 
 
 def auto_threads() -> int:
@@ -42,6 +42,7 @@ def run_benchmarks(settings: BenchSettings, out_dir: str | Path, show_progress: 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available here")
     started = time.perf_counter()
+    budget = RunBudget(settings.time_budget_s)
     environment = describe_environment()
     environment["backends"] = backend_status((device.type,))
     results = Results(environment=environment, settings=settings.to_dict())
@@ -50,23 +51,65 @@ def run_benchmarks(settings: BenchSettings, out_dir: str | Path, show_progress: 
     results.peaks = None if peaks is None else asdict(peaks)
     cache = training.ModelCache()  # the train and memory suites share a build of the same model
     train_runs, memory_steps = training.count_runs(settings)
+    # Per suite: how many cases/runs it has, how to run it, and how many of them its records cover.
     suites = {
-        "layers": (layers.count_cases(settings), lambda bar: layers.run_layer_suite(settings, device, peaks, bar)),
-        "train": (train_runs, lambda bar: training.run_train_suite(settings, device, bar, cache)),
-        "memory": (memory_steps, lambda bar: training.run_memory_suite(settings, device, bar, cache)),
+        "layers": (
+            layers.count_cases(settings),
+            lambda bar: layers.run_layer_suite(settings, device, peaks, bar, budget, _Checkpoint(results, "layers", out, started)),
+            layers.cases_done,
+        ),
+        "train": (
+            train_runs,
+            lambda bar: training.run_train_suite(settings, device, bar, cache, budget, _Checkpoint(results, "train", out, started)),
+            len,
+        ),
+        "memory": (memory_steps, lambda bar: training.run_memory_suite(settings, device, bar, cache, budget), len),
     }
     for name in settings.suites:
-        total, run = suites[name]
+        total, run, done = suites[name]
         with tqdm(total=total, desc=name, unit="case" if name == "layers" else "run", disable=not show_progress) as bar:
             setattr(results, name, run(bar))
+        if done(getattr(results, name)) < total and budget.spent():
+            results.not_run.append(
+                f"{name}: {total - done(getattr(results, name))} of {total} not run: the time budget of "
+                f"{settings.time_budget_s:g} s was spent"
+            )
         results.wall_time_s = time.perf_counter() - started
         write_outputs(results, out)  # after each suite: a run stopped later keeps a report of what it measured
     cache.clear()
     return results
 
 
-def write_outputs(results: Results, out: Path) -> None:
+#: Least seconds between two checkpoint writes inside a suite (each renders the report).
+CHECKPOINT_INTERVAL_S = 30.0
+
+
+class _Checkpoint:
+    """Called by a suite with its records so far: writes results.json and report.md (no plots, which are slow)
+    at most every CHECKPOINT_INTERVAL_S, so a run killed mid-suite keeps most of what it measured."""
+
+    def __init__(self, results: Results, suite: str, out: Path, started: float):
+        self.results, self.suite, self.out, self.started = results, suite, out, started
+        self.last = time.perf_counter()
+
+    def __call__(self, records: list) -> None:
+        now = time.perf_counter()
+        if now - self.last < CHECKPOINT_INTERVAL_S:
+            return
+        self.last = now
+        setattr(self.results, self.suite, list(records))
+        self.results.wall_time_s = now - self.started
+        # Said in the report in case nothing replaces it: the process may be killed before the suite ends.
+        note = f"{self.suite}: still running when this report was written; it holds the {len(records)} records measured by then"
+        self.results.not_run.append(note)
+        try:
+            write_outputs(self.results, self.out, with_plots=False)
+        finally:
+            self.results.not_run.remove(note)
+
+
+def write_outputs(results: Results, out: Path, with_plots: bool = True) -> None:
     """results.json, the plots and report.md (which links the plots) into ``out``."""
     results.save(out / "results.json")
-    written_plots = plots.write_plots(results, out)
+    written_plots = plots.write_plots(results, out) if with_plots else []
     (out / "report.md").write_text(report.render_report(results, [p.name for p in written_plots]))

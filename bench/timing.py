@@ -32,6 +32,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class RunBudget:
+    """The wall-clock allowance of a whole run, from its creation: suites check :meth:`spent` before starting each
+    case or run, so one in flight always finishes. ``None`` seconds never runs out.
+
+    Usage: ``budget = RunBudget(settings.time_budget_s); ...; if budget.spent(): break``
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+
+    def spent(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+
 @dataclass(frozen=True)
 class TimingPolicy:
     """How long to time each case: ``budget_s`` per contender, between ``min_rounds`` and ``max_rounds`` calls

@@ -28,7 +28,7 @@ from fastlora.bench.layers import fastlora_name
 from fastlora.bench.models import build_causal_lm, preset
 from fastlora.bench.results import MemoryRecord, TrainRecord
 from fastlora.bench.settings import BenchSettings, dtype_name
-from fastlora.bench.timing import PeakMemory, synchronize
+from fastlora.bench.timing import PeakMemory, RunBudget, synchronize
 
 PEFT = "peft"
 #: Largest accepted max |loss_fastlora - loss_peft| over the steps, per compute dtype. fp32 runs agree to
@@ -166,12 +166,18 @@ def _fallback_detail(report) -> str | None:
     return "; ".join(problems) or None
 
 
-def run_train_suite(settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None) -> list[TrainRecord]:
-    """Every (model, method, checkpointing, contender) training run of ``settings``."""
+def run_train_suite(
+    settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None,
+    budget: RunBudget | None = None, checkpoint=None,
+) -> list[TrainRecord]:
+    """Every (model, method, checkpointing, contender) training run of ``settings``; none starts once ``budget``
+    is spent. Calls ``checkpoint(records)`` after each run."""
     cache = cache or ModelCache()
     records: list[TrainRecord] = []
     for model in settings.train_models:
         for method in settings.methods:
+            if budget is not None and budget.spent():
+                return records
             lora = cache.get(model, method, settings, device)
             batches = synthetic_batches(
                 preset(model).vocab_size, settings.batch, settings.seq_len, settings.warmup + settings.steps, settings.seed, device
@@ -179,11 +185,15 @@ def run_train_suite(settings: BenchSettings, device: torch.device, progress=None
             for checkpointing in settings.checkpointing:
                 group: list[TrainRecord] = []
                 for contender, backend in train_contenders(settings).items():
+                    if budget is not None and budget.spent():
+                        break
                     if progress is not None:
                         progress.set_postfix_str(f"{model} {method} ckpt={'on' if checkpointing else 'off'} {contender}")
                     group.append(_train_run(lora, model, method, checkpointing, contender, backend, batches, settings, device))
                     if progress is not None:
                         progress.update(1)
+                    if checkpoint is not None:
+                        checkpoint(records + group)
                 _compare_losses(group, settings.dtype)
                 records += group
     return records
@@ -242,13 +252,21 @@ def _memory_kind(device: torch.device) -> str:
     return "cuda max allocated" if device.type == "cuda" else "process RSS"
 
 
-def run_memory_suite(settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None) -> list[MemoryRecord]:
-    """Peak memory of one training step per sequence length and contender."""
+def run_memory_suite(
+    settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None,
+    budget: RunBudget | None = None,
+) -> list[MemoryRecord]:
+    """Peak memory of one training step per sequence length and contender; no sweep starts once ``budget`` is
+    spent."""
     cache = cache or ModelCache()
     records: list[MemoryRecord] = []
     for model in settings.memory_models:
+        if budget is not None and budget.spent():
+            break
         lora = cache.get(model, settings.memory_method, settings, device)
         for contender, backend in train_contenders(settings).items():
+            if budget is not None and budget.spent():
+                break
             records += _memory_sweep(lora, model, contender, backend, settings, device, progress)
     return records
 

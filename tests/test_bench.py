@@ -278,10 +278,10 @@ def test_plots_are_written_as_png(tmp_path):
 def test_settings_from_command_line():
     args = build_parser().parse_args(
         ["bench", "--device", "cpu", "--suite", "layers,memory", "--model", "micro", "--tokens", "1,8", "--dtype", "bf16",
-         "--checkpointing", "on", "--backends", "torch", "--threads", "1", "--no-split"]
+         "--checkpointing", "on", "--backends", "torch", "--threads", "1", "--no-split", "--time-budget", "90"]
     )  # fmt: skip
     settings = settings_from_args(args)
-    assert settings.suites == ("layers", "memory")
+    assert settings.suites == ("layers", "memory") and settings.time_budget_s == 90
     assert settings.layer_models == settings.train_models == settings.memory_models == ("micro",)
     assert settings.tokens == (1, 8) and settings.dtype == torch.bfloat16 and settings.checkpointing == (True,)
     assert settings.backends == settings.train_backends == ("torch",)
@@ -328,6 +328,56 @@ def test_bench_end_to_end_on_gpu(tmp_path):
     triton_layers = [r for r in results.layers if r.contender == "fastlora[triton]"]
     assert triton_layers and all(r.status == "ok" and r.path for r in triton_layers)
     assert all(r.memory_kind == "cuda max allocated" for r in results.train)
+
+
+class _Countdown:
+    """A run budget that is spent from its ``calls``-th question on (RunBudget's interface, without the clock)."""
+
+    def __init__(self, calls: int):
+        self.left = calls
+
+    def spent(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def test_layer_suite_stops_when_the_budget_is_spent():
+    """No case starts after the budget is spent; the records cover exactly the cases run before (every contender)."""
+    settings = _settings(layer_models=("micro",), tokens=(1, 8, 16), modes=("fwd",), bases=("dense",), projections=("q_proj",), timing=QUICK)
+    # One question before the base layer is built, then one before each case: the fourth answer stops the suite.
+    records = layers.run_layer_suite(settings, CPU, None, budget=_Countdown(3))
+    assert layers.cases_done(records) == 2 < layers.count_cases(settings)
+    contenders = {r.contender for r in records}
+    assert len(records) == 2 * len(contenders) and {"peft", "dense"} <= contenders
+
+
+def test_spent_budget_is_reported_as_not_run(tmp_path):
+    """A budget spent before anything starts: every suite lists what it left out, in results.json and the report."""
+    from fastlora.bench.runner import run_benchmarks
+
+    settings = _settings(layer_models=("micro",), train_models=("micro",), memory_models=("micro",), time_budget_s=0.0)
+    results = run_benchmarks(settings, tmp_path, show_progress=False)
+    assert not results.layers and not results.train and not results.memory
+    assert [line.split(":")[0] for line in results.not_run] == ["layers", "train", "memory"]
+    assert all("time budget of 0 s was spent" in line for line in results.not_run)
+    assert Results.load(tmp_path / "results.json").not_run == results.not_run
+    assert results.not_run[0] in (tmp_path / "report.md").read_text()
+
+
+def test_checkpoint_writes_a_report_marked_in_progress(tmp_path, monkeypatch):
+    """Inside a suite, the checkpoint writes what was measured so far and says the suite was still running; the
+    run's own list of what was not run is left as it was."""
+    from fastlora.bench import runner
+
+    monkeypatch.setattr(runner, "CHECKPOINT_INTERVAL_S", 0.0)
+    results = Results(environment={}, settings=_settings().to_dict())
+    record = LayerRecord(model="micro", projections="q_proj", in_features=64, out_features=48, bias=False, tokens=8, base="dense",
+                         mode="fwd", rank=4, dtype="float32", contender="peft", status="ok", median_s=1e-3)  # fmt: skip
+    runner._Checkpoint(results, "layers", tmp_path, 0.0)([record])
+    saved = Results.load(tmp_path / "results.json")
+    assert saved.layers == [record] and "still running" in saved.not_run[0]
+    assert "still running" in (tmp_path / "report.md").read_text()
+    assert results.not_run == []
 
 
 def test_projections_select_layer_shapes():
