@@ -235,6 +235,18 @@ at::Tensor to_dtype(const at::Tensor& t32, at::ScalarType dtype) {
   return dtype == at::kFloat ? t32 : t32.to(dtype);
 }
 
+// t[:, adapter i's columns] *= lora_scales[i] on a thin fp32 [M, R] result (a scale of 1 costs nothing).
+void scale_adapter_columns(at::Tensor& t, at::IntArrayRef ranks, at::ArrayRef<double> lora_scales) {
+  TORCH_CHECK(lora_scales.size() == ranks.size(), "one LoRA scale per adapter");
+  int64_t start = 0;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (lora_scales[i] != 1.0) {
+      t.narrow(1, start, ranks[i]).mul_(lora_scales[i]);
+    }
+    start += ranks[i];
+  }
+}
+
 }  // namespace
 
 at::Tensor nf4_resolve_absmax(const at::Tensor& absmax_q, const at::Tensor& code2, const at::Tensor& absmax2,
@@ -272,20 +284,24 @@ at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, in
 }
 
 at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, at::IntArrayRef ranks, const at::Tensor& seeds,
-                     at::IntArrayRef thresholds, at::ArrayRef<double> keep_scales) {
+                     at::IntArrayRef thresholds, at::ArrayRef<double> keep_scales, at::ArrayRef<double> lora_scales) {
   const NoAutocast fp32_compute;
   const Adapters adapters(ranks, seeds, thresholds, keep_scales);
   const at::Tensor x32 = as_f32(x), a32 = as_f32(lora_a);
+  at::Tensor s32;
   if (!adapters.any_dropout()) {
-    return at::mm(x32, a32.t());  // a view of A^T: measured as fast as or faster than a contiguous copy
+    s32 = at::mm(x32, a32.t());  // a view of A^T: measured as fast as or faster than a contiguous copy
+  } else {
+    std::vector<at::Tensor> parts;
+    for (size_t i = 0; i < adapters.ranks.size(); ++i) {
+      const at::Tensor a = a32.narrow(0, adapters.offsets[i], adapters.ranks[i]);
+      const at::Tensor& mask_x = adapters.masks[i] ? dropped(x32, *adapters.masks[i]) : x32;
+      parts.push_back(at::mm(mask_x, a.t()));
+    }
+    s32 = at::cat(parts, 1);
   }
-  std::vector<at::Tensor> parts;
-  for (size_t i = 0; i < adapters.ranks.size(); ++i) {
-    const at::Tensor a = a32.narrow(0, adapters.offsets[i], adapters.ranks[i]);
-    const at::Tensor& mask_x = adapters.masks[i] ? dropped(x32, *adapters.masks[i]) : x32;
-    parts.push_back(at::mm(mask_x, a.t()));
-  }
-  return at::cat(parts, 1);
+  scale_adapter_columns(s32, ranks, lora_scales);
+  return s32;
 }
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
@@ -334,16 +350,19 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_up_grad(const at::Tensor& grad_out, const at::Tensor& lora_b,
-                                                const at::Tensor& lora_s) {
+                                                const at::Tensor& lora_s, at::IntArrayRef ranks,
+                                                at::ArrayRef<double> lora_scales) {
   const NoAutocast fp32_compute;
   const at::Tensor dy32 = as_f32(grad_out);
   const at::Tensor s32 = as_f32(lora_s);
+  at::Tensor grad_s = at::mm(dy32, as_f32(lora_b));
+  scale_adapter_columns(grad_s, ranks, lora_scales);
   // For large dy MKL runs S^T @ dy (dy untransposed) up to 1.6x faster than dy^T @ S here, and transposing [R, N]
   // back is cheap; for smaller dy (below about 512 x 1536) dy^T @ S is faster, by 3x at a few tokens.
   if (dy32.numel() <= kTransposedUpGradElements) {
-    return {at::mm(dy32, as_f32(lora_b)), at::mm(dy32.t(), s32)};
+    return {grad_s, at::mm(dy32.t(), s32)};
   }
-  return {at::mm(dy32, as_f32(lora_b)), at::mm(s32.t(), dy32).t().contiguous()};
+  return {grad_s, at::mm(s32.t(), dy32).t().contiguous()};
 }
 
 at::Tensor lora_down_grad(const at::Tensor& grad_s, const at::Tensor& x, at::IntArrayRef ranks,
@@ -440,10 +459,11 @@ bool has_avx2() { return cpu_has_avx2(); }
 TORCH_LIBRARY(fastlora_cpp, m) {
   m.def("nf4_resolve_absmax(Tensor absmax_q, Tensor code2, Tensor absmax2, int blocksize2, float offset) -> Tensor");
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, int n, int k, ScalarType dtype) -> Tensor");
-  m.def("lora_down(Tensor x, Tensor lora_a, int[] ranks, Tensor seeds, int[] thresholds, float[] keep_scales) -> Tensor");
+  m.def("lora_down(Tensor x, Tensor lora_a, int[] ranks, Tensor seeds, int[] thresholds, float[] keep_scales, "
+        "float[] lora_scales) -> Tensor");
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? absmax, int blocksize, Tensor? bias, Tensor lora_s, "
         "Tensor lora_b) -> Tensor");
-  m.def("lora_up_grad(Tensor grad_out, Tensor lora_b, Tensor lora_s) -> (Tensor, Tensor)");
+  m.def("lora_up_grad(Tensor grad_out, Tensor lora_b, Tensor lora_s, int[] ranks, float[] lora_scales) -> (Tensor, Tensor)");
   m.def("lora_down_grad(Tensor grad_s, Tensor x, int[] ranks, Tensor seeds, int[] thresholds, "
         "float[] keep_scales) -> Tensor");
   m.def("lora_linear_grad_input(Tensor grad_out, Tensor weight, Tensor? absmax, int blocksize, Tensor grad_s, "
@@ -482,9 +502,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "lora_down",
       [](const Tensor& x, const Tensor& a, const Ints& ranks, const Tensor& seeds, const Ints& thresholds,
-         const Doubles& scales) {
+         const Doubles& keep_scales, const Doubles& lora_scales) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;
-        return fastlora::lora_down(x, a, ranks, seeds, thresholds, scales);
+        return fastlora::lora_down(x, a, ranks, seeds, thresholds, keep_scales, lora_scales);
       },
       no_gil);
   m.def(
@@ -497,9 +517,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       no_gil);
   m.def(
       "lora_up_grad",
-      [](const Tensor& grad_out, const Tensor& lora_b, const Tensor& lora_s) {
+      [](const Tensor& grad_out, const Tensor& lora_b, const Tensor& lora_s, const Ints& ranks,
+         const Doubles& lora_scales) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;
-        return fastlora::lora_up_grad(grad_out, lora_b, lora_s);
+        return fastlora::lora_up_grad(grad_out, lora_b, lora_s, ranks, lora_scales);
       },
       no_gil);
   m.def(

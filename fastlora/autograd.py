@@ -1,8 +1,8 @@
 """One ``torch.autograd.Function`` for the LoRA linear: dense or NF4 base plus stacked adapters.
 
 Forward saves x (in the compute dtype, shared with any other layer that reads the same x), the thin
-``S = drop(x)·Aᵀ`` [M, R] and the per-call dropout seeds; never the dequantized W, a dropped copy of x or a
-mask. Backward regenerates the dropout masks from the seeds.
+``S = s·drop(x)·Aᵀ`` [M, R] and the per-call dropout seeds; never the dequantized W, a dropped copy of x, a mask
+or a scaled copy of B (the LoRA scale lives in S). Backward regenerates the dropout masks from the seeds.
 
 Usage::
 
@@ -61,7 +61,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors = ctx.saved_tensors
         blocksize, ranks, scales, dropout_p, backend, has_bias = ctx.config
         grad_out = grad_out.contiguous()
-        grad_s, grad_b_unscaled = ops.lora_up_grad(grad_out, lora_b, lora_s, backend)
+        grad_s, grad_b_all = ops.lora_up_grad(grad_out, lora_b, lora_s, ranks, scales, backend)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = ops.lora_linear_grad_input(
@@ -73,9 +73,9 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
         grads = []
         start = 0
-        for a, b, r, s in zip(adapter_tensors[0::2], adapter_tensors[1::2], ranks, scales):
+        for a, b, r in zip(adapter_tensors[0::2], adapter_tensors[1::2], ranks):
             grads.append(grad_a_all[start : start + r].to(a.dtype))
-            grads.append((grad_b_unscaled[:, start : start + r] * s).to(b.dtype))
+            grads.append(grad_b_all[:, start : start + r].to(b.dtype))
             start += r
         return (grad_x, None, None, grad_bias, None, None, None, None, None, *grads)
 
@@ -87,24 +87,22 @@ def _needs_graph(x: Tensor, bias: Optional[Tensor], adapter_tensors: list[Tensor
 
 
 def _forward(x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
-    """The forward ops on :class:`LoRALinearFunction`'s arguments: y, the ranks, the stacked A and scaled B, and
-    S (what backward needs)."""
+    """The forward ops on :class:`LoRALinearFunction`'s arguments: y, the ranks, the stacked A and B, and S (what
+    backward needs)."""
     lora_as, lora_bs = adapter_tensors[0::2], adapter_tensors[1::2]
     ranks = [a.shape[0] for a in lora_as]
-    lora_a, lora_b = _stack_adapters(lora_as, lora_bs, scales)
-    lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, backend)
+    lora_a, lora_b = _stack_adapters(lora_as, lora_bs)
+    lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, scales, backend)
     y = ops.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend)
     return y, ranks, lora_a, lora_b, lora_s
 
 
-def _stack_adapters(lora_as, lora_bs, scales) -> tuple[Tensor, Tensor]:
-    """fp32 A stacked along r [R, K] and B [N, R] with each adapter's scale folded in, so the kernels see one
-    epilogue for all adapters. A single fp32 adapter's A is used as it is (no copy)."""
+def _stack_adapters(lora_as, lora_bs) -> tuple[Tensor, Tensor]:
+    """fp32 A stacked along r [R, K] and B [N, R], so the kernels see one epilogue for all adapters. A single
+    fp32 adapter is used as it is: no copy."""
     if len(lora_as) == 1:
-        return lora_as[0].float(), lora_bs[0].float() * scales[0]
-    lora_a = torch.cat([a.float() for a in lora_as])
-    lora_b = torch.cat([b.float() * s for b, s in zip(lora_bs, scales)], dim=1)
-    return lora_a, lora_b
+        return lora_as[0].float(), lora_bs[0].float()
+    return torch.cat([a.float() for a in lora_as]), torch.cat([b.float() for b in lora_bs], dim=1)
 
 
 # Seeds for calls without dropout: never read by the kernels, so one constant tensor per (device, count) serves

@@ -8,13 +8,14 @@ Shapes (M tokens, K in-features, N out-features, R = total LoRA rank of the acti
 
 - ``nf4_resolve_absmax(absmax_q u8[B], code2 f32[256], absmax2 f32[B2], blocksize2, offset) -> f32[B]``
 - ``nf4_dequantize(packed u8[ceil(N*K/2)], absmax f32[ceil(N*K/bs)], bs, N, K, dtype) -> dtype[N, K]``
-- ``lora_down(x[M, K], lora_a[R, K], ranks, seeds i64[A], dropout_p) -> f32[M, R]``:
-  ``S[:, a] = drop_a(x) @ A_a^T`` for each adapter a (its slice of R)
-- ``lora_linear(x[M, K], weight, absmax?, bs, bias?[N], lora_s f32[M, R], lora_b f32[N, R]) -> x.dtype[M, N]``:
+- ``lora_down(x[M, K], lora_a[R, K], ranks, seeds i64[A], dropout_p, scales) -> f32[M, R]``:
+  ``S[:, a] = s_a * drop_a(x) @ A_a^T`` for each adapter a (its slice of R) and its LoRA scale s_a
+- ``lora_linear(x[M, K], weight, absmax?, bs, bias?[N], lora_s f32[M, R], lora_b[N, R]) -> x.dtype[M, N]``:
   ``y = x @ W^T + bias + S @ B^T``; ``weight`` is dense [N, K] (x's dtype) or, when ``absmax`` is given,
-  NF4-packed u8 (N is ``lora_b``'s rows). The LoRA scales are folded into ``lora_b`` by the caller.
-- ``lora_up_grad(grad_out[M, N], lora_b f32[N, R], lora_s f32[M, R]) -> (f32[M, R], f32[N, R])``:
-  ``(dy @ B, dy^T @ S)``
+  NF4-packed u8 (N is ``lora_b``'s rows). The LoRA scales are already in S, so B is used as it is.
+- ``lora_up_grad(grad_out[M, N], lora_b[N, R], lora_s f32[M, R], ranks, scales) -> (f32[M, R], f32[N, R])``:
+  ``(dS, dB)`` with ``dS[:, a] = s_a * dy @ B_a`` (the gradient of the unscaled ``drop_a(x) @ A_a^T``) and
+  ``dB = dy^T @ S``, B's final gradient
 - ``lora_down_grad(grad_s f32[M, R], x[M, K], ranks, seeds, dropout_p) -> f32[R, K]``: ``dA_a = dS_a^T @ drop_a(x)``
 - ``lora_linear_grad_input(grad_out[M, N], weight, absmax?, bs, grad_s f32[M, R], lora_a[R, K], ranks, seeds,
   dropout_p) -> grad_out.dtype[M, K]``: ``dx = dy @ W + sum_a (dS_a @ A_a) * keep_a / (1 - p_a)``
@@ -27,7 +28,7 @@ dispatcher overhead per op, which at decode-sized inputs is more than the kernel
 
 Usage::
 
-    s = ops.lora_down(x, a, [16], seeds, [0.0], "torch")
+    s = ops.lora_down(x, a, [16], seeds, [0.0], [2.0], "torch")
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def nf4_dequantize(
 
 @_define("lora_down")
 def lora_down(
-    x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float], backend: str
+    x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float], scales: list[float], backend: str
 ) -> Tensor:
     raise AssertionError("dispatched per device")
 
@@ -106,7 +107,9 @@ def lora_linear(
 
 
 @_define("lora_up_grad")
-def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def lora_up_grad(
+    grad_out: Tensor, lora_b: Tensor, lora_s: Tensor, ranks: list[int], scales: list[float], backend: str
+) -> tuple[Tensor, Tensor]:
     raise AssertionError("dispatched per device")
 
 
@@ -147,7 +150,7 @@ def _(packed, absmax, blocksize, n, k, dtype, backend):
 
 
 @lora_down.op.register_fake
-def _(x, lora_a, ranks, seeds, dropout_p, backend):
+def _(x, lora_a, ranks, seeds, dropout_p, scales, backend):
     return x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
 
 
@@ -157,7 +160,7 @@ def _(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend):
 
 
 @lora_up_grad.op.register_fake
-def _(grad_out, lora_b, lora_s, backend):
+def _(grad_out, lora_b, lora_s, ranks, scales, backend):
     m, n, r = grad_out.shape[0], grad_out.shape[1], lora_b.shape[1]
     return grad_out.new_empty((m, r), dtype=torch.float32), grad_out.new_empty((n, r), dtype=torch.float32)
 

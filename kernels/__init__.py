@@ -7,8 +7,8 @@ CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton 
 Usage::
 
     from fastlora import kernels
-    s = kernels.lora_down(x, a, [16], seeds, [0.1])
-    y = kernels.lora_linear(x, packed, absmax, 64, bias, s, b_scaled)
+    s = kernels.lora_down(x, a, [16], seeds, [0.1], [2.0])
+    y = kernels.lora_linear(x, packed, absmax, 64, bias, s, b)
 """
 
 from fastlora.kernels import dispatch

@@ -126,6 +126,17 @@ def _group_tables(device: torch.device, ranks: tuple[int, ...], dropout_p: tuple
     return groups, group_scales, max(r for _, r, _, _ in rows)
 
 
+@functools.lru_cache(maxsize=256)
+def _column_scales(device: torch.device, ranks: tuple[int, ...], scales: tuple[float, ...]) -> torch.Tensor:
+    return torch.tensor([s for r, s in zip(ranks, scales) for _ in range(r)], dtype=torch.float32, device=device)
+
+
+def column_scales(ranks: list[int], scales: list[float], device: torch.device) -> torch.Tensor:
+    """f32[R]: each stacked rank column's LoRA scale (adapter a's s_a over its r_a columns), for the thin kernels'
+    epilogue. Cached per (device, ranks, scales) like :func:`adapter_groups`, so CUDA-graph captures only read it."""
+    return _column_scales(torch.device(device), tuple(int(r) for r in ranks), tuple(float(s) for s in scales))
+
+
 @functools.lru_cache(maxsize=16)
 def no_seeds(device: torch.device) -> torch.Tensor:
     """A seeds tensor for a call without dropout (the kernels never read it, but need a pointer)."""
@@ -133,7 +144,7 @@ def no_seeds(device: torch.device) -> torch.Tensor:
 
 
 def adapter_groups(ranks: list[int], dropout_p: list[float], device: torch.device):
-    """Per-group launch table for stacked adapters: ``(groups i64[G, 4], scales f32[G], widest rank)``.
+    """Per-group launch table for stacked adapters: ``(groups i64[G, 4], keep scales 1/(1-p) f32[G], widest rank)``.
 
     Cached per (device, ranks, p), so the first (warm-up) call builds it and CUDA-graph captures only read it.
     """

@@ -1,8 +1,8 @@
-"""LoRA down-projection of stacked adapters: ``S[:, a] = drop_a(x)·A_aᵀ`` in fp32, one launch for all adapters.
+"""LoRA down-projection of stacked adapters: ``S[:, a] = s_a·drop_a(x)·A_aᵀ`` in fp32, one launch for all adapters.
 
 A thin GEMM ([M, K]·[K, R], R = total rank): bound by reading x, so x is read in its own dtype and upcast in
 registers, and each adapter's dropout mask is regenerated from its seed instead of being read. The same
-kernel computes ``dy·B`` for :func:`fastlora.kernels.lora_up_grad.lora_up_grad` (A := Bᵀ via strides).
+kernel computes ``s·dy·B`` for :func:`fastlora.kernels.lora_up_grad.lora_up_grad` (A := Bᵀ via strides).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, 
 )
 @triton.jit
 def lora_down_kernel(
-    x_ptr, a_ptr, groups_ptr, scales_ptr, seeds_ptr, s_ptr,
+    x_ptr, a_ptr, groups_ptr, keep_scales_ptr, col_scales_ptr, seeds_ptr, s_ptr,
     M, K, stride_ar, stride_ak, stride_sm, M_BUCKET,
     R_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -47,7 +47,7 @@ def lora_down_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = groups_ptr + tl.program_id(1) * 4
     first, rank, threshold, adapter = tl.load(group), tl.load(group + 1), tl.load(group + 2), tl.load(group + 3)
-    scale = tl.load(scales_ptr + tl.program_id(1))
+    keep_scale = tl.load(keep_scales_ptr + tl.program_id(1))
     ranks = tl.arange(0, R_BLOCK)
     m_ok, r_ok = rows < M, ranks < rank
     acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
@@ -57,33 +57,41 @@ def lora_down_kernel(
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         x = x.to(tl.float32)
         if threshold > 0:
-            x = tl.where(common.dropout_keep(seeds_ptr + adapter, rows, cols, K, threshold), x * scale, 0.0)
+            x = tl.where(common.dropout_keep(seeds_ptr + adapter, rows, cols, K, threshold), x * keep_scale, 0.0)
         a_ptrs = a_ptr + (first + ranks)[None, :] * stride_ar + cols[:, None] * stride_ak
         a_t = tl.load(a_ptrs, mask=r_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
         acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
+    acc *= tl.load(col_scales_ptr + first + ranks, mask=r_ok, other=0.0)[None, :]  # the LoRA scales
     s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * stride_sm + (first + ranks)[None, :]
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-def thin_down(x: torch.Tensor, a: torch.Tensor, ranks: list[int], seeds: torch.Tensor, dropout_p: list[float]) -> torch.Tensor:
-    """fp32 ``[M, R] = drop(x)·aᵀ`` for x [M, K] and ``a`` any-strided [R, K] (e.g. ``B.T`` for ``dy·B``)."""
+def thin_down(
+    x: torch.Tensor, a: torch.Tensor, ranks: list[int], seeds: torch.Tensor, dropout_p: list[float], scales: list[float]
+) -> torch.Tensor:
+    """fp32 ``[M, R] = s·drop(x)·aᵀ`` per adapter, for x [M, K] and ``a`` any-strided [R, K] (e.g. ``B.T`` for
+    ``dy·B``)."""
     m, k = x.shape
     x = x.contiguous()
     s = torch.empty((m, a.shape[0]), dtype=torch.float32, device=x.device)
     if a.shape[0] == 0:
         return s
-    groups, scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
+    groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
+    col_scales = common.column_scales(ranks, scales, x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups.shape[0])  # noqa: E731
     lora_down_kernel[grid](
-        x, a, groups, scales, seeds, s, m, k, a.stride(0), a.stride(1), s.stride(0), common.m_bucket(m),
+        x, a, groups, keep_scales, col_scales, seeds, s, m, k, a.stride(0), a.stride(1), s.stride(0), common.m_bucket(m),
         R_BLOCK=common.rank_block(widest), PRECISION=common.dot_precision(x.dtype),
     )  # fmt: skip
     return s
 
 
-def lora_down(x: torch.Tensor, lora_a: torch.Tensor, ranks: list[int], seeds: torch.Tensor, dropout_p: list[float]) -> torch.Tensor:
-    """``S[M, R]`` (fp32): adapter a's columns are ``drop_a(x)·A_aᵀ``, its mask from ``seeds[a]`` and ``dropout_p[a]``.
+def lora_down(
+    x: torch.Tensor, lora_a: torch.Tensor, ranks: list[int], seeds: torch.Tensor, dropout_p: list[float], scales: list[float]
+) -> torch.Tensor:
+    """``S[M, R]`` (fp32): adapter a's columns are ``s_a·drop_a(x)·A_aᵀ``, its mask from ``seeds[a]`` and
+    ``dropout_p[a]``, its LoRA scale ``scales[a]``.
 
-    Usage: ``s = lora_down(x, torch.cat([a1, a2]), [16, 16], seeds, [0.1, 0.0])``
+    Usage: ``s = lora_down(x, torch.cat([a1, a2]), [16, 16], seeds, [0.1, 0.0], [2.0, 0.5])``
     """
-    return thin_down(x, lora_a, ranks, seeds, dropout_p)
+    return thin_down(x, lora_a, ranks, seeds, dropout_p, scales)

@@ -41,7 +41,7 @@ SPLIT_GRANULE = 512
 )
 @triton.jit
 def lora_down_grad_kernel(
-    g_ptr, x_ptr, groups_ptr, scales_ptr, seeds_ptr, out_ptr,
+    g_ptr, x_ptr, groups_ptr, keep_scales_ptr, seeds_ptr, out_ptr,
     M, K, stride_gm, stride_gr, stride_or, stride_ok, stride_split, rows_per_split, M_BUCKET,
     R_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -49,7 +49,7 @@ def lora_down_grad_kernel(
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     group = groups_ptr + tl.program_id(1) * 4
     first, rank, threshold, adapter = tl.load(group), tl.load(group + 1), tl.load(group + 2), tl.load(group + 3)
-    scale = tl.load(scales_ptr + tl.program_id(1))
+    scale = tl.load(keep_scales_ptr + tl.program_id(1))
     ranks = tl.arange(0, R_BLOCK)
     k_ok, r_ok = cols < K, ranks < rank
     row_start = tl.program_id(2) * rows_per_split
@@ -86,7 +86,7 @@ def thin_grad(
     if m == 0:
         return out.zero_()
     x = x.contiguous()
-    groups, scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
+    groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
     if rows_per_split is None:
         # Enough splits that (column tiles x groups x splits) fills the GPU about twice over.
         wanted = triton.cdiv(2 * common.sm_count(x.device), triton.cdiv(k, 64) * groups.shape[0])
@@ -96,7 +96,7 @@ def thin_grad(
     stride_or, stride_ok = (out.stride(0), out.stride(1)) if splits == 1 else (k, 1)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), groups.shape[0], splits)  # noqa: E731
     lora_down_grad_kernel[grid](
-        g, x, groups, scales, seeds, target,
+        g, x, groups, keep_scales, seeds, target,
         m, k, g.stride(0), g.stride(1), stride_or, stride_ok, r * k, rows_per_split, common.m_bucket(m),
         R_BLOCK=common.rank_block(widest), PRECISION=common.dot_precision(x.dtype),
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """Fused LoRA linear forward: ``y = x·Wᵀ + bias + S·Bᵀ`` with W dense or NF4, one store of y.
 
 NF4 W is unpacked in registers tile by tile and never written to memory; the base GEMM and the low-rank
-epilogue (S = drop(x)·Aᵀ from :mod:`fastlora.kernels.lora_down`, B with the LoRA scales folded in) accumulate
+epilogue (S = s·drop(x)·Aᵀ from :mod:`fastlora.kernels.lora_down`, with the LoRA scales, and B) accumulate
 in one fp32 tile. The same kernel with ``BASE=0`` is the epilogue alone, adding bias + S·Bᵀ onto a y that
 cuBLAS already holds: that is the "split" path :mod:`fastlora.kernels.dispatch` picks where it measures faster.
 """
@@ -152,7 +152,7 @@ def lora_linear(
 
     ``path`` forces "fused" or "split"; by default :func:`fastlora.kernels.dispatch.choice` decides.
 
-    Usage: ``y = lora_linear(x, packed, absmax, 64, None, s, b_scaled)``
+    Usage: ``y = lora_linear(x, packed, absmax, 64, None, s, b)``
     """
     m, k = x.shape
     n = lora_b.shape[0]

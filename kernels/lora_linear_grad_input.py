@@ -58,7 +58,7 @@ INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 )
 @triton.jit
 def lora_linear_grad_input_kernel(
-    dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, scales_ptr, seeds_ptr, dx_ptr,
+    dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, keep_scales_ptr, seeds_ptr, dx_ptr,
     M, N, K, R, N_GROUPS, M_BUCKET,
     BASE: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr,
@@ -101,7 +101,7 @@ def lora_linear_grad_input_kernel(
         lora = tl.dot(ds.to(tl.float32), a.to(tl.float32), input_precision=LORA_PRECISION)
         if threshold > 0:
             keep = common.dropout_keep(seeds_ptr + adapter, rows, cols, K, threshold)
-            lora = tl.where(keep, lora * tl.load(scales_ptr + g), 0.0)
+            lora = tl.where(keep, lora * tl.load(keep_scales_ptr + g), 0.0)
         acc += lora
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
@@ -110,11 +110,11 @@ def _launch(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, d
     m, n = grad_out.shape
     k = lora_a.shape[1]
     r = lora_a.shape[0]
-    groups, scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
+    groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     lora_linear_grad_input_kernel[grid](
         grad_out, weight, absmax if absmax is not None else dx, common.table(dx.device), grad_s, lora_a,
-        groups if r else dx, scales if r else dx, seeds, dx,
+        groups if r else dx, keep_scales if r else dx, seeds, dx,
         m, n, k, r, groups.shape[0] if r else 0, common.m_bucket(m),
         BASE=base, R_BLOCK=common.rank_block(widest),
         BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0,

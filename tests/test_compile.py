@@ -120,7 +120,7 @@ def test_inductor_compiled_layer_matches_eager(base, dtype):
 
     y_eager, grads_eager = forward_backward(model)
     y_compiled, grads_compiled = forward_backward(torch.compile(model, fullgraph=True))
-    # Inductor calls the same custom-op kernels and only fuses the glue around them (casts, the scale folding):
+    # Inductor calls the same custom-op kernels and only fuses the glue around them (casts, slicing the gradients):
     # agreement to a few ulps of the dtype.
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(y_compiled.float(), y_eager.float(), rtol=tol, atol=tol)

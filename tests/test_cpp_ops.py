@@ -155,8 +155,9 @@ def test_thin_ops_match_reference(m, adapters, dtype):
     seeds = torch.randint(0, 2**31 - 1, (len(ranks),), dtype=torch.int64)
     x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
     a, b, s = torch.randn(r, k), torch.randn(n, r), torch.randn(m, r)
-    assert_matches(cpp.lora_down(x, a, ranks, seeds, dropout_p), ref.lora_down(x, a, ranks, seeds, dropout_p))
-    for got, expected in zip(cpp.lora_up_grad(dy, b, s), ref.lora_up_grad(dy, b, s)):
+    scales = [0.5 + 0.75 * i for i in range(len(ranks))]  # LoRA scales: 0.5, 1.25, 2.0
+    assert_matches(cpp.lora_down(x, a, ranks, seeds, dropout_p, scales), ref.lora_down(x, a, ranks, seeds, dropout_p, scales))
+    for got, expected in zip(cpp.lora_up_grad(dy, b, s, ranks, scales), ref.lora_up_grad(dy, b, s, ranks, scales)):
         assert_matches(got, expected)
     assert_matches(cpp.lora_down_grad(s, x, ranks, seeds, dropout_p), ref.lora_down_grad(s, x, ranks, seeds, dropout_p))
 
@@ -247,9 +248,10 @@ def test_autocast_does_not_lower_internal_precision():
     t = _layer(("nf4", 64, True), 33, 75, 200, ranks, torch.float32, True)
     fwd_args = (t["x"], t["weight"], t["absmax"], 64, t["bias"], t["s"], t["b"])
     bwd_args = (t["dy"], t["weight"], t["absmax"], 64, t["ds"], t["a"], ranks, seeds, dropout_p)
-    expected = (cpp.lora_linear(*fwd_args), cpp.lora_linear_grad_input(*bwd_args), cpp.lora_up_grad(t["dy"], t["b"], t["s"]))
+    up_args = (t["dy"], t["b"], t["s"], ranks, [2.0] * len(ranks))
+    expected = (cpp.lora_linear(*fwd_args), cpp.lora_linear_grad_input(*bwd_args), cpp.lora_up_grad(*up_args))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = (cpp.lora_linear(*fwd_args), cpp.lora_linear_grad_input(*bwd_args), cpp.lora_up_grad(t["dy"], t["b"], t["s"]))
+        got = (cpp.lora_linear(*fwd_args), cpp.lora_linear_grad_input(*bwd_args), cpp.lora_up_grad(*up_args))
     for g, e in zip(got[:2] + got[2], expected[:2] + expected[2]):
         assert g.dtype == torch.float32 and torch.equal(g, e)
 
@@ -290,7 +292,7 @@ def test_build_from_clean(tmp_path):
         x, a = torch.randn(5, 70), torch.randn(4, 70)
         seeds = torch.tensor([3])
         assert torch.equal(cpp.lora_down_grad(torch.eye(5), x, [5], seeds, [0.3]), apply_dropout(x, 3, 0.3))
-        torch.testing.assert_close(cpp.lora_down(x, a, [4], seeds, [0.0]), ref.lora_down(x, a, [4], seeds, [0.0]))
+        torch.testing.assert_close(cpp.lora_down(x, a, [4], seeds, [0.0], [2.0]), ref.lora_down(x, a, [4], seeds, [0.0], [2.0]))
         """
     )
     env = dict(os.environ, FASTLORA_BUILD_DIR=str(tmp_path / "build"))

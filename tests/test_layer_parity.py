@@ -259,8 +259,9 @@ def saved_activation_bytes(output: torch.Tensor, model: torch.nn.Module) -> int:
 
 def test_saved_activations_smaller_than_peft(backend):
     """QLoRA layer with fp32 adapters on a bf16 base: PEFT keeps an fp32 copy of x for lora_A's gradient and the
-    [M, r] intermediate (the base matmul needs only W); fastlora keeps x in bf16, S [M, r] and the small stacked
-    adapter copies. (Where q, k and v read the same x, PEFT makes three fp32 copies and fastlora shares one.)"""
+    [M, r] intermediate (the base matmul needs only W); fastlora keeps x in bf16, S [M, r] and the seeds, and no
+    copy of the (fp32) adapters. (Where q, k and v read the same x, PEFT makes three fp32 copies and fastlora
+    shares one.)"""
     m, k, n = 256, 128, 96
     model = lora_layer_model(k, n, base="nf4", dtype=torch.bfloat16)
 
@@ -275,4 +276,5 @@ def test_saved_activations_smaller_than_peft(backend):
     print(f"saved activations: PEFT {peft_bytes} B, fastlora {ours} B, x (bf16) alone {x_bytes} B")
     assert peft_bytes >= 2 * x_bytes  # the fp32 copy of x
     assert ours < 0.6 * peft_bytes
-    assert ours < 1.2 * x_bytes  # x itself plus thin [M, r] / [r, K] tensors
+    r = 4  # lora_layer_model's default adapter
+    assert ours <= x_bytes + m * r * 4 + 8  # x, S in fp32, one int64 seed: nothing else

@@ -24,6 +24,7 @@ def _sample(m=9, k=70, n=33, ranks=(4, 3), p=(0.0, 0.25), nf4=True):
         seeds=torch.tensor([11, 12]),
         ranks=list(ranks),
         p=list(p),
+        scales=[2.0, 0.75],  # LoRA scales: one exact power of two, one that is not
         weight=w4.packed if nf4 else torch.randn(n, k),
         absmax=w4.absmax if nf4 else None,
         dense=w4.dequantize() if nf4 else None,
@@ -36,9 +37,9 @@ def _sample(m=9, k=70, n=33, ranks=(4, 3), p=(0.0, 0.25), nf4=True):
 
 def _op_calls(s):
     return {
-        "lora_down": (s["x"], s["lora_a"], s["ranks"], s["seeds"], s["p"], "torch"),
+        "lora_down": (s["x"], s["lora_a"], s["ranks"], s["seeds"], s["p"], s["scales"], "torch"),
         "lora_linear": (s["x"], s["weight"], s["absmax"], 64, s["bias"], s["lora_s"], s["lora_b"], "torch"),
-        "lora_up_grad": (s["dy"], s["lora_b"], s["lora_s"], "torch"),
+        "lora_up_grad": (s["dy"], s["lora_b"], s["lora_s"], s["ranks"], s["scales"], "torch"),
         "lora_down_grad": (s["grad_s"], s["x"], s["ranks"], s["seeds"], s["p"], "torch"),
         "lora_linear_grad_input": (
             s["dy"], s["weight"], s["absmax"], 64, s["grad_s"], s["lora_a"], s["ranks"], s["seeds"], s["p"], "torch",
@@ -70,7 +71,7 @@ def test_reference_ops_equal_float64_formulas():
     dropped = _masked(s["x"], s["seeds"], s["ranks"], s["p"])
     a64, b64 = s["lora_a"].double(), s["lora_b"].double()
     slices = [slice(0, 4), slice(4, 7)]
-    expected_s = torch.cat([d @ a64[sl].T for d, sl in zip(dropped, slices)], 1)
+    expected_s = torch.cat([scale * d @ a64[sl].T for d, sl, scale in zip(dropped, slices, s["scales"])], 1)
     torch.testing.assert_close(ops.lora_down(*_op_calls(s)["lora_down"]), expected_s.float(), rtol=1e-5, atol=1e-5)
 
     w64 = s["dense"].double()
@@ -89,7 +90,8 @@ def test_reference_ops_equal_float64_formulas():
     torch.testing.assert_close(got, dx.float(), rtol=1e-5, atol=1e-4)
 
     grad_s, grad_b = ops.lora_up_grad(*_op_calls(s)["lora_up_grad"])
-    torch.testing.assert_close(grad_s, (s["dy"].double() @ b64).float(), rtol=1e-5, atol=1e-4)
+    column_scales = torch.tensor([scale for r, scale in zip(s["ranks"], s["scales"]) for _ in range(r)], dtype=torch.float64)
+    torch.testing.assert_close(grad_s, (s["dy"].double() @ b64 * column_scales).float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grad_b, (s["dy"].double().T @ s["lora_s"].double()).float(), rtol=1e-5, atol=1e-4)
 
 

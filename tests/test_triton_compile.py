@@ -54,7 +54,7 @@ def _linear_pointers(kernel: str, base: int, dtype: torch.dtype) -> dict:
         return dict(x_ptr=t, w_ptr=w, absmax_ptr="fp32", table_ptr="fp32", bias_ptr=t, s_ptr="fp32", b_ptr="fp32", y_ptr=t)
     return dict(
         dy_ptr=t, w_ptr=w, absmax_ptr="fp32", table_ptr="fp32", ds_ptr="fp32", a_ptr="fp32",
-        groups_ptr="i64", scales_ptr="fp32", seeds_ptr="i64", dx_ptr=t,
+        groups_ptr="i64", keep_scales_ptr="fp32", seeds_ptr="i64", dx_ptr=t,
     )  # fmt: skip
 
 
@@ -82,15 +82,17 @@ def _cases():
             yield name, fn, _linear_pointers(kernel, base, dtype), {**_linear_consts(base, dtype), **extra}, ints, cfg, cc
     for name, module, fn, pointers, ints in (
         (
-            "lora_down", lora_down, lora_down.lora_down_kernel.fn, dict(a_ptr="fp32", s_ptr="fp32"),
+            "lora_down", lora_down, lora_down.lora_down_kernel.fn,
+            dict(a_ptr="fp32", s_ptr="fp32", keep_scales_ptr="fp32", col_scales_ptr="fp32"),
             dict(stride_ak=1, stride_sm=16),
         ),
         (
-            "lora_down_grad", lora_down_grad, lora_down_grad.lora_down_grad_kernel.fn, dict(g_ptr="fp32", out_ptr="fp32"),
+            "lora_down_grad", lora_down_grad, lora_down_grad.lora_down_grad_kernel.fn,
+            dict(g_ptr="fp32", out_ptr="fp32", keep_scales_ptr="fp32"),
             dict(stride_gm=16, stride_gr=1, stride_ok=1, rows_per_split=512),
         ),
     ):  # fmt: skip
-        pointers = {**pointers, "groups_ptr": "i64", "scales_ptr": "fp32", "seeds_ptr": "i64"}
+        pointers = {**pointers, "groups_ptr": "i64", "seeds_ptr": "i64"}
         for set_name, configs in module.CONFIGS.items():
             dtype, cc = {"hopper": ("bf16", 90), "ampere": ("bf16", 80), "fp32": ("fp32", 90)}[set_name]
             consts = dict(R_BLOCK=16, PRECISION="ieee" if dtype == "fp32" else "tf32")

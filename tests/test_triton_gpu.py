@@ -50,12 +50,13 @@ def problem(m, n, k, base, dtype, ranks=(16,), p=(0.1,)):
 def test_ops_match_fp32_reference(m, base, dtype, path):
     q = problem(m, 1024, 768, base, dtype, ranks=(16, 8), p=(0.1, 0.0))
     x, w, am, seeds, ranks, p = q["x"], q["weight"], q["absmax"], q["seeds"], q["ranks"], q["p"]
-    s = kernels.lora_down(x, q["a"], ranks, seeds, p)
-    assert rel_err(s, ref.lora_down(x, q["a"], ranks, seeds, p)) < 1e-3  # fp32 out; TF32 dots for half x
+    scales = [2.0, 0.3]
+    s = kernels.lora_down(x, q["a"], ranks, seeds, p, scales)
+    assert rel_err(s, ref.lora_down(x, q["a"], ranks, seeds, p, scales)) < 1e-3  # fp32 out; TF32 dots for half x
     y = kernels.lora_linear(x, w, am, 64, q["bias"], s, q["b"], path=path)
     assert y.dtype == dtype and rel_err(y, ref.lora_linear(x, w, am, 64, q["bias"], s, q["b"])) < REL_TOL[dtype]
-    ds, db = kernels.lora_up_grad(q["dy"], q["b"], s)
-    ds_ref, db_ref = ref.lora_up_grad(q["dy"], q["b"], s)
+    ds, db = kernels.lora_up_grad(q["dy"], q["b"], s, ranks, scales)
+    ds_ref, db_ref = ref.lora_up_grad(q["dy"], q["b"], s, ranks, scales)
     assert rel_err(ds, ds_ref) < 1e-3 and rel_err(db, db_ref) < 1e-3
     da = kernels.lora_down_grad(ds, x, ranks, seeds, p)
     assert rel_err(da, ref.lora_down_grad(ds, x, ranks, seeds, p)) < 1e-3
@@ -71,9 +72,10 @@ def test_cuda_graph_replays_with_fresh_seeds(base):
     seeds = q["seeds"]
 
     def step():
-        s = kernels.lora_down(x, q["a"], ranks, seeds, p)
+        scales = [2.0] * len(ranks)
+        s = kernels.lora_down(x, q["a"], ranks, seeds, p, scales)
         y = kernels.lora_linear(x, w, am, 64, None, s, q["b"])
-        ds, _ = kernels.lora_up_grad(q["dy"], q["b"], s)
+        ds, _ = kernels.lora_up_grad(q["dy"], q["b"], s, ranks, scales)
         return y, kernels.lora_linear_grad_input(q["dy"], w, am, 64, ds, q["a"], ranks, seeds, p)
 
     stream = torch.cuda.Stream()

@@ -95,6 +95,16 @@ def stacked_adapters(name, k):
     return torch.randn(sum(ranks), k) / k**0.5, ranks, draw_seeds(len(ranks), "cpu"), p
 
 
+def lora_scales(ranks):
+    """One LoRA scale per adapter, 2.0 then others that are not powers of two (1.5, 0.3, ...)."""
+    return [2.0, 1.5, 0.3][: len(ranks)]
+
+
+def column_scales(ranks, scales):
+    """The scale of each stacked rank column, float64."""
+    return torch.tensor([s for r, s in zip(ranks, scales) for _ in range(r)], dtype=torch.float64)
+
+
 def dropped(x, ranks, seeds, p):
     """drop_a(x) per adapter in float64 (the masks are the reference definition's)."""
     return [apply_dropout(x.double(), seeds[i], p[i]) for i in range(len(ranks))]
@@ -133,10 +143,11 @@ def test_lora_down(m, adapters, dtype):
     k = 97
     x = torch.randn(m, k).to(dtype)
     a, ranks, seeds, p = stacked_adapters(adapters, k)
-    got = kernels.lora_down(x, a, ranks, seeds, p)
-    expected = ref.lora_down(x, a, ranks, seeds, p)
+    scales = lora_scales(ranks)
+    got = kernels.lora_down(x, a, ranks, seeds, p, scales)
+    expected = ref.lora_down(x, a, ranks, seeds, p, scales)
     magnitude = torch.cat([xd.abs() @ a_i.double().abs().T for xd, a_i in zip(dropped(x, ranks, seeds, p), a.split(ranks))], 1)
-    assert_bounded(got, expected, magnitude, torch.float32, k)
+    assert_bounded(got, expected, magnitude * column_scales(ranks, scales), torch.float32, k)
 
 
 @pytest.mark.parametrize("m,rows_per_split", [(1, None), (33, None), (130, None), (130, 48)])
@@ -156,12 +167,13 @@ def test_lora_down_grad(m, rows_per_split, adapters, dtype):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_up_grad(m, dtype):
-    n, r = 72, 24
-    dy, b, s = torch.randn(m, n).to(dtype), torch.randn(n, r), torch.randn(m, r)
-    got_ds, got_db = kernels.lora_up_grad(dy, b, s)
-    exp_ds, exp_db = ref.lora_up_grad(dy, b, s)
+    n, ranks = 72, [16, 8]
+    scales = lora_scales(ranks)
+    dy, b, s = torch.randn(m, n).to(dtype), torch.randn(n, sum(ranks)), torch.randn(m, sum(ranks))
+    got_ds, got_db = kernels.lora_up_grad(dy, b, s, ranks, scales)
+    exp_ds, exp_db = ref.lora_up_grad(dy, b, s, ranks, scales)
     dy64 = dy.double().abs()
-    assert_bounded(got_ds, exp_ds, dy64 @ b.double().abs(), torch.float32, n)
+    assert_bounded(got_ds, exp_ds, dy64 @ b.double().abs() * column_scales(ranks, scales), torch.float32, n)
     assert_bounded(got_db, exp_db, dy64.T @ s.double().abs(), torch.float32, m)
 
 
@@ -224,7 +236,7 @@ def test_ops_route_to_triton_backend():
     m, n, k = 7, 45, 97
     packed, absmax, _ = nf4_weight(n, k, 64, True)
     x, a, b, seeds = torch.randn(m, k, dtype=torch.float16), torch.randn(16, k) / 10, torch.randn(n, 16), draw_seeds(1, "cpu")
-    s = {be: ops.lora_down(x, a, [16], seeds, [0.5], be) for be in ("triton", "torch")}
+    s = {be: ops.lora_down(x, a, [16], seeds, [0.5], [1.5], be) for be in ("triton", "torch")}
     y = {be: ops.lora_linear(x, packed, absmax, 64, None, s["torch"], b, be) for be in ("triton", "torch")}
     torch.testing.assert_close(s["triton"], s["torch"], rtol=1e-5, atol=1e-5)  # fp32, K=97
     torch.testing.assert_close(y["triton"], y["torch"], rtol=2e-3, atol=2e-3)  # fp16 output: 2 ulp

@@ -14,7 +14,7 @@ Usage::
 
     from fastlora.backends import cpp
     if cpp.unavailable_reason() is None:
-        y = cpp.lora_linear(x, packed, absmax, 64, None, s, b)
+        y = cpp.lora_linear(x, packed, absmax, 64, None, s, b)  # s from cpp.lora_down(..., scales)
 """
 
 from __future__ import annotations
@@ -156,9 +156,11 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: in
     return _loaded_ops().nf4_dequantize(_packed(packed, absmax), absmax, blocksize, n, k, dtype)
 
 
-def lora_down(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
-    thresholds, scales = _dropout_args(dropout_p)
-    return _direct_ops().lora_down(x, lora_a, ranks, seeds, thresholds, scales)
+def lora_down(
+    x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float], scales: list[float]
+) -> Tensor:
+    thresholds, keep_scales = _dropout_args(dropout_p)
+    return _direct_ops().lora_down(x, lora_a, ranks, seeds, thresholds, keep_scales, scales)
 
 
 def lora_linear(
@@ -168,13 +170,15 @@ def lora_linear(
     return _direct_ops().lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b)
 
 
-def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
-    return _direct_ops().lora_up_grad(grad_out, lora_b, lora_s)
+def lora_up_grad(
+    grad_out: Tensor, lora_b: Tensor, lora_s: Tensor, ranks: list[int], scales: list[float]
+) -> tuple[Tensor, Tensor]:
+    return _direct_ops().lora_up_grad(grad_out, lora_b, lora_s, ranks, scales)
 
 
 def lora_down_grad(grad_s: Tensor, x: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
-    thresholds, scales = _dropout_args(dropout_p)
-    return _direct_ops().lora_down_grad(grad_s, x, ranks, seeds, thresholds, scales)
+    thresholds, keep_scales = _dropout_args(dropout_p)
+    return _direct_ops().lora_down_grad(grad_s, x, ranks, seeds, thresholds, keep_scales)
 
 
 def lora_linear_grad_input(
@@ -188,9 +192,9 @@ def lora_linear_grad_input(
     seeds: Tensor,
     dropout_p: list[float],
 ) -> Tensor:
-    thresholds, scales = _dropout_args(dropout_p)
+    thresholds, keep_scales = _dropout_args(dropout_p)
     return _direct_ops().lora_linear_grad_input(
-        grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, scales
+        grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, keep_scales
     )
 
 

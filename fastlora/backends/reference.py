@@ -38,9 +38,11 @@ def _adapter_slices(ranks: list[int]):
         start += r
 
 
-def lora_down(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
+def lora_down(
+    x: Tensor, lora_a: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float], scales: list[float]
+) -> Tensor:
     x32, a32 = x.float(), lora_a.float()
-    parts = [apply_dropout(x32, seeds[i], dropout_p[i]) @ a32[cols].T for i, cols in _adapter_slices(ranks)]
+    parts = [(apply_dropout(x32, seeds[i], dropout_p[i]) @ a32[cols].T) * scales[i] for i, cols in _adapter_slices(ranks)]
     return torch.cat(parts, dim=1) if parts else x32.new_zeros((x.shape[0], 0))
 
 
@@ -53,9 +55,14 @@ def lora_linear(
     return y.addmm_(lora_s.float(), lora_b.float().T).to(x.dtype)
 
 
-def lora_up_grad(grad_out: Tensor, lora_b: Tensor, lora_s: Tensor) -> tuple[Tensor, Tensor]:
+def lora_up_grad(
+    grad_out: Tensor, lora_b: Tensor, lora_s: Tensor, ranks: list[int], scales: list[float]
+) -> tuple[Tensor, Tensor]:
     dy = grad_out.float()
-    return dy @ lora_b.float(), dy.T @ lora_s.float()
+    grad_s = dy @ lora_b.float()
+    for i, cols in _adapter_slices(ranks):
+        grad_s[:, cols] *= scales[i]
+    return grad_s, dy.T @ lora_s.float()
 
 
 def lora_down_grad(grad_s: Tensor, x: Tensor, ranks: list[int], seeds: Tensor, dropout_p: list[float]) -> Tensor:
