@@ -1,10 +1,12 @@
 """Training and memory benchmarks: a Llama-style causal LM (random weights) with LoRA r=16 on every linear
 layer, trained by PEFT and by fastlora from the same initial adapter weights on the same synthetic tokens.
 
-Every contender trains the *same* model object: the adapters are reset to their initial values before each
-run and fastlora is patched in (and unpatched after), so the weights, the data and the optimizer's starting
-point are identical and the per-step losses must agree. Tokens are random motifs repeated along the
-sequence, which a model can learn to continue, so the losses fall within a few steps.
+Every contender trains the *same* model object from the same initial adapter values, on the same tokens, with
+its own optimizer, so the per-step losses must agree. Their steps are interleaved (step i of every contender
+before step i+1 of any): each contender's adapter values are loaded into the model before its step and kept
+after it, and fastlora is patched in for its steps only. A slow spell of a shared machine then hits every
+contender alike instead of whichever ran during it. Tokens are random motifs repeated along the sequence, which
+a model can learn to continue, so the losses fall within a few steps.
 
 Usage::
 
@@ -107,11 +109,21 @@ def build_lora_model(model: str, method: str, settings: BenchSettings, device: t
 
 @contextlib.contextmanager
 def contender_applied(lora: LoRAModel, backend: str | None, checkpointing: bool) -> Iterator[object | None]:
-    """Reset the adapters, set gradient checkpointing, patch fastlora in with ``backend`` (None: PEFT as is);
-    undo it all after. Yields fastlora's PatchReport (None for PEFT)."""
+    """Reset the adapters, then :func:`contender_patched`; reset them again after."""
+    lora.reset()
+    try:
+        with contender_patched(lora, backend, checkpointing) as report:
+            yield report
+    finally:
+        lora.reset()
+
+
+@contextlib.contextmanager
+def contender_patched(lora: LoRAModel, backend: str | None, checkpointing: bool) -> Iterator[object | None]:
+    """Set gradient checkpointing and patch fastlora in with ``backend`` (None: PEFT as is); undo both after.
+    Yields fastlora's PatchReport (None for PEFT)."""
     import fastlora
 
-    lora.reset()
     base = lora.model.get_base_model()
     if checkpointing:
         _set_checkpointing(base, True)
@@ -123,7 +135,6 @@ def contender_applied(lora: LoRAModel, backend: str | None, checkpointing: bool)
             fastlora.unpatch(lora.model)
         if checkpointing:
             _set_checkpointing(base, False)
-        lora.reset()
 
 
 def _set_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -183,54 +194,104 @@ def run_train_suite(
                 preset(model).vocab_size, settings.batch, settings.seq_len, settings.warmup + settings.steps, settings.seed, device
             )
             for checkpointing in settings.checkpointing:
-                group: list[TrainRecord] = []
-                for contender, backend in train_contenders(settings).items():
-                    if budget is not None and budget.spent():
-                        break
-                    if progress is not None:
-                        progress.set_postfix_str(f"{model} {method} ckpt={'on' if checkpointing else 'off'} {contender}")
-                    group.append(_train_run(lora, model, method, checkpointing, contender, backend, batches, settings, device))
-                    if progress is not None:
-                        progress.update(1)
-                    if checkpoint is not None:
-                        checkpoint(records + group)
+                if budget is not None and budget.spent():
+                    return records
+                if progress is not None:
+                    progress.set_postfix_str(f"{model} {method} ckpt={'on' if checkpointing else 'off'}")
+                runs = [
+                    _ContenderRun(lora, contender, backend, model, method, checkpointing, settings, device)
+                    for contender, backend in train_contenders(settings).items()
+                ]
+                for index, input_ids in enumerate(batches):
+                    for run in runs:
+                        run.step(input_ids, timed=index >= settings.warmup)
+                group = [run.finish() for run in runs]
                 _compare_losses(group, settings.dtype)
                 records += group
+                if progress is not None:
+                    progress.update(len(group))
+                if checkpoint is not None:
+                    checkpoint(records)
     return records
 
 
-def _train_run(lora, model, method, checkpointing, contender, backend, batches, settings: BenchSettings, device) -> TrainRecord:
-    record = TrainRecord(
-        model=model, method=method, checkpointing=checkpointing, contender=contender, status="ok",
-        seq_len=settings.seq_len, batch=settings.batch, steps=settings.steps, warmup=settings.warmup,
-        dtype=dtype_name(settings.dtype), memory_kind=_memory_kind(device),
-    )
-    try:
-        with contender_applied(lora, backend, checkpointing) as report:
-            optimizer = torch.optim.AdamW(lora.trainable(), lr=settings.lr)
-            step_times = []
-            with PeakMemory(device) as memory:
-                for index, input_ids in enumerate(batches):
-                    synchronize(device)
+class _ContenderRun:
+    """One contender's training run, one step at a time: between its steps it keeps its own adapter values and
+    optimizer while other contenders use the model. Records its losses, median timed step and peak memory over
+    its first step (which also allocates the optimizer state; LoRA's is small, so later steps peak alike)."""
+
+    def __init__(self, lora: LoRAModel, contender: str, backend: str | None, model: str, method: str,
+                 checkpointing: bool, settings: BenchSettings, device: torch.device):  # fmt: skip
+        self.lora, self.backend, self.checkpointing, self.settings, self.device = lora, backend, checkpointing, settings, device
+        self.record = TrainRecord(
+            model=model, method=method, checkpointing=checkpointing, contender=contender, status="ok",
+            seq_len=settings.seq_len, batch=settings.batch, steps=settings.steps, warmup=settings.warmup,
+            dtype=dtype_name(settings.dtype), memory_kind=_memory_kind(device),
+        )  # fmt: skip
+        self.values = {name: value.clone() for name, value in lora.initial.items()}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step_times: list[float] = []
+        self.fallback: str | None = None
+
+    def step(self, input_ids: Tensor, timed: bool) -> None:
+        """One optimizer step on ``input_ids`` (timed or warm-up); a failure ends this contender's run only."""
+        if self.record.status != "ok":
+            return
+        try:
+            with self._own_adapters(), contender_patched(self.lora, self.backend, self.checkpointing) as report:
+                if self.optimizer is None:
+                    self.optimizer = torch.optim.AdamW(self.lora.trainable(), lr=self.settings.lr)
+                # Memory is measured over the first step only: measuring starts by handing freed memory back to the
+                # system (malloc_trim, empty_cache), which would make every later step fault it in again.
+                first = self.record.start_memory_bytes is None
+                with PeakMemory(self.device) if first else contextlib.nullcontext() as memory:
+                    synchronize(self.device)
                     started = time.perf_counter()
-                    record.losses.append(train_step(lora.model, optimizer, input_ids))  # .item() synchronizes
-                    if index >= settings.warmup:
-                        step_times.append(time.perf_counter() - started)
-            del optimizer
-            fallback = _fallback_detail(report)
-    except torch.OutOfMemoryError as err:
-        record.status, record.detail = "oom", str(err).splitlines()[0]
+                    self.record.losses.append(train_step(self.lora.model, self.optimizer, input_ids))  # .item() syncs
+                    elapsed = time.perf_counter() - started
+                self.fallback = self.fallback or _fallback_detail(report)
+        except torch.OutOfMemoryError as err:
+            self._fail("oom", str(err).splitlines()[0])
+            return
+        except Exception as err:  # noqa: BLE001 - one failing contender must not lose the others' results
+            self._fail("error", f"{type(err).__name__}: {err}".splitlines()[0])
+            return
+        if timed:
+            self.step_times.append(elapsed)
+        if first:
+            self.record.start_memory_bytes, self.record.peak_memory_bytes = memory.start_bytes, memory.peak_bytes
+
+    @contextlib.contextmanager
+    def _own_adapters(self) -> Iterator[None]:
+        """This contender's adapter values in the model for the block, and the updated values kept after it."""
+        params = {name: p for name, p in self.lora.model.named_parameters() if name in self.values}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(self.values[name])
+                param.grad = None
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    self.values[name].copy_(param)
+                    param.grad = None
+
+    def _fail(self, status: str, detail: str) -> None:
+        self.record.status, self.record.detail = status, detail
+        self.optimizer = None  # its state can be large on a GPU that just ran out of memory
+
+    def finish(self) -> TrainRecord:
+        record = self.record
+        self.optimizer = None
+        if record.status != "ok":
+            return record
+        # The median step, not the mean: a burst of load from elsewhere on a shared machine hits one step, not all.
+        record.median_step_s = statistics.median(self.step_times)
+        record.tokens_per_s = self.settings.batch * self.settings.seq_len / record.median_step_s
+        if self.fallback:
+            record.status, record.detail = "fallback", self.fallback
         return record
-    except Exception as err:  # noqa: BLE001 - one failing contender must not lose the others' results
-        record.status, record.detail = "error", f"{type(err).__name__}: {err}".splitlines()[0]
-        return record
-    # The median step, not the mean: a burst of load from elsewhere on a shared machine hits one step, not all.
-    record.median_step_s = statistics.median(step_times)
-    record.tokens_per_s = settings.batch * settings.seq_len / record.median_step_s
-    record.peak_memory_bytes, record.start_memory_bytes = memory.peak_bytes, memory.start_bytes
-    if fallback:
-        record.status, record.detail = "fallback", fallback
-    return record
 
 
 def _compare_losses(group: list[TrainRecord], dtype: torch.dtype) -> None:

@@ -330,6 +330,27 @@ def test_bench_end_to_end_on_gpu(tmp_path):
     assert all(r.memory_kind == "cuda max allocated" for r in results.train)
 
 
+def test_interleaved_training_keeps_contenders_apart():
+    """Each contender's losses in the interleaved suite equal those of the same contender trained alone from the
+    initial adapters: no adapter value, gradient or optimizer state leaks from one contender's steps into another's."""
+    from fastlora.bench.models import preset
+    from fastlora.bench.training import ModelCache, contender_applied, run_train_suite, train_step
+
+    settings = _settings(train_models=("micro",), methods=("qlora",), checkpointing=(False,), seq_len=32, batch=1,
+                         warmup=1, steps=3, train_backends=("cpp",))  # fmt: skip
+    cache = ModelCache()
+    records = run_train_suite(settings, CPU, cache=cache)
+    assert [r.contender for r in records] == ["peft", "fastlora[cpp]"] and all(r.status == "ok" for r in records)
+    lora = cache.get("micro", "qlora", settings, CPU)
+    batches = synthetic_batches(preset("micro").vocab_size, 1, 32, 4, settings.seed, CPU)
+    for record, backend in zip(records, (None, "cpp")):
+        with contender_applied(lora, backend, False):
+            optimizer = torch.optim.AdamW(lora.trainable(), lr=settings.lr)
+            alone = [train_step(lora.model, optimizer, b) for b in batches]
+        assert record.losses == alone, record.contender
+    assert records[0].losses[-1] < records[0].losses[0]  # it trained: the losses moved
+
+
 class _Countdown:
     """A run budget that is spent from its ``calls``-th question on (RunBudget's interface, without the clock)."""
 
