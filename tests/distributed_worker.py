@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -159,7 +160,13 @@ def main() -> None:
         "fallback_calls": dict(report.fallback_calls),
     }
     torch.save(result, args.out / f"rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter finalization: gloo worker threads still holding tensors (FSDP2's async collectives) can abort
+    # the process there ("terminate called without an active exception") after everything above succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
