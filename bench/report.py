@@ -292,8 +292,9 @@ def render_report(results: Results, plot_files: Sequence[str] = ()) -> str:
             f"LoRA r={s.get('train_rank')} (alpha 2r, no dropout) on all linear layers, AdamW lr {s.get('lr')}, batch {s.get('batch')} × "
             f"seq {s.get('seq_len')}, {s.get('warmup')} warm-up + {s.get('steps')} timed steps, synthetic tokens, same initial "
             "adapters for every contender, steps interleaved across contenders (each keeps its own adapters and optimizer). "
-            "Peak memory, over a contender's first step: " + (results.train[0].memory_kind or "-") + "; peak − start is what training "
-            "added to the model already in memory.\n\n" + markdown_table(TRAIN_HEADERS, train_rows(results.train))
+            "Peak memory, over a contender's first step: " + (results.train[0].memory_kind or "-") + "; peak − start is what that "
+            "step added to the model already in memory, and peak is that plus the memory in use before any contender's first "
+            "step (so no contender's peak includes another's optimizer state).\n\n" + markdown_table(TRAIN_HEADERS, train_rows(results.train))
             + "\n\n### Per-step losses\n\n" + loss_tables(results.train)
         )
     if results.memory:

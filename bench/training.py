@@ -206,6 +206,7 @@ def run_train_suite(
                     for run in runs:
                         run.step(input_ids, timed=index >= settings.warmup)
                 group = [run.finish() for run in runs]
+                _common_memory_baseline(group)
                 _compare_losses(group, settings.dtype)
                 records += group
                 if progress is not None:
@@ -292,6 +293,20 @@ class _ContenderRun:
         if self.fallback:
             record.status, record.detail = "fallback", self.fallback
         return record
+
+
+def _common_memory_baseline(group: list[TrainRecord]) -> None:
+    """Put every contender's peak on the same baseline: the memory in use when the first contender's first step
+    began. A later contender's first step starts with the earlier ones' optimizer states already allocated, which
+    its own absolute peak should not include; what its step added (peak - start) is kept as measured."""
+    starts = [r.start_memory_bytes for r in group if r.start_memory_bytes is not None and r.peak_memory_bytes is not None]
+    if not starts:
+        return
+    baseline = starts[0]
+    for r in group:
+        if r.start_memory_bytes is not None and r.peak_memory_bytes is not None:
+            r.peak_memory_bytes = baseline + (r.peak_memory_bytes - r.start_memory_bytes)
+            r.start_memory_bytes = baseline
 
 
 def _compare_losses(group: list[TrainRecord], dtype: torch.dtype) -> None:

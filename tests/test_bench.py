@@ -351,6 +351,20 @@ def test_interleaved_training_keeps_contenders_apart():
     assert records[0].losses[-1] < records[0].losses[0]  # it trained: the losses moved
 
 
+def test_training_peaks_share_one_baseline():
+    """A later contender's first step starts with earlier contenders' optimizer states in memory: its absolute peak
+    is moved onto the first contender's baseline, and what its step added (peak - start) is kept."""
+    from fastlora.bench.training import _common_memory_baseline
+
+    def record(contender, start, peak):
+        return TrainRecord(model="micro", method="qlora", checkpointing=False, contender=contender, status="ok", seq_len=8,
+                           batch=1, steps=1, warmup=1, dtype="float32", start_memory_bytes=start, peak_memory_bytes=peak)  # fmt: skip
+
+    group = [record("peft", 1000, 1500), record("fastlora[cpp]", 1040, 1340), record("fastlora[torch]", None, None)]
+    _common_memory_baseline(group)
+    assert [(r.start_memory_bytes, r.peak_memory_bytes) for r in group] == [(1000, 1500), (1000, 1300), (None, None)]
+
+
 class _Countdown:
     """A run budget that is spent from its ``calls``-th question on (RunBudget's interface, without the clock)."""
 
