@@ -181,8 +181,9 @@ def run_train_suite(
     settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None,
     budget: RunBudget | None = None, checkpoint=None,
 ) -> list[TrainRecord]:
-    """Every (model, method, checkpointing, contender) training run of ``settings``; none starts once ``budget``
-    is spent. Calls ``checkpoint(records)`` after each run."""
+    """Every (model, method, checkpointing, contender) training run of ``settings``, the contenders of one
+    (model, method, checkpointing) interleaved; no group starts once ``budget`` is spent. Calls
+    ``checkpoint(records)`` after each group."""
     cache = cache or ModelCache()
     records: list[TrainRecord] = []
     for model in settings.train_models:
