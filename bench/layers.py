@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fastlora.bench.models import LinearShape, layer_shapes, nf4_linear
 from fastlora.bench.results import LayerRecord
-from fastlora.bench.timing import Peaks, RotatingInputs, RunBudget, TimingPolicy, cache_bytes, time_interleaved
+from fastlora.bench.timing import UNLIMITED, Peaks, RotatingInputs, RunBudget, TimingPolicy, cache_bytes, time_interleaved
 
 #: Largest accepted max |out - ref| / max |ref| per compute dtype. The reference computes in fp32 from the same
 #: (already rounded) inputs, so what remains is output rounding and summation order; a wrong LoRA scale, a
@@ -466,7 +466,7 @@ def count_cases(settings) -> int:
 
 
 def run_layer_suite(
-    settings, device: torch.device, peaks: Peaks | None, progress=None, budget: RunBudget | None = None, checkpoint=None
+    settings, device: torch.device, peaks: Peaks | None, progress=None, budget: RunBudget = UNLIMITED, checkpoint=None
 ) -> list[LayerRecord]:
     """Every (model shape, base, rank, mode, M) case of ``settings``; one record per contender and case. Stops
     before the next case once ``budget`` is spent; calls ``checkpoint(records)`` after each base layer."""
@@ -474,7 +474,7 @@ def run_layer_suite(
     for model in settings.layer_models:
         for shape_index, shape in enumerate(selected_shapes(model, settings)):
             for base in settings.bases:
-                if budget is not None and budget.spent():
+                if budget.spent():
                     return records
                 base_layer = make_base(shape, base, settings.dtype, device, seed=settings.seed + shape_index)
                 for rank in settings.ranks:
@@ -482,7 +482,7 @@ def run_layer_suite(
                     contenders, unavailable = contenders_for(fixture, settings, device)
                     for mode in settings.modes:
                         for tokens in settings.tokens:
-                            if budget is not None and budget.spent():
+                            if budget.spent():
                                 return records
                             case = LayerCase(model, shape, tokens, base, mode, rank, settings.dtype)
                             if progress is not None:

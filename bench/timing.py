@@ -47,6 +47,10 @@ class RunBudget:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
 
+#: The budget of a run without a time limit (the suites' default).
+UNLIMITED = RunBudget(None)
+
+
 @dataclass(frozen=True)
 class TimingPolicy:
     """How long to time each case: ``budget_s`` per contender, between ``min_rounds`` and ``max_rounds`` calls

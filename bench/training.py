@@ -30,7 +30,7 @@ from fastlora.bench.layers import fastlora_name
 from fastlora.bench.models import build_causal_lm, preset
 from fastlora.bench.results import MemoryRecord, TrainRecord
 from fastlora.bench.settings import BenchSettings, dtype_name
-from fastlora.bench.timing import PeakMemory, RunBudget, synchronize
+from fastlora.bench.timing import UNLIMITED, PeakMemory, RunBudget, synchronize
 
 PEFT = "peft"
 #: Largest accepted max |loss_fastlora - loss_peft| over the steps, per compute dtype. fp32 runs agree to
@@ -62,10 +62,14 @@ class LoRAModel:
     key: tuple
 
     def reset(self) -> None:
+        self.load(self.initial)
+
+    def load(self, values: dict[str, Tensor]) -> None:
+        """Copy ``values`` (parameter name -> tensor) into the model's adapters; clear every gradient."""
         with torch.no_grad():
             for name, param in self.model.named_parameters():
-                if name in self.initial:
-                    param.copy_(self.initial[name])
+                if name in values:
+                    param.copy_(values[name])
                 param.grad = None
 
     def trainable(self) -> list[nn.Parameter]:
@@ -179,7 +183,7 @@ def _fallback_detail(report) -> str | None:
 
 def run_train_suite(
     settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None,
-    budget: RunBudget | None = None, checkpoint=None,
+    budget: RunBudget = UNLIMITED, checkpoint=None,
 ) -> list[TrainRecord]:
     """Every (model, method, checkpointing, contender) training run of ``settings``, the contenders of one
     (model, method, checkpointing) interleaved; no group starts once ``budget`` is spent. Calls
@@ -188,14 +192,14 @@ def run_train_suite(
     records: list[TrainRecord] = []
     for model in settings.train_models:
         for method in settings.methods:
-            if budget is not None and budget.spent():
+            if budget.spent():
                 return records
             lora = cache.get(model, method, settings, device)
             batches = synthetic_batches(
                 preset(model).vocab_size, settings.batch, settings.seq_len, settings.warmup + settings.steps, settings.seed, device
             )
             for checkpointing in settings.checkpointing:
-                if budget is not None and budget.spent():
+                if budget.spent():
                     return records
                 if progress is not None:
                     progress.set_postfix_str(f"{model} {method} ckpt={'on' if checkpointing else 'off'}")
@@ -266,18 +270,15 @@ class _ContenderRun:
     @contextlib.contextmanager
     def _own_adapters(self) -> Iterator[None]:
         """This contender's adapter values in the model for the block, and the updated values kept after it."""
-        params = {name: p for name, p in self.lora.model.named_parameters() if name in self.values}
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(self.values[name])
-                param.grad = None
+        self.lora.load(self.values)
         try:
             yield
         finally:
             with torch.no_grad():
-                for name, param in params.items():
-                    self.values[name].copy_(param)
-                    param.grad = None
+                for name, param in self.lora.model.named_parameters():
+                    if name in self.values:
+                        self.values[name].copy_(param)
+                        param.grad = None
 
     def _fail(self, status: str, detail: str) -> None:
         self.record.status, self.record.detail = status, detail
@@ -331,18 +332,18 @@ def _memory_kind(device: torch.device) -> str:
 
 def run_memory_suite(
     settings: BenchSettings, device: torch.device, progress=None, cache: ModelCache | None = None,
-    budget: RunBudget | None = None,
+    budget: RunBudget = UNLIMITED,
 ) -> list[MemoryRecord]:
     """Peak memory of one training step per sequence length and contender; no sweep starts once ``budget`` is
     spent."""
     cache = cache or ModelCache()
     records: list[MemoryRecord] = []
     for model in settings.memory_models:
-        if budget is not None and budget.spent():
+        if budget.spent():
             break
         lora = cache.get(model, settings.memory_method, settings, device)
         for contender, backend in train_contenders(settings).items():
-            if budget is not None and budget.spent():
+            if budget.spent():
                 break
             records += _memory_sweep(lora, model, contender, backend, settings, device, progress)
     return records
