@@ -11,8 +11,7 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -21,8 +20,8 @@ from fastlora import ops
 from fastlora.dropout import draw_seeds
 
 
-@dataclass(frozen=True)
-class BaseWeight:
+# NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
+class BaseWeight(NamedTuple):
     """The frozen base of a LoRA layer: a dense [N, K] weight, or NF4 codes plus resolved fp32 absmax."""
 
     weight: Tensor
@@ -32,8 +31,7 @@ class BaseWeight:
     blocksize: int = 0
 
 
-@dataclass(frozen=True)
-class Adapter:
+class Adapter(NamedTuple):
     """One active LoRA adapter: A [r, K], B [N, r], scale, and the dropout probability in effect now."""
 
     lora_a: Tensor
@@ -42,42 +40,53 @@ class Adapter:
     dropout_p: float
 
 
+class _Config(NamedTuple):
+    """The non-tensor arguments of one call, passed to the Function as one object (fewer arguments to check)."""
+
+    blocksize: int
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+    dropout_p: tuple[float, ...]
+    backend: str
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + Σ_a s_a·(drop_a(x)·A_aᵀ)·B_aᵀ on 2-D x in the compute dtype. Adapter tensors follow the
     fixed arguments as A_1, B_1, A_2, B_2, ... so that autograd routes their gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
-        y, ranks, lora_a, lora_b, lora_s = _forward(
-            x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors
-        )
-        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors)
-        ctx.config = (blocksize, ranks, list(scales), list(dropout_p), backend, bias is not None)
+    def forward(ctx, x, weight, absmax, bias, seeds, config, *adapter_tensors):
+        y, lora_a, lora_b, lora_s = _forward(x, weight, absmax, bias, seeds, config, adapter_tensors)
+        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds)
+        ctx.config = config
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.adapter_dtypes = [t.dtype for t in adapter_tensors]
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, absmax, lora_a, lora_b, lora_s, seeds, *adapter_tensors = ctx.saved_tensors
-        blocksize, ranks, scales, dropout_p, backend, has_bias = ctx.config
+        x, weight, absmax, lora_a, lora_b, lora_s, seeds = ctx.saved_tensors
+        blocksize, ranks, scales, dropout_p, backend = ctx.config
+        impl = ops.implementation(backend, x.device.type)
         grad_out = grad_out.contiguous()
-        grad_s, grad_b_all = ops.lora_up_grad(grad_out, lora_b, lora_s, ranks, scales, backend)
+        grad_s, grad_b_all = impl.lora_up_grad(grad_out, lora_b, lora_s, ranks, scales)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ops.lora_linear_grad_input(
-                grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p, backend
-            )
-        grad_a_all = ops.lora_down_grad(grad_s, x, ranks, seeds, dropout_p, backend)
+            grad_x = impl.lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p)
+        grad_a_all = impl.lora_down_grad(grad_s, x, ranks, seeds, dropout_p)
         grad_bias = None
-        if has_bias and ctx.needs_input_grad[3]:
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
-        grads = []
-        start = 0
-        for a, b, r in zip(adapter_tensors[0::2], adapter_tensors[1::2], ranks):
-            grads.append(grad_a_all[start : start + r].to(a.dtype))
-            grads.append(grad_b_all[:, start : start + r].to(b.dtype))
-            start += r
-        return (grad_x, None, None, grad_bias, None, None, None, None, None, *grads)
+        dtypes = ctx.adapter_dtypes
+        if len(ranks) == 1:
+            grads = (grad_a_all.to(dtypes[0]), grad_b_all.to(dtypes[1]))
+        else:
+            grads, start = [], 0
+            for i, r in enumerate(ranks):
+                grads.append(grad_a_all[start : start + r].to(dtypes[2 * i]))
+                grads.append(grad_b_all[:, start : start + r].to(dtypes[2 * i + 1]))
+                start += r
+        return (grad_x, None, None, grad_bias, None, None, *grads)
 
 
 def _needs_graph(x: Tensor, bias: Optional[Tensor], adapter_tensors: list[Tensor]) -> bool:
@@ -86,23 +95,21 @@ def _needs_graph(x: Tensor, bias: Optional[Tensor], adapter_tensors: list[Tensor
     return x.requires_grad or (bias is not None and bias.requires_grad) or any(t.requires_grad for t in adapter_tensors)
 
 
-def _forward(x, weight, absmax, bias, seeds, blocksize, scales, dropout_p, backend, *adapter_tensors):
-    """The forward ops on :class:`LoRALinearFunction`'s arguments: y, the ranks, the stacked A and B, and S (what
-    backward needs)."""
-    lora_as, lora_bs = adapter_tensors[0::2], adapter_tensors[1::2]
-    ranks = [a.shape[0] for a in lora_as]
-    lora_a, lora_b = _stack_adapters(lora_as, lora_bs)
-    lora_s = ops.lora_down(x, lora_a, ranks, seeds, dropout_p, scales, backend)
-    y = ops.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend)
-    return y, ranks, lora_a, lora_b, lora_s
+def _forward(x, weight, absmax, bias, seeds, config: _Config, adapter_tensors):
+    """The forward ops: y, and the stacked A and B and S = s·drop(x)·Aᵀ that backward needs."""
+    impl = ops.implementation(config.backend, x.device.type)
+    lora_a, lora_b = _stack_adapters(adapter_tensors)
+    lora_s = impl.lora_down(x, lora_a, config.ranks, seeds, config.dropout_p, config.scales)
+    y = impl.lora_linear(x, weight, absmax, config.blocksize, bias, lora_s, lora_b)
+    return y, lora_a, lora_b, lora_s
 
 
-def _stack_adapters(lora_as, lora_bs) -> tuple[Tensor, Tensor]:
-    """fp32 A stacked along r [R, K] and B [N, R], so the kernels see one epilogue for all adapters. A single
-    fp32 adapter is used as it is: no copy."""
-    if len(lora_as) == 1:
-        return lora_as[0].float(), lora_bs[0].float()
-    return torch.cat([a.float() for a in lora_as]), torch.cat([b.float() for b in lora_bs], dim=1)
+def _stack_adapters(adapter_tensors) -> tuple[Tensor, Tensor]:
+    """fp32 A stacked along r [R, K] and B [N, R] from (A_1, B_1, A_2, B_2, ...), so the kernels see one epilogue
+    for all adapters. A single fp32 adapter is used as it is: no copy."""
+    if len(adapter_tensors) == 2:
+        return adapter_tensors[0].float(), adapter_tensors[1].float()
+    return torch.cat([a.float() for a in adapter_tensors[0::2]]), torch.cat([b.float() for b in adapter_tensors[1::2]], dim=1)
 
 
 # Seeds for calls without dropout: never read by the kernels, so one constant tensor per (device, count) serves
@@ -127,17 +134,17 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
 
         y = lora_linear(x, BaseWeight(w, b, w.shape[0]), [Adapter(a, b_, 2.0, 0.0)], "torch")
     """
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    seeds = _seeds(adapters, x.device)
+    device = x.device
+    seeds = _seeds(adapters, device)
     adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
-    args = (x2d, base.weight, base.absmax, base.bias, seeds, base.blocksize, tuple(a.scale for a in adapters),
-            tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
+    config = _Config(base.blocksize, tuple(a.lora_a.shape[0] for a in adapters), tuple(a.scale for a in adapters),
+                     tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
     if _needs_graph(x, base.bias, adapter_tensors):
-        y = LoRALinearFunction.apply(*args, *adapter_tensors)
+        y = LoRALinearFunction.apply(x2d, base.weight, base.absmax, base.bias, seeds, config, *adapter_tensors)
     else:
         # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for.
-        y = _forward(*args, *adapter_tensors)[0]
-    return y.reshape(*lead, base.out_features)
+        y = _forward(x2d, base.weight, base.absmax, base.bias, seeds, config, adapter_tensors)[0]
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)

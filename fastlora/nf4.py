@@ -58,22 +58,24 @@ class NF4Weight:
 
     @staticmethod
     def from_params4bit(weight: torch.Tensor) -> "NF4Weight":
-        """Read a bitsandbytes ``Params4bit`` (raises :class:`UnsupportedQuantization` when not plain NF4)."""
+        """Read a bitsandbytes ``Params4bit`` (raises :class:`UnsupportedQuantization` when not plain NF4).
+
+        Cached per weight (this runs on every forward of a patched layer); see :data:`_CACHE` for what a hit checks.
+        """
         state = getattr(weight, "quant_state", None)
         if state is None:
             raise UnsupportedQuantization("4-bit weight has no quant_state (not quantized yet?)")
-        if state.quant_type != "nf4":
-            raise UnsupportedQuantization(f"quant_type {state.quant_type!r} (only 'nf4' is fused)")
-        if getattr(state, "packing_format_for_cpu", False):
-            raise UnsupportedQuantization("bitsandbytes repacked this weight for its CPU inference kernel")
-        shape = tuple(state.shape)
-        if len(shape) != 2:
-            raise UnsupportedQuantization(f"4-bit weight of logical shape {shape} is not a matrix")
-        packed = weight.data.view(torch.uint8).reshape(-1)
-        n, k = shape
-        if packed.numel() != (n * k + 1) // 2:
-            raise UnsupportedQuantization(f"packed size {packed.numel()} does not match shape {shape}")
-        return NF4Weight(packed, _resolved_absmax(weight, state), int(state.blocksize), (n, k))
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot key a cache on ids and data pointers; resolving is one cheap op in the graph.
+            return _read(weight, state)
+        key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
+        hit = _CACHE.get(id(weight))
+        if hit is not None and hit[0]() is weight and hit[1] == key:
+            return hit[2]
+        nf4 = _read(weight, state)
+        weight_id = id(weight)
+        _CACHE[weight_id] = (weakref.ref(weight, lambda _: _CACHE.pop(weight_id, None)), key, nf4)
+        return nf4
 
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
         """W[n, k] in ``dtype``, bit-identical to ``bitsandbytes.functional.dequantize_4bit``."""
@@ -83,24 +85,25 @@ class NF4Weight:
         return ops.nf4_dequantize(self.packed, self.absmax, self.blocksize, n, k, dtype, backend)
 
 
-# Resolved absmax per Params4bit. Keyed weakly on the parameter so a freed weight frees its entry; the version
+# NF4Weight per Params4bit. Keyed weakly on the parameter so a freed weight frees its entry; the version
 # counter, data pointer and quant state identity detect requantization (merging into a 4-bit base rewrites both).
 # (Tensors compare elementwise, so a WeakKeyDictionary cannot hold them: key on id() with a weakref to evict.)
-_ABSMAX_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+_CACHE: dict[int, tuple[weakref.ref, tuple, NF4Weight]] = {}
 
 
-def _resolved_absmax(weight: torch.Tensor, state) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        # A compiled graph cannot key a cache on ids and data pointers; resolving is one cheap op in the graph.
-        return resolve_absmax(state)
-    key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
-    hit = _ABSMAX_CACHE.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2]
-    absmax = resolve_absmax(state)
-    weight_id = id(weight)
-    _ABSMAX_CACHE[weight_id] = (weakref.ref(weight, lambda _: _ABSMAX_CACHE.pop(weight_id, None)), key, absmax)
-    return absmax
+def _read(weight: torch.Tensor, state) -> NF4Weight:
+    if state.quant_type != "nf4":
+        raise UnsupportedQuantization(f"quant_type {state.quant_type!r} (only 'nf4' is fused)")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise UnsupportedQuantization("bitsandbytes repacked this weight for its CPU inference kernel")
+    shape = tuple(state.shape)
+    if len(shape) != 2:
+        raise UnsupportedQuantization(f"4-bit weight of logical shape {shape} is not a matrix")
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    n, k = shape
+    if packed.numel() != (n * k + 1) // 2:
+        raise UnsupportedQuantization(f"packed size {packed.numel()} does not match shape {shape}")
+    return NF4Weight(packed, resolve_absmax(state), int(state.blocksize), (n, k))
 
 
 def resolve_absmax(state) -> torch.Tensor:

@@ -24,15 +24,19 @@ Dropout masks follow :mod:`fastlora.dropout`; ``seeds`` holds one int64 seed per
 
 The module-level functions are what callers use. Under ``torch.compile`` they emit the registered op
 (``torch.ops.fastlora.*``); in eager mode they call the backend's implementation directly, skipping ~30 µs of
-dispatcher overhead per op, which at decode-sized inputs is more than the kernels take.
+dispatcher overhead per op, which at decode-sized inputs is more than the kernels take. A caller running several
+ops (the autograd function) asks :func:`implementation` once and calls its functions without the backend name.
 
 Usage::
 
     s = ops.lora_down(x, a, [16], seeds, [0.0], [2.0], "torch")
+    impl = ops.implementation("torch", "cpu"); s = impl.lora_down(x, a, [16], seeds, [0.0], [2.0])
 """
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -58,9 +62,28 @@ def _define(name: str):
             return getattr(backends.implementation(args[-1], args[0].device.type), name)(*args[:-1])
 
         call.__name__, call.__doc__, call.op = name, fn.__doc__, op
+        _NAMES.append(name)
         return call
 
     return wrap
+
+
+_NAMES: list[str] = []  # every op defined below, in order
+
+
+def implementation(backend: str, device_type: str):
+    """The ops for ``backend`` on ``device_type`` as functions without the trailing backend argument: the backend's
+    own module in eager mode, the registered ops with the backend bound while ``torch.compile`` traces.
+
+    Usage: ``ops.implementation("cpp", "cpu").lora_down(x, a, [16], seeds, [0.0], [2.0])``
+    """
+    if torch.compiler.is_compiling():
+        return _REGISTERED[backend]
+    return backends.implementation(backend, device_type)
+
+
+def _bound(op, backend: str, *args):
+    return op(*args, backend)
 
 
 def _routed(name: str, device_type: str):
@@ -173,3 +196,10 @@ def _(grad_s, x, ranks, seeds, dropout_p, backend):
 @lora_linear_grad_input.op.register_fake
 def _(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p, backend):
     return grad_out.new_empty((grad_out.shape[0], lora_a.shape[1]))
+
+
+# Per backend, the registered ops with that backend bound: built once here, so traced code only looks them up.
+_REGISTERED = {
+    backend: SimpleNamespace(**{name: functools.partial(_bound, globals()[name].op, backend) for name in _NAMES})
+    for backend in backends.NAMES
+}

@@ -157,6 +157,23 @@ def _layer_device(layer: nn.Module) -> torch.device:
     return layer.get_base_layer().weight.device
 
 
+def _base_layer(layer: nn.Module) -> nn.Module:
+    """PEFT's ``get_base_layer()`` without its ``hasattr`` probes, which go through ``nn.Module.__getattr__``
+    and raise inside (microseconds per call, on every forward)."""
+    base = layer
+    child = base._modules.get("base_layer")
+    while child is not None:
+        base, child = child, child._modules.get("base_layer")
+    return base
+
+
+def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>`` straight from ``_parameters`` when registered there (FSDP2 swaps its unsharded
+    parameters in there too), else the attribute (e.g. a parametrized weight): no ``nn.Module.__getattr__``."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def _structural_reason(layer: nn.Module) -> Optional[str]:
     """Why this LoRA layer can never take the fused path (checked at patch time), or None."""
     _, LoraLinear, LoraLinear4bit = _lora_classes()
@@ -211,10 +228,10 @@ def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
     for name in active:
         if name in variants or layer.use_dora.get(name, False):
             return "LoRA variant (DoRA or other)"
-        lora_a, lora_b = lora_A[name], lora_B[name]
-        if lora_b.bias is not None or lora_a.bias is not None:
+        lora_a, lora_b = lora_A._modules[name], lora_B._modules[name]
+        if _param(lora_b, "bias") is not None or _param(lora_a, "bias") is not None:
             return "lora_bias"
-        dropout = lora_dropout[name]
+        dropout = lora_dropout._modules[name]
         if isinstance(dropout, nn.Dropout):
             p = float(dropout.p) if dropout.training else 0.0
         elif isinstance(dropout, nn.Identity):
@@ -223,19 +240,21 @@ def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
             return f"dropout module {type(dropout).__name__}"
         if not 0.0 <= p < 1.0:
             return f"dropout p={p}"
-        adapters.append(Adapter(lora_a.weight, lora_b.weight, float(layer.scaling[name]), p))
+        adapters.append(Adapter(_param(lora_a, "weight"), _param(lora_b, "weight"), float(layer.scaling[name]), p))
 
-    base_layer = layer.get_base_layer()
-    weight = base_layer.weight
+    base_layer = _base_layer(layer)
+    weight = _param(base_layer, "weight")
     if weight.requires_grad:
         return "base weight requires grad"
+    if type(base_layer) is nn.Linear:  # the common dense case, without the 4-bit class checks
+        return _dense_plan(base_layer, weight, x, adapters)
     if _is_params4bit(weight) or _is_sharded_4bit(base_layer):
-        return _nf4_plan(base_layer, x, adapters)
-    return _dense_plan(base_layer, x, adapters)
+        return _nf4_plan(base_layer, weight, x, adapters)
+    return _dense_plan(base_layer, weight, x, adapters)
 
 
-def _dense_plan(base_layer: nn.Linear, x: torch.Tensor, adapters):
-    weight, bias = base_layer.weight, base_layer.bias
+def _dense_plan(base_layer: nn.Linear, weight: torch.Tensor, x: torch.Tensor, adapters):
+    bias = _param(base_layer, "bias")
     if torch.is_autocast_enabled(x.device.type):
         # What autocast would do to F.linear: run it in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -248,15 +267,16 @@ def _dense_plan(base_layer: nn.Linear, x: torch.Tensor, adapters):
     return x, BaseWeight(weight, bias, weight.shape[0]), adapters, x.dtype
 
 
-def _nf4_plan(base_layer, x: torch.Tensor, adapters):
+def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters):
     if _is_sharded_4bit(base_layer):
         # FSDP gathered the packed weight into a plain tensor that lost its quant state: re-attach the module's
         # state exactly as bitsandbytes' own forward does, so we read the gathered weight, never a shard.
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(base_layer)
+        weight = _param(base_layer, "weight")  # it may have wrapped the weight in a new Params4bit
     try:
-        nf4 = NF4Weight.from_params4bit(base_layer.weight)
+        nf4 = NF4Weight.from_params4bit(weight)
     except UnsupportedQuantization as err:
         return f"4-bit {err}"
     # bitsandbytes' Linear4bit picks its compute dtype from the first input it sees; do the same.
@@ -266,7 +286,7 @@ def _nf4_plan(base_layer, x: torch.Tensor, adapters):
     dtype = base_layer.compute_dtype or x.dtype
     if dtype not in _FLOAT_DTYPES:
         return f"4-bit compute dtype {dtype}"
-    bias = base_layer.bias
+    bias = _param(base_layer, "bias")
     bias = None if bias is None else bias.to(dtype)
     base = BaseWeight(nf4.packed, bias, nf4.shape[0], nf4.absmax, nf4.blocksize)
     return x.to(dtype), base, adapters, x.dtype

@@ -32,9 +32,9 @@ TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 ENV_VAR = "FASTLORA_TRITON_PATH"
 PATHS = ("fused", "split")
 OPS = ("forward", "grad_input")
-#: Unmeasured guess: the split path from this many tokens on, per base. NF4 fused saves the dequant round
-#: trip and the epilogue's pass over y (roofline gain >= 1.2x at M=4096); a dense fused Triton GEMM must
-#: stay within ~10% of cuBLAS to win at large M, which is unproven.
+#: Unmeasured guess: the split path for M buckets (M rounded up to a power of two) from this many tokens on, per
+#: base. NF4 fused saves the dequant round trip and the epilogue's pass over y (roofline gain >= 1.2x at M=4096);
+#: a dense fused Triton GEMM must stay within ~10% of cuBLAS to win at large M, which is unproven.
 DEFAULT_SPLIT_FROM_M = {"nf4": 2048, "dense": 512}
 MEASURE_M = (1, 16, 64, 256, 1024, 4096, 16384)
 
@@ -70,13 +70,19 @@ def choice(op: str, base: str, m: int, n: int, k: int, dtype: torch.dtype, devic
         if forced not in PATHS:
             raise ValueError(f"{ENV_VAR}={forced!r}: choose one of {PATHS}")
         return Choice(forced, f"forced by {ENV_VAR}")
+    return _looked_up(op, base, common.m_bucket(m), n, k, dtype, device_index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _looked_up(op: str, base: str, bucket: int, n: int, k: int, dtype: torch.dtype, device_index: int | None) -> Choice:
+    # Memoized: this runs before every launch of the linear kernels, and a training run has few distinct shapes.
     gpu = _gpu_name(device_index)
     measured = _table()["gpus"].get(gpu, {}).get(table_key(op, base, dtype, n, k))
     if measured:
         # The measured bucket nearest in log2(M).
-        bucket = min(measured, key=lambda b: abs(math.log2(int(b)) - math.log2(common.m_bucket(m))))
-        return Choice(measured[bucket]["path"], f"measured on {gpu} at M={bucket}")
-    path = "split" if m >= DEFAULT_SPLIT_FROM_M[base] else "fused"
+        nearest = min(measured, key=lambda b: abs(math.log2(int(b)) - math.log2(bucket)))
+        return Choice(measured[nearest]["path"], f"measured on {gpu} at M={nearest}")
+    path = "split" if bucket >= DEFAULT_SPLIT_FROM_M[base] else "fused"
     return Choice(path, "default (unmeasured)")
 
 
@@ -155,4 +161,5 @@ def measure(
             table["gpus"].setdefault(gpu, {}).update(entries)
             TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
             _table.cache_clear()
+            _looked_up.cache_clear()
     return entries

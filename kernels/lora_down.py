@@ -79,9 +79,11 @@ def thin_down(
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
     col_scales = common.column_scales(ranks, scales, x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups.shape[0])  # noqa: E731
-    lora_down_kernel[grid](
-        x, a, groups, keep_scales, col_scales, seeds, s, m, k, a.stride(0), a.stride(1), s.stride(0), common.m_bucket(m),
-        R_BLOCK=common.rank_block(widest), PRECISION=common.dot_precision(x.dtype),
+    bucket, r_block = common.m_bucket(m), common.rank_block(widest)
+    common.launch(
+        lora_down_kernel, grid, (x.device, x.dtype, a.dtype, bucket, k, r_block),
+        x, a, groups, keep_scales, col_scales, seeds, s, m, k, a.stride(0), a.stride(1), s.stride(0), bucket,
+        R_BLOCK=r_block, PRECISION=common.dot_precision(x.dtype),
     )  # fmt: skip
     return s
 

@@ -95,10 +95,12 @@ def thin_grad(
     target = out if splits == 1 else torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     stride_or, stride_ok = (out.stride(0), out.stride(1)) if splits == 1 else (k, 1)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), groups.shape[0], splits)  # noqa: E731
-    lora_down_grad_kernel[grid](
+    bucket, r_block = common.m_bucket(m), common.rank_block(widest)
+    common.launch(
+        lora_down_grad_kernel, grid, (x.device, x.dtype, g.dtype, bucket, k, r_block),
         g, x, groups, keep_scales, seeds, target,
-        m, k, g.stride(0), g.stride(1), stride_or, stride_ok, r * k, rows_per_split, common.m_bucket(m),
-        R_BLOCK=common.rank_block(widest), PRECISION=common.dot_precision(x.dtype),
+        m, k, g.stride(0), g.stride(1), stride_or, stride_ok, r * k, rows_per_split, bucket,
+        R_BLOCK=r_block, PRECISION=common.dot_precision(x.dtype),
     )  # fmt: skip
     if splits > 1:
         out.copy_(target.sum(dim=0))

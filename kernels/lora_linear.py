@@ -127,13 +127,15 @@ def _launch(x, weight, absmax, blocksize, bias, lora_s, lora_b, y, base: int) ->
     m, k = x.shape
     n, r = lora_b.shape
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    lora_linear_kernel[grid](
+    bucket, r_block, precision = common.m_bucket(m), common.rank_block(r), common.dot_precision(x.dtype)
+    common.launch(
+        lora_linear_kernel, grid, (x.device, x.dtype, weight.dtype, bucket, n, k, r_block, base),
         x, weight, absmax if absmax is not None else y, common.table(x.device),
         bias if bias is not None else y, lora_s, lora_b, y,
-        m, n, k, r, common.m_bucket(m),
-        BASE=base, HAS_BIAS=bias is not None, HAS_LORA=r > 0, R_BLOCK=common.rank_block(r),
-        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0,
-        PRECISION=common.dot_precision(x.dtype), LORA_PRECISION=common.dot_precision(x.dtype),
+        m, n, k, r, bucket,
+        BASE=base, HAS_BIAS=bias is not None, HAS_LORA=r > 0, R_BLOCK=r_block,
+        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=blocksize > 0 and k % blocksize == 0,
+        PRECISION=precision, LORA_PRECISION=precision,
     )  # fmt: skip
     return y
 

@@ -112,13 +112,15 @@ def _launch(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, d
     r = lora_a.shape[0]
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    lora_linear_grad_input_kernel[grid](
+    bucket, r_block, precision = common.m_bucket(m), common.rank_block(widest), common.dot_precision(dx.dtype)
+    common.launch(
+        lora_linear_grad_input_kernel, grid, (dx.device, dx.dtype, weight.dtype, bucket, n, k, r_block, base),
         grad_out, weight, absmax if absmax is not None else dx, common.table(dx.device), grad_s, lora_a,
         groups if r else dx, keep_scales if r else dx, seeds, dx,
-        m, n, k, r, groups.shape[0] if r else 0, common.m_bucket(m),
-        BASE=base, R_BLOCK=common.rank_block(widest),
-        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0,
-        PRECISION=common.dot_precision(dx.dtype), LORA_PRECISION=common.dot_precision(dx.dtype),
+        m, n, k, r, groups.shape[0] if r else 0, bucket,
+        BASE=base, R_BLOCK=r_block,
+        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=blocksize > 0 and k % blocksize == 0,
+        PRECISION=precision, LORA_PRECISION=precision,
     )  # fmt: skip
     return dx
 

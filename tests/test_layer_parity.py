@@ -235,10 +235,10 @@ def saved_activation_bytes(output: torch.Tensor, model: torch.nn.Module) -> int:
     """Bytes of distinct storages the autograd graph of ``output`` keeps for backward, excluding the model's own
     parameters and buffers and the cached NF4 absmax (persistent memory, not activations). Walks the graph rather
     than using saved-tensor hooks because bitsandbytes' MatMul4Bit keeps x on ``ctx.tensors``, bypassing them."""
-    from fastlora.nf4 import _ABSMAX_CACHE
+    from fastlora.nf4 import _CACHE
 
     persistent = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    persistent |= {entry[2].untyped_storage().data_ptr() for entry in _ABSMAX_CACHE.values()}
+    persistent |= {entry[2].absmax.untyped_storage().data_ptr() for entry in _CACHE.values()}
     seen, total, stack, visited = set(), 0, [output.grad_fn], set()
     while stack:
         node = stack.pop()

@@ -1,5 +1,5 @@
-"""``fastlora.patch(model, backend="triton")`` on the tiny QLoRA Llama, on CPU under Triton's interpreter:
-per-step training losses match the torch reference backend.
+"""``fastlora.patch(model, backend="triton")`` on the tiny Llama (QLoRA and dense-base LoRA), on CPU under Triton's
+interpreter: per-step training losses match the torch reference backend.
 
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_model.py
 
@@ -30,11 +30,12 @@ pytestmark = [
 STEPS = 3  # the interpreter runs ~80 kernel launches per step
 
 
-def test_qlora_fp32_dropout_training_matches_torch_backend():
+@pytest.mark.parametrize("kind", ["qlora", "dense"])
+def test_fp32_dropout_training_matches_torch_backend(kind):
     batches = [torch.randint(0, 128, (2, 16)) for _ in range(STEPS)]
     losses = {}
     for backend in ("torch", "triton"):
-        model = tiny_llama_peft("qlora", dtype=torch.float32, dropout=0.1)
+        model = tiny_llama_peft(kind, dtype=torch.float32, dropout=0.1)
         report = fastlora.patch(model, backend=backend)
         assert len(report.patched) == 14 and not report.skipped
         torch.manual_seed(1234)  # the same dropout seeds for both backends
