@@ -12,8 +12,17 @@ from tests.conftest import lora_layer_model
 
 from fastlora.backends import unavailable_reason
 
-# Every backend that serves CPU tensors in this process (Triton only under its interpreter, in its own tests).
-CPU_BACKENDS = [name for name in ("torch", "cpp") if unavailable_reason(name, "cpu") is None]
+# Every backend that serves CPU tensors in this process. Triton's interpreter is switched on per process, so its
+# cases are marked for the interpreter run (scripts/test.sh runs them in a process of their own) and skip elsewhere.
+CPU_BACKENDS = [name for name in ("torch", "cpp") if unavailable_reason(name, "cpu") is None] + [
+    pytest.param(
+        "triton",
+        marks=[
+            pytest.mark.interpreter,
+            pytest.mark.skipif(unavailable_reason("triton", "cpu") is not None, reason="needs TRITON_INTERPRET=1"),
+        ],
+    )
+]
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -135,6 +144,8 @@ def test_half_precision_no_worse_than_peft(base, dtype, m, k, n, backend):
     """In bf16/fp16, PEFT rounds the base output and the LoRA term separately; fastlora accumulates both in fp32
     and rounds once. Both are compared with a float64 computation on the same (half) inputs: fastlora's error
     must not exceed PEFT's by more than half an output ulp's worth, and both stay within a few ulps."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong (triton#11584); bf16 runs in the GPU tests")
     model = lora_layer_model(k, n, base=base, dtype=dtype, adapters=((4, 8, 0.0, False), (2, 4, 0.0, False)))
     x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
     y_peft, g_peft = run(model, x, dy)
@@ -168,6 +179,8 @@ def test_nf4_quant_layouts(blocksize, nested, backend):
 def test_autocast_dense_fp32_base(backend):
     """Under bf16 autocast PEFT runs the base and the LoRA matmuls in bf16; fastlora runs the base in bf16 (as
     autocast would) and the LoRA term in fp32: outputs agree to bf16 precision, dtype is autocast's."""
+    if backend == "triton":
+        pytest.skip("bf16 autocast: the Triton interpreter's bf16 tl.dot is wrong (triton#11584)")
     model = lora_layer_model(64, 48, base="dense", dtype=torch.float32)
     x, dy = torch.randn(9, 64), torch.randn(9, 48, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
