@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from fastlora.bench.models import LinearShape, layer_shapes, nf4_linear
 from fastlora.bench.results import LayerRecord
-from fastlora.bench.timing import UNLIMITED, Peaks, RotatingInputs, RunBudget, TimingPolicy, cache_bytes, time_interleaved
+from fastlora.bench.timing import (
+    UNLIMITED, Peaks, RotatingInputs, RunBudget, TimingPolicy, cache_bytes, host_seconds, time_interleaved,
+)
 
 #: Largest accepted max |out - ref| / max |ref| per compute dtype. The reference computes in fp32 from the same
 #: (already rounded) inputs, so what remains is output rounding and summation order; a wrong LoRA scale, a
@@ -393,16 +395,18 @@ def run_case(
     del references, x0, grad_y0  # the fp32 reference can be larger than the layer: free it before timing
     try:
         medians = time_interleaved(timed, device, policy)
+        hosts = {name: host_seconds(fn, device) for name, fn in timed.items()}
     except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large M: recorded, the suite goes on
         status = "oom" if isinstance(err, torch.OutOfMemoryError) else "error"
         for name in timed:
             records[name].status, records[name].detail = status, f"while timing: {err}".splitlines()[0]
-        medians = {}
+        medians, hosts = {}, {}
     peft_time = medians.get(PEFT)
     computes = {c.name: c.computes for c in contenders}
     for name, seconds in medians.items():
         record = records[name]
         record.median_s = seconds
+        record.host_s = hosts.get(name)
         record.speedup_vs_peft = peft_time / seconds if peft_time else None
         record.tflops = case.flops(computes[name]) / seconds / 1e12
         record.gbps = case.min_bytes(computes[name]) / seconds / 1e9

@@ -108,6 +108,11 @@ def layer_detail_table(records: list[LayerRecord]) -> str:
     ]
     headers = ["model", "layers", "K→N", "M", "base", "mode", "r", "contender", "status", "median", "vs PEFT",
                "TFLOP/s", "GB/s", "% GEMM peak", "% copy peak", "check err", "triton path"]  # fmt: skip
+    if any(r.host_s is not None for r in records):
+        # GPU runs: the host time to issue a call, next to the GPU median (host-bound where they are close).
+        headers.insert(10, "host/call")
+        for row, r in zip(rows, records):
+            row.insert(10, format_seconds(r.host_s))
     return markdown_table(headers, rows)
 
 
@@ -277,7 +282,12 @@ def render_report(results: Results, plot_files: Sequence[str] = ()) -> str:
         "## Summary\n\n" + summary_table(results),
     ]
     if results.layers:
-        timing = "triton.testing.do_bench median (CUDA events, L2 flushed, rotating inputs)" if device.startswith("cuda") else "median of interleaved rounds in one process"
+        timing = (
+            "triton.testing.do_bench median (CUDA events, L2 flushed, rotating inputs); \"host/call\" in the detail "
+            "table is the host time to issue one call, GPU not waited for (a median close to it is host-bound)"
+            if device.startswith("cuda")
+            else "median of interleaved rounds in one process"
+        )
         out.append(
             "## Layers\n\n"
             f"Timing: {timing}. `fwd` runs under `torch.no_grad()`; `fwd+bwd` also returns dx, dA, dB. "

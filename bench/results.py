@@ -51,6 +51,7 @@ class LayerRecord:
     gemm_peak_fraction: Optional[float] = None
     copy_peak_fraction: Optional[float] = None
     path: Optional[str] = None  # the Triton backend's fused/split choice, where it says
+    host_s: Optional[float] = None  # GPU only: host time to issue one call (timing.host_seconds)
 
 
 @dataclass

@@ -80,6 +80,25 @@ def _do_bench(fn: Callable[[], object], policy: TimingPolicy) -> float:
     return do_bench(fn, warmup=policy.warmup_ms, rep=policy.rep_ms, return_mode="median") * 1e-3
 
 
+def host_seconds(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float | None:
+    """Host seconds to issue one call without waiting for the GPU (None on CPU, where host time is the time).
+
+    After a synchronize, ``calls`` calls run back to back with no synchronize in between, so the clock stops when
+    the host has queued the last launch. Set against the GPU median, it says whether a case is bound by host
+    overhead (Python, autograd and kernel launches): where host time nears the GPU time, the GPU waits on the host.
+    """
+    if device.type != "cuda":
+        return None
+    fn()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - started) / calls
+    synchronize(device)
+    return host
+
+
 def _interleaved_cpu(fns: dict[str, Callable[[], object]], policy: TimingPolicy) -> dict[str, float]:
     for fn in fns.values():  # one warm-up call each: first-call allocations and lazy initialisation
         fn()

@@ -16,7 +16,7 @@ from fastlora.bench.layers import Contender, LayerCase, make_fixture, run_case
 from fastlora.bench.models import LinearShape, layer_shapes
 from fastlora.bench.results import LayerRecord, MemoryRecord, Results, TrainRecord, validate
 from fastlora.bench.settings import default_settings
-from fastlora.bench.timing import RotatingInputs, TimingPolicy, time_interleaved
+from fastlora.bench.timing import RotatingInputs, TimingPolicy, host_seconds, time_interleaved
 from fastlora.bench.training import _compare_losses, synthetic_batches
 from fastlora.cli import build_parser, main, settings_from_args
 
@@ -263,6 +263,21 @@ def test_report_has_tables_versions_settings_and_problems():
     summary = report.summary_table(_synthetic_results())
     assert "| nf4 | fwd+bwd | fastlora[cpp] | 2 | 2.00× |" in summary
     assert "split on llama-3-8b q_proj,o_proj nf4 fwd+bwd r=16 M=1: mismatch" in summary
+
+
+def test_gpu_layer_figures_show_host_time_per_call():
+    """GPU records carry the host time to issue a call; the detail table shows it next to the median (CPU records
+    have none, and their table has no such column)."""
+    records = _synthetic_results().layers
+    assert "host/call" not in report.layer_detail_table(records)
+    for r, host in zip(records, (2.5e-5, 4e-4, None)):
+        r.host_s = host
+    table = report.layer_detail_table(records).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[9:11] == ["median", "host/call"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:5]]
+    assert [row[10] for row in cells] == ["25.0 µs", "400.0 µs", "-"]
+    assert host_seconds(lambda: None, torch.device("cpu")) is None  # on CPU the host time is the timing
 
 
 def test_plots_are_written_as_png(tmp_path):
