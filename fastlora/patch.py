@@ -248,8 +248,10 @@ def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
         return "base weight requires grad"
     if type(base_layer) is nn.Linear:  # the common dense case, without the 4-bit class checks
         return _dense_plan(base_layer, weight, x, adapters)
-    if _is_params4bit(weight) or _is_sharded_4bit(base_layer):
-        return _nf4_plan(base_layer, weight, x, adapters)
+    if _is_params4bit(weight):
+        return _nf4_plan(base_layer, weight, x, adapters, sharded=False)
+    if _is_sharded_4bit(base_layer):
+        return _nf4_plan(base_layer, weight, x, adapters, sharded=True)
     return _dense_plan(base_layer, weight, x, adapters)
 
 
@@ -267,8 +269,8 @@ def _dense_plan(base_layer: nn.Linear, weight: torch.Tensor, x: torch.Tensor, ad
     return x, BaseWeight(weight, bias, weight.shape[0]), adapters, x.dtype
 
 
-def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters):
-    if _is_sharded_4bit(base_layer):
+def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters, sharded: bool):
+    if sharded:
         # FSDP gathered the packed weight into a plain tensor that lost its quant state: re-attach the module's
         # state exactly as bitsandbytes' own forward does, so we read the gathered weight, never a shard.
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module

@@ -27,14 +27,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Host-side integer helpers in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+# functions since Triton 3.5, and calling them from host code costs microseconds each (argument unwrapping), a
+# few dozen times per layer call.
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ``a`` and positive ``b``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n`` <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def m_bucket(m: int) -> int:
     """The autotune/dispatch bucket of ``m`` tokens: the next power of two, at least 16."""
-    return max(MIN_M_BUCKET, triton.next_power_of_2(m))
+    return max(MIN_M_BUCKET, next_power_of_2(m))
 
 
 def rank_block(r: int) -> int:
     """Tile width for a LoRA rank ``r``: a power of two, at least ``tl.dot``'s minimum of 16."""
-    return max(MIN_DOT, triton.next_power_of_2(r))
+    return max(MIN_DOT, next_power_of_2(r))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -99,6 +112,13 @@ def config_set_by_base(input_ptr: str, base_nf4: int):
     return pick
 
 
+def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """NF4 codes in any ``quant_storage`` dtype and shape as the flat uint8 tensor the kernels index (no copy)."""
+    if weight.dtype == torch.uint8 and weight.dim() == 1:  # what fastlora's NF4Weight holds: skip two view ops
+        return weight
+    return weight.view(torch.uint8).reshape(-1)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
     if device.type != "cuda":
@@ -134,7 +154,7 @@ def _column_scales(device: torch.device, ranks: tuple[int, ...], scales: tuple[f
 def column_scales(ranks: list[int], scales: list[float], device: torch.device) -> torch.Tensor:
     """f32[R]: each stacked rank column's LoRA scale (adapter a's s_a over its r_a columns), for the thin kernels'
     epilogue. Cached per (device, ranks, scales) like :func:`adapter_groups`, so CUDA-graph captures only read it."""
-    return _column_scales(torch.device(device), tuple(int(r) for r in ranks), tuple(float(s) for s in scales))
+    return _column_scales(torch.device(device), tuple(ranks), tuple(scales))
 
 
 # Per (autotuned kernel, launch key): the kwargs of the config its autotuner chose.
@@ -171,7 +191,8 @@ def adapter_groups(ranks: list[int], dropout_p: list[float], device: torch.devic
 
     Cached per (device, ranks, p), so the first (warm-up) call builds it and CUDA-graph captures only read it.
     """
-    return _group_tables(torch.device(device), tuple(int(r) for r in ranks), tuple(float(p) for p in dropout_p))
+    # tuple() of the tuples the autograd function passes is free; equal ints and floats hash alike.
+    return _group_tables(torch.device(device), tuple(ranks), tuple(dropout_p))
 
 
 # ---- @triton.jit helpers ---------------------------------------------------------------------------------------

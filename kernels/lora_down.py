@@ -78,7 +78,7 @@ def thin_down(
         return s
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
     col_scales = common.column_scales(ranks, scales, x.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups.shape[0])  # noqa: E731
+    grid = lambda meta: (common.cdiv(m, meta["BLOCK_M"]), groups.shape[0])  # noqa: E731
     bucket, r_block = common.m_bucket(m), common.rank_block(widest)
     common.launch(
         lora_down_kernel, grid, (x.device, x.dtype, a.dtype, bucket, k, r_block),

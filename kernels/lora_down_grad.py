@@ -89,12 +89,12 @@ def thin_grad(
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
     if rows_per_split is None:
         # Enough splits that (column tiles x groups x splits) fills the GPU about twice over.
-        wanted = triton.cdiv(2 * common.sm_count(x.device), triton.cdiv(k, 64) * groups.shape[0])
-        rows_per_split = max(SPLIT_GRANULE, triton.cdiv(triton.cdiv(m, wanted), SPLIT_GRANULE) * SPLIT_GRANULE)
-    splits = triton.cdiv(m, rows_per_split)
+        wanted = common.cdiv(2 * common.sm_count(x.device), common.cdiv(k, 64) * groups.shape[0])
+        rows_per_split = max(SPLIT_GRANULE, common.cdiv(common.cdiv(m, wanted), SPLIT_GRANULE) * SPLIT_GRANULE)
+    splits = common.cdiv(m, rows_per_split)
     target = out if splits == 1 else torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     stride_or, stride_ok = (out.stride(0), out.stride(1)) if splits == 1 else (k, 1)
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), groups.shape[0], splits)  # noqa: E731
+    grid = lambda meta: (common.cdiv(k, meta["BLOCK_K"]), groups.shape[0], splits)  # noqa: E731
     bucket, r_block = common.m_bucket(m), common.rank_block(widest)
     common.launch(
         lora_down_grad_kernel, grid, (x.device, x.dtype, g.dtype, bucket, k, r_block),

@@ -126,7 +126,7 @@ def lora_linear_kernel(
 def _launch(x, weight, absmax, blocksize, bias, lora_s, lora_b, y, base: int) -> torch.Tensor:
     m, k = x.shape
     n, r = lora_b.shape
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (common.cdiv(m, meta["BLOCK_M"]) * common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     bucket, r_block, precision = common.m_bucket(m), common.rank_block(r), common.dot_precision(x.dtype)
     common.launch(
         lora_linear_kernel, grid, (x.device, x.dtype, weight.dtype, bucket, n, k, r_block, base),
@@ -161,7 +161,7 @@ def lora_linear(
     base = "nf4" if absmax is not None else "dense"
     x, lora_s, lora_b = x.contiguous(), lora_s.contiguous(), lora_b.contiguous()
     if absmax is not None:
-        weight = weight.view(torch.uint8).reshape(-1)
+        weight = common.packed_bytes(weight)
     else:
         weight = weight.contiguous()
     path = path or dispatch.choice("forward", base, m, n, k, x.dtype).path

@@ -111,7 +111,7 @@ def _launch(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, d
     k = lora_a.shape[1]
     r = lora_a.shape[0]
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (common.cdiv(m, meta["BLOCK_M"]) * common.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     bucket, r_block, precision = common.m_bucket(m), common.rank_block(widest), common.dot_precision(dx.dtype)
     common.launch(
         lora_linear_grad_input_kernel, grid, (dx.device, dx.dtype, weight.dtype, bucket, n, k, r_block, base),
@@ -147,7 +147,7 @@ def lora_linear_grad_input(
     k = lora_a.shape[1]
     base = "nf4" if absmax is not None else "dense"
     grad_out, grad_s, lora_a = grad_out.contiguous(), grad_s.contiguous(), lora_a.contiguous()
-    weight = weight.view(torch.uint8).reshape(-1) if absmax is not None else weight.contiguous()
+    weight = common.packed_bytes(weight) if absmax is not None else weight.contiguous()
     path = path or dispatch.choice("grad_input", base, m, n, k, grad_out.dtype).path
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
     args = (blocksize, grad_s, lora_a, ranks, seeds, dropout_p, dx)

@@ -54,9 +54,9 @@ def nf4_dequantize(
     """
     out = torch.empty((n, k), dtype=dtype, device=packed.device) if out is None else out.view(n, k)
     numel = n * k
-    grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (common.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
     common.launch(
         nf4_dequantize_kernel, grid, (packed.device, out.dtype, numel, blocksize),
-        packed.view(torch.uint8).reshape(-1), absmax, common.table(packed.device), out, numel, BLOCKSIZE=blocksize,
+        common.packed_bytes(packed), absmax, common.table(packed.device), out, numel, BLOCKSIZE=blocksize,
     )  # fmt: skip
     return out
