@@ -13,12 +13,18 @@ import triton.language as tl
 
 from fastlora.kernels import common
 
+# At decode-sized M the grid is one program per adapter group, streaming all of x and A (or dy and B, for
+# lora_up_grad: ~1.4 MB at N=14336) through one SM, whose bandwidth is bounded by the bytes it has in flight:
+# the wide-K, deep-pipeline configs (128-136 KB of shared memory) are for that case. Unmeasured on a GPU;
+# autotuning keeps whichever config is fastest per (M bucket, K, rank).
 CONFIGS = {
     "hopper": [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 512}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=8, num_stages=6),
     ],
     "ampere": [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
