@@ -79,7 +79,7 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
         dtypes = ctx.adapter_dtypes
         if len(ranks) == 1:
-            grads = (grad_a_all.to(dtypes[0]), grad_b_all.to(dtypes[1]))
+            grads = (_as(grad_a_all, dtypes[0]), _as(grad_b_all, dtypes[1]))
         else:
             grads, start = [], 0
             for i, r in enumerate(ranks):
@@ -87,6 +87,11 @@ class LoRALinearFunction(torch.autograd.Function):
                 grads.append(grad_b_all[:, start : start + r].to(dtypes[2 * i + 1]))
                 start += r
         return (grad_x, None, None, grad_bias, None, None, *grads)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it is already that dtype (this runs on every layer call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _needs_graph(x: Tensor, bias: Optional[Tensor], adapter_tensors: list[Tensor]) -> bool:

@@ -289,9 +289,10 @@ def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters, shard
     if dtype not in _FLOAT_DTYPES:
         return f"4-bit compute dtype {dtype}"
     bias = _param(base_layer, "bias")
-    bias = None if bias is None else bias.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
     base = BaseWeight(nf4.packed, bias, nf4.shape[0], nf4.absmax, nf4.blocksize)
-    return x.to(dtype), base, adapters, x.dtype
+    return (x if x.dtype == dtype else x.to(dtype)), base, adapters, x.dtype
 
 
 def _lora_layers(model: nn.Module):
