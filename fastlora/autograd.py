@@ -142,8 +142,7 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    device = x.device
-    seeds = _seeds(adapters, device)
+    seeds = _seeds(adapters, x.device)
     adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
     config = _Config(base.blocksize, tuple(a.lora_a.shape[0] for a in adapters), tuple(a.scale for a in adapters),
                      tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
