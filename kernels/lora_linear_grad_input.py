@@ -19,8 +19,10 @@ from fastlora.kernels.nf4_dequantize import nf4_dequantize
 _config = common.gemm_config
 
 
-# BLOCK_N is the reduction here, BLOCK_K the output columns. NF4 bytes run along K; BLOCK_K=64 keeps the
-# tile inside one absmax block (one scale per row), and wider NF4 tiles exceed shared memory or registers.
+# BLOCK_N is the reduction here, BLOCK_K the output columns. NF4 bytes run along K; BLOCK_K <= 64 keeps the
+# tile inside one absmax block (one scale per row), and wider NF4 tiles exceed shared memory or registers. At
+# decode-sized M the grid is one row of K / BLOCK_K programs: 64 for K=4096 at BLOCK_K=64, half of an H100's
+# SMs, so the Hopper NF4 set also has 32- and 16-wide output tiles (128 and 256 programs) for the autotuner.
 CONFIGS = {
     "hopper-nf4": [
         _config(128, 64, 64, 8, 3),
@@ -28,6 +30,10 @@ CONFIGS = {
         _config(64, 32, 64, 4, 4),
         _config(32, 64, 64, 4, 3),
         _config(16, 32, 64, 4, 3),
+        _config(16, 64, 32, 4, 4),
+        _config(16, 128, 32, 4, 4),
+        _config(16, 64, 16, 2, 4),
+        _config(16, 128, 16, 4, 4),
     ],
     "hopper-dense": [
         _config(128, 64, 128, 8, 3),
