@@ -63,12 +63,37 @@ def test_qlora_bf16_training_matches_peft():
 def test_dense_fp32_training_matches_peft():
     ref, ours, w_ref, w = compare_training("dense", torch.float32)
     diff = max_abs_diff(ref, ours)
-    weight_diff = max((w[n] - w_ref[n]).abs().max().item() for n in w)
-    print(f"dense fp32 per-step losses max |diff| {diff:.2e}, adapter weights max |diff| {weight_diff:.2e}")
+    weight_diff = max(((w[n] - w_ref[n]).norm() / w_ref[n].norm()).item() for n in w)
+    print(f"dense fp32 per-step losses max |diff| {diff:.2e}, adapter weights max relative difference {weight_diff:.2e}")
     # fp32 throughout: only summation order differs; 1e-5 on a loss of ~4.9 is a few hundred ulps after 10 steps.
     assert diff < 1e-4
+    # Not elementwise: AdamW divides each gradient element by its own running RMS, so an element whose gradient is
+    # within rounding of zero can take a different step (up to lr) in the two runs. Over 40 seeds the worst tensor
+    # differed by 8e-5 relative (typically 1e-7..1e-6); a wrong term or scale would be O(1). The first step's
+    # gradients, before AdamW, are compared elementwise in the test below.
     for name in w:
-        torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)
+        delta = (w[name] - w_ref[name]).norm() / w_ref[name].norm()
+        assert delta < 1e-3, f"{name}: relative difference {delta:.2e}"
+
+
+def test_dense_fp32_first_step_gradients_match_peft():
+    """Every adapter gradient of one forward+backward through the whole model, elementwise against PEFT's: fp32,
+    so only summation order differs (1e-5 relative, with the absolute floor scaled to each tensor's largest value
+    since a cancelling sum carries the rounding of its terms)."""
+    ids = torch.randint(0, 128, (2, 24))
+    grads = []
+    for patch in (False, True):
+        model = tiny_llama_peft("dense", dtype=torch.float32)
+        if patch:
+            fastlora.patch(model, backend="torch")
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    reference, ours = grads
+    assert reference.keys() == ours.keys() and len(ours) == 28  # A and B of 14 LoRA layers
+    for name, expected in reference.items():
+        atol = 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_dense_bf16_training_matches_peft():
