@@ -157,10 +157,17 @@ def test_half_precision_no_worse_than_peft(base, dtype, m, k, n, backend):
     assert _rel_err(y, y64) <= _rel_err(y_peft, y64) + 0.5 * ulp
     assert _rel_err(y, y64) < 2 * ulp
     assert _rel_err(g["x"], gx64) <= _rel_err(g_peft["x"], gx64) + 0.5 * ulp
-    # Adapter gradients are fp32 in both, computed from the same half-precision x and dy.
+    # Adapter gradients are fp32 in both, computed from the same half-precision x and dy. The Triton kernels run the
+    # LoRA branch of a half-precision model with TF32 dots (fastlora.kernels.common.dot_precision): operands keep
+    # 11 significant bits, so a product carries up to 2**-10 relative error, and a sum that cancels carries it
+    # relative to its terms (hence the floor scaled to the tensor's largest value). fp32 backends: 1e-4.
     for name in g:
         if name != "x":
-            torch.testing.assert_close(g[name], g_peft[name], rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
+            if backend == "triton":
+                rtol, atol = 2.0**-10, 2.0**-10 * g_peft[name].abs().max().item()
+            else:
+                rtol, atol = 1e-4, 1e-5
+            torch.testing.assert_close(g[name], g_peft[name], rtol=rtol, atol=atol, msg=lambda s: f"{name}: {s}")
 
 
 @pytest.mark.parametrize("blocksize", [64, 128])
