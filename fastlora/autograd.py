@@ -83,8 +83,8 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             grads, start = [], 0
             for i, r in enumerate(ranks):
-                grads.append(grad_a_all[start : start + r].to(dtypes[2 * i]))
-                grads.append(grad_b_all[:, start : start + r].to(dtypes[2 * i + 1]))
+                grads.append(_as(grad_a_all[start : start + r], dtypes[2 * i]))
+                grads.append(_as(grad_b_all[:, start : start + r], dtypes[2 * i + 1]))
                 start += r
         return (grad_x, None, None, grad_bias, None, None, *grads)
 

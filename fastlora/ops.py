@@ -57,9 +57,7 @@ def _define(name: str):
             op.register_kernel(device_type)(_routed(name, device_type))
 
         def call(*args):
-            if torch.compiler.is_compiling():
-                return op(*args)
-            return getattr(backends.implementation(args[-1], args[0].device.type), name)(*args[:-1])
+            return getattr(implementation(args[-1], args[0].device.type), name)(*args[:-1])
 
         call.__name__, call.__doc__, call.op = name, fn.__doc__, op
         _NAMES.append(name)

@@ -154,7 +154,7 @@ class FusedForward:
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
-    return layer.get_base_layer().weight.device
+    return _base_layer(layer).weight.device
 
 
 def _base_layer(layer: nn.Module) -> nn.Module:
@@ -179,7 +179,7 @@ def _structural_reason(layer: nn.Module) -> Optional[str]:
     _, LoraLinear, LoraLinear4bit = _lora_classes()
     if type(layer) not in (LoraLinear, LoraLinear4bit):
         return f"unsupported LoRA layer type {type(layer).__name__}"
-    base = layer.get_base_layer()
+    base = _base_layer(layer)
     # bitsandbytes layers subclass nn.Linear: dispatch on the weight's class, not the module's.
     if _is_params4bit(base.weight):
         try:
