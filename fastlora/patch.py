@@ -15,8 +15,9 @@ Usage::
 
 from __future__ import annotations
 
-import functools
 import logging
+import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -25,50 +26,11 @@ import torch
 from torch import nn
 
 from fastlora import backends
-from fastlora.autograd import Adapter, BaseWeight, lora_linear
-from fastlora.nf4 import NF4Weight, UnsupportedQuantization
+from fastlora import verify as verification
+from fastlora.autograd import lora_linear
+from fastlora.plan import call_plan, layer_device, lora_classes, structural_reason
 
 logger = logging.getLogger("fastlora")
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _lora_classes():
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora import Linear as LoraLinear
-
-    try:
-        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-    except ImportError:  # bitsandbytes missing: no 4-bit layers can exist either
-        LoraLinear4bit = None
-    return LoraLayer, LoraLinear, LoraLinear4bit
-
-
-@functools.lru_cache(maxsize=1)
-def _bnb_4bit_classes() -> tuple[type, type] | None:
-    """bitsandbytes' (Params4bit, Linear4bit), or None without bitsandbytes; looked up once (every call asks)."""
-    try:
-        from bitsandbytes.nn import Linear4bit, Params4bit
-    except ImportError:
-        return None
-    return Params4bit, Linear4bit
-
-
-def _is_params4bit(weight) -> bool:
-    classes = _bnb_4bit_classes()
-    return classes is not None and isinstance(weight, classes[0])
-
-
-def _is_sharded_4bit(base: nn.Module) -> bool:
-    """A bitsandbytes Linear4bit whose weight FSDP replaced by a plain tensor or DTensor (sharded at rest, a
-    plain gathered tensor inside forward). bitsandbytes keeps the quant state on the module for this case."""
-    classes = _bnb_4bit_classes()
-    return (
-        classes is not None
-        and isinstance(base, classes[1])
-        and not isinstance(base.weight, classes[0])
-        and base.quant_state is not None
-    )
 
 
 @dataclass
@@ -87,6 +49,26 @@ class PatchReport:
     already_patched: dict[str, str] = field(default_factory=dict)
     fallback_calls: Counter = field(default_factory=Counter)
     fused_calls: int = 0
+    #: Why there was nothing to fuse in a PEFT model of another method (prompt tuning, IA³, ...), else None.
+    nothing_to_fuse: Optional[str] = None
+    #: Layers patched later, when ``add_adapter``/``load_adapter`` created them (also listed in ``patched``).
+    patched_after: list[str] = field(default_factory=list)
+    #: Verify mode: whether it is on, how many call signatures each layer verified, and the layers that failed
+    #: (with what differed); a failed layer runs PEFT's forward from then on.
+    verify: bool = False
+    verified: Counter = field(default_factory=Counter)
+    verify_failures: dict[str, str] = field(default_factory=dict)
+    #: The fused linear cross-entropy (``fused_cross_entropy=True``): what was installed, or "PEFT's loss (not
+    #: fused: <why>)"; None when not asked for.
+    fused_loss: Optional[str] = None
+
+    @property
+    def paths(self) -> list:
+        """The run-time path choices made so far in this process, per op and shape, each with where it came from
+        (measured here, cache, shipped table, forced): :func:`fastlora.tuning.decisions`."""
+        from fastlora import tuning
+
+        return tuning.decisions()
 
     @property
     def changed(self) -> bool:
@@ -102,6 +84,14 @@ class PatchReport:
             parts.append(f"{len(self.already_patched)} already patched, left as they were (nothing changed)")
         if self.skipped:
             parts.append(f"{len(self.skipped)} left on PEFT ({_counts(Counter(self.skipped.values()))})")
+        if self.nothing_to_fuse:
+            parts.append(self.nothing_to_fuse)
+        if self.patched_after:
+            parts.append(f"{len(self.patched_after)} of them patched when added after patch()")
+        if self.verify:
+            parts.append(f"verify: {sum(self.verified.values())} call signatures agreed with PEFT, {len(self.verify_failures)} layers failed")
+        if self.fused_loss:
+            parts.append(f"loss: {self.fused_loss}")
         if self.fallback_calls:
             parts.append(f"calls run by PEFT since: {_counts(self.fallback_calls)}")
         return "fastlora: " + ("; ".join(parts) if parts else "no LoRA layers")
@@ -114,15 +104,20 @@ def _counts(counter: Counter) -> str:
 class FusedForward:
     """The forward installed on one LoRA layer instance. Holds what ``unpatch`` needs to restore it."""
 
-    def __init__(self, layer: nn.Module, name: str, backend: str, report: PatchReport, previous: Optional[Callable]):
+    def __init__(
+        self, layer: nn.Module, name: str, backend: str, report: PatchReport, previous: Optional[Callable], verify: bool
+    ):
         self.layer = layer
         self.name = name
         self.backend = backend
-        self.device_type = _layer_device(layer).type
+        self.device_type = layer_device(layer).type
         self.report = report
         # An instance-level forward that was there before (e.g. an accelerate hook); None means the class's.
         self.previous = previous
         self._warned: set[str] = set()
+        # Verify mode: call signatures already checked against PEFT; a failure sends every later call to PEFT.
+        self._verified: Optional[set[tuple]] = set() if verify else None
+        self._verify_failure: Optional[str] = None
 
     def original(self, *args, **kwargs):
         if self.previous is not None:
@@ -130,221 +125,139 @@ class FusedForward:
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plan = _call_plan(self.layer, self.device_type, x, args, kwargs)
+        plan = self._verify_failure or call_plan(self.layer, self.device_type, x, args, kwargs)
         # torch.compile guards on Python ints it reads, so counting inside a compiled region would recompile the
         # graph on every call; calls there go uncounted (the plan above is still decided on every trace).
         counting = not torch.compiler.is_compiling()
         if isinstance(plan, str):
             if counting:
-                self.report.fallback_calls[plan] += 1
-                if plan not in self._warned:
-                    self._warned.add(plan)
-                    logger.warning("fastlora: %s runs PEFT's forward: %s", self.name, plan)
+                self._fall_back(plan)
             return self.original(x, *args, **kwargs)
-        x_compute, base, adapters, out_dtype = plan
+        if self._verified is not None and counting and not self._passes_verification(x, args, kwargs):
+            self._fall_back(self._verify_failure)
+            return self.original(x, *args, **kwargs)
         if counting:
             self.report.fused_calls += 1
-        if torch.is_autocast_enabled(x.device.type):
+        return self._fused(plan)
+
+    def _fall_back(self, reason: str) -> None:
+        self.report.fallback_calls[reason] += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("fastlora: %s runs PEFT's forward: %s", self.name, reason)
+
+    def _fused(self, plan) -> torch.Tensor:
+        x_compute, base, adapters, out_dtype = plan
+        if torch.is_autocast_enabled(x_compute.device.type):
             # The plan already applied autocast's dtype; the ops' internal matmuls must not be recast.
-            with torch.autocast(x.device.type, enabled=False):
+            with torch.autocast(x_compute.device.type, enabled=False):
                 y = lora_linear(x_compute, base, adapters, self.backend)
         else:
             y = lora_linear(x_compute, base, adapters, self.backend)
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
+    def _passes_verification(self, x: torch.Tensor, args, kwargs) -> bool:
+        """Verify mode: on a new call signature, compare with PEFT; a mismatch disables the fused path for good."""
+        key = verification.signature(self.layer, x)
+        if key in self._verified:
+            return True
 
-def _layer_device(layer: nn.Module) -> torch.device:
-    return _base_layer(layer).weight.device
+        def fused(inputs):
+            plan = call_plan(self.layer, self.device_type, inputs, args, kwargs)
+            if isinstance(plan, str):  # dropout off changed nothing the plan checks; PEFT's own path is trivially equal
+                return self.original(inputs, *args, **kwargs)
+            return self._fused(plan)
 
-
-def _base_layer(layer: nn.Module) -> nn.Module:
-    """PEFT's ``get_base_layer()`` without its ``hasattr`` probes, which go through ``nn.Module.__getattr__``
-    and raise inside (microseconds per call, on every forward)."""
-    base = layer
-    child = base._modules.get("base_layer")
-    while child is not None:
-        base, child = child, child._modules.get("base_layer")
-    return base
-
-
-def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
-    """``module.<name>`` straight from ``_parameters`` when registered there (FSDP2 swaps its unsharded
-    parameters in there too), else the attribute (e.g. a parametrized weight): no ``nn.Module.__getattr__``."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
-
-
-def _structural_reason(layer: nn.Module) -> Optional[str]:
-    """Why this LoRA layer can never take the fused path (checked at patch time), or None."""
-    _, LoraLinear, LoraLinear4bit = _lora_classes()
-    if type(layer) not in (LoraLinear, LoraLinear4bit):
-        return f"unsupported LoRA layer type {type(layer).__name__}"
-    base = _base_layer(layer)
-    # bitsandbytes layers subclass nn.Linear: dispatch on the weight's class, not the module's.
-    if _is_params4bit(base.weight):
-        try:
-            NF4Weight.from_params4bit(base.weight)
-        except UnsupportedQuantization as err:
-            return f"4-bit {err}"
-    elif _is_sharded_4bit(base):
-        pass  # the quant state is checked on each call, against the weight FSDP gathers then
-    elif type(layer) is LoraLinear4bit:
-        return f"4-bit base weight of type {type(base.weight).__name__}"
-    elif type(base) is not nn.Linear:
-        return f"base layer type {type(base).__name__}"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
-    if base.weight.device.type == "meta":
-        return "weights on the meta device"
-    return None
-
-
-def _call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
-    """Inputs for the fused path, or the reason (a string) to run PEFT's forward for this call."""
-    if kwargs.get("adapter_names") is not None:
-        return "adapter_names mixed batch"
-    if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments"
-    if layer.disable_adapters:
-        return "adapters disabled"
-    if layer.merged:
-        return "adapters merged"
-    if x.device.type != device_type:
-        return f"input on {x.device.type}, layer patched for {device_type}"
-    if x.dtype not in _FLOAT_DTYPES:
-        return f"input dtype {x.dtype}"
-    if not getattr(layer, "cast_input_dtype_enabled", True):
-        return "input dtype casting disabled"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
-    # Submodules straight from _modules: this runs on every call, and nn.Module.__getattr__ is slow.
-    submodules = layer._modules
-    lora_A, lora_B, lora_dropout = submodules["lora_A"], submodules["lora_B"], submodules["lora_dropout"]
-    active = [a for a in layer.active_adapters if a in lora_A]
-    if not active:
-        return "no active adapter on this layer"
-    variants = getattr(layer, "lora_variant", {})
-    adapters = []
-    for name in active:
-        if name in variants or layer.use_dora.get(name, False):
-            return "LoRA variant (DoRA or other)"
-        lora_a, lora_b = lora_A._modules[name], lora_B._modules[name]
-        if _param(lora_b, "bias") is not None or _param(lora_a, "bias") is not None:
-            return "lora_bias"
-        dropout = lora_dropout._modules[name]
-        if isinstance(dropout, nn.Dropout):
-            p = float(dropout.p) if dropout.training else 0.0
-        elif isinstance(dropout, nn.Identity):
-            p = 0.0
-        else:
-            return f"dropout module {type(dropout).__name__}"
-        if not 0.0 <= p < 1.0:
-            return f"dropout p={p}"
-        adapters.append(Adapter(_param(lora_a, "weight"), _param(lora_b, "weight"), float(layer.scaling[name]), p))
-
-    base_layer = _base_layer(layer)
-    weight = _param(base_layer, "weight")
-    if weight.requires_grad:
-        return "base weight requires grad"
-    if type(base_layer) is nn.Linear:  # the common dense case, without the 4-bit class checks
-        return _dense_plan(base_layer, weight, x, adapters)
-    if _is_params4bit(weight):
-        return _nf4_plan(base_layer, weight, x, adapters, sharded=False)
-    if _is_sharded_4bit(base_layer):
-        return _nf4_plan(base_layer, weight, x, adapters, sharded=True)
-    return _dense_plan(base_layer, weight, x, adapters)
-
-
-def _dense_plan(base_layer: nn.Linear, weight: torch.Tensor, x: torch.Tensor, adapters):
-    bias = _param(base_layer, "bias")
-    if torch.is_autocast_enabled(x.device.type):
-        # What autocast would do to F.linear: run it in the autocast dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    elif x.dtype != weight.dtype:
-        return f"input dtype {x.dtype} differs from base weight dtype {weight.dtype}"
-    if weight.dtype not in _FLOAT_DTYPES:
-        return f"base weight dtype {weight.dtype}"
-    return x, BaseWeight(weight, bias, weight.shape[0]), adapters, x.dtype
-
-
-def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters, sharded: bool):
-    if sharded:
-        # FSDP gathered the packed weight into a plain tensor that lost its quant state: re-attach the module's
-        # state exactly as bitsandbytes' own forward does, so we read the gathered weight, never a shard.
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(base_layer)
-        weight = _param(base_layer, "weight")  # it may have wrapped the weight in a new Params4bit
-    try:
-        nf4 = NF4Weight.from_params4bit(weight)
-    except UnsupportedQuantization as err:
-        return f"4-bit {err}"
-    # bitsandbytes' Linear4bit picks its compute dtype from the first input it sees; do the same.
-    if not base_layer.compute_type_is_set:
-        base_layer.set_compute_type(x)
-        base_layer.compute_type_is_set = True
-    dtype = base_layer.compute_dtype or x.dtype
-    if dtype not in _FLOAT_DTYPES:
-        return f"4-bit compute dtype {dtype}"
-    bias = _param(base_layer, "bias")
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
-    base = BaseWeight(nf4.packed, bias, nf4.shape[0], nf4.absmax, nf4.blocksize)
-    return (x if x.dtype == dtype else x.to(dtype)), base, adapters, x.dtype
+        mismatch = verification.compare_with_peft(self.layer, x, fused, lambda inputs: self.original(inputs, *args, **kwargs))
+        if mismatch is None:
+            self._verified.add(key)
+            self.report.verified[self.name] += 1
+            return True
+        self._verify_failure = f"verify: {mismatch}"
+        self.report.verify_failures[self.name] = str(mismatch)
+        message = f"fastlora verify: {self.name} {mismatch}; this layer runs PEFT's forward from now on"
+        logger.error(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return False
 
 
 def _lora_layers(model: nn.Module):
-    LoraLayer, _, _ = _lora_classes()
+    LoraLayer, _, _ = lora_classes()
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
+def _peft_methods(model: nn.Module) -> list[str]:
+    """The PEFT methods (``peft_type`` of each adapter config) of the PEFT models inside ``model``; [] if none."""
+    from peft import PeftMixedModel, PeftModel
+
+    methods: list[str] = []
+    for module in model.modules():
+        if isinstance(module, (PeftModel, PeftMixedModel)):
+            for config in module.peft_config.values():
+                method = getattr(config.peft_type, "value", str(config.peft_type))
+                if method not in methods:
+                    methods.append(method)
+    return methods
+
+
+def patch(
+    model: nn.Module, *, backend: str = "auto", verify: Optional[bool] = None, fused_cross_entropy: bool = False
+) -> PatchReport:
     """Fuse every supported PEFT LoRA layer of ``model`` in place; returns what was done.
 
     ``backend``: "auto" (best per device; the ``FASTLORA_BACKEND`` environment variable overrides it),
     "torch" (reference), "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``) or "cpp" (CPU). An unknown or
-    unavailable backend raises before anything changes; so does a model without PEFT LoRA layers.
+    unavailable backend raises before anything changes; so does a module that is not a PEFT model at all. A PEFT
+    model of another method (prompt tuning, IA³, ...) is left unchanged, and the report says why.
+
+    ``verify`` (default: the ``FASTLORA_VERIFY`` environment variable): check each layer's first call per input
+    signature against PEFT's forward and backward; a layer that differs falls back to PEFT for good
+    (:mod:`fastlora.verify`). ``fused_cross_entropy``: compute a causal LM's loss from the hidden states and
+    ``lm_head`` in chunks, never materializing the logits (:mod:`fastlora.cross_entropy`).
+
+    LoRA layers that ``add_adapter``/``load_adapter`` create after ``patch`` are patched as they are created (they
+    are listed in ``report.patched_after``), with the same backend and settings.
 
     Usage::
 
         report = fastlora.patch(model)
+        report = fastlora.patch(model, verify=True)   # try fastlora on a new architecture without risk
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastlora.patch expects a torch.nn.Module, got {type(model).__name__}")
     if backend != "auto" and backend not in backends.NAMES:
         raise ValueError(backends.unavailable_reason(backend, "cpu"))
+    report = PatchReport(requested_backend=backend, verify=verification.requested(verify))
     layers = _lora_layers(model)
     if not layers:
-        raise ValueError(
-            f"{type(model).__name__} holds no PEFT LoRA layers: call peft.get_peft_model(model, LoraConfig(...)) first"
-        )
+        methods = _peft_methods(model)
+        if not methods:
+            raise ValueError(
+                f"{type(model).__name__} holds no PEFT LoRA layers: call peft.get_peft_model(model, LoraConfig(...)) first"
+            )
+        report.nothing_to_fuse = f"nothing to fuse: PEFT method {', '.join(methods)} has no LoRA layers (fastlora fuses LoRA only); model unchanged"
+        logger.warning(str(report))
+        return report
 
-    report = PatchReport(requested_backend=backend)
-    plan = []
-    for name, layer in layers:
-        current = layer.__dict__.get("forward")
-        if isinstance(current, FusedForward):
-            report.already_patched[name] = current.backend
-            continue
-        reason = _structural_reason(layer)
-        if reason is not None:
-            report.skipped[name] = reason
-            continue
-        # Raises BackendUnavailable for an explicit backend that cannot serve this layer's device.
-        plan.append((name, layer, backends.resolve(backend, _layer_device(layer)), current))
-    # Availability of "auto" picks can fail late (e.g. the C++ build); resolve() already checked them all.
-
-    applied = []
+    applied = _patch_layers(model, layers, backend, report)
+    watched: list[nn.Module] = []
     try:
-        for name, layer, chosen, previous in plan:
-            layer.forward = FusedForward(layer, name, chosen, report, previous)
-            applied.append(layer)
-            report.patched[name] = chosen
+        watched.extend(_watch_new_adapters(model, backend, report))
+        if fused_cross_entropy:
+            from fastlora.cross_entropy import install
+
+            undo, description = install(model)
+            if undo is not None:
+                _LOSS_UNDO[model] = undo
+                report.fused_loss = description
+            else:
+                report.fused_loss = f"PEFT's loss (not fused: {description})"
+                logger.warning("fastlora: the loss stays the model's own: %s", description)
     except BaseException:
         for layer in applied:
             _restore(layer)
+        for tuner in watched:
+            _unwatch(tuner)
         raise
 
     if report.skipped:
@@ -352,6 +265,88 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
     else:
         logger.info(str(report))
     return report
+
+
+def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -> list[nn.Module]:
+    """Install the fused forward on every patchable layer of ``layers``; all or nothing. Returns the patched ones."""
+    plan = []
+    for name, layer in layers:
+        current = layer.__dict__.get("forward")
+        if isinstance(current, FusedForward):
+            report.already_patched[name] = current.backend
+            continue
+        reason = structural_reason(layer)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        # Raises BackendUnavailable for an explicit backend that cannot serve this layer's device.
+        plan.append((name, layer, backends.resolve(backend, layer_device(layer)), current))
+    # Availability of "auto" picks can fail late (e.g. the C++ build); resolve() already checked them all.
+
+    applied = []
+    try:
+        for name, layer, chosen, previous in plan:
+            layer.forward = FusedForward(layer, name, chosen, report, previous, report.verify)
+            applied.append(layer)
+            report.patched[name] = chosen
+    except BaseException:
+        for layer in applied:
+            _restore(layer)
+        raise
+    return applied
+
+
+# Per patched model: how to take its fused loss out again (unpatch). Weak keys: a freed model frees its entry.
+_LOSS_UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
+
+
+class _AdapterWatch:
+    """Installed as a PEFT tuner's ``inject_adapter`` (instance attribute): runs PEFT's, then patches the LoRA layers
+    it created, so adapters added after ``patch`` are never silently left unfused."""
+
+    def __init__(self, tuner: nn.Module, model: nn.Module, backend: str, report: PatchReport):
+        self.tuner = tuner
+        self.previous = tuner.__dict__.get("inject_adapter")  # an instance-level one already there, else None
+        self.model = weakref.ref(model)
+        self.backend = backend
+        self.report = report
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        if self.previous is not None:
+            result = self.previous(*args, **kwargs)
+        else:
+            result = type(self.tuner).inject_adapter(self.tuner, *args, **kwargs)
+        model = self.model()
+        if model is not None:
+            before = set(self.report.patched)
+            new_layers = [(n, m) for n, m in _lora_layers(model) if not isinstance(m.__dict__.get("forward"), FusedForward)]
+            _patch_layers(model, new_layers, self.backend, self.report)
+            added = [name for name in self.report.patched if name not in before]
+            self.report.patched_after.extend(added)
+            skipped = [name for name, _ in new_layers if name in self.report.skipped]
+            logger.info("fastlora: adapter added after patch(): %d new LoRA layers fused, %d left on PEFT%s", len(added),
+                        len(skipped), "".join(f"; {n}: {self.report.skipped[n]}" for n in skipped))  # fmt: skip
+        return result
+
+
+def _watch_new_adapters(model: nn.Module, backend: str, report: PatchReport) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTuner
+
+    watched = []
+    for module in model.modules():
+        if isinstance(module, BaseTuner) and not isinstance(module.__dict__.get("inject_adapter"), _AdapterWatch):
+            module.inject_adapter = _AdapterWatch(module, model, backend, report)
+            watched.append(module)
+    return watched
+
+
+def _unwatch(tuner: nn.Module) -> None:
+    watch = tuner.__dict__.get("inject_adapter")
+    if isinstance(watch, _AdapterWatch):
+        if watch.previous is not None:
+            tuner.inject_adapter = watch.previous
+        else:
+            del tuner.inject_adapter
 
 
 def _restore(layer: nn.Module) -> None:
@@ -363,17 +358,22 @@ def _restore(layer: nn.Module) -> None:
 
 
 def unpatch(model: nn.Module) -> int:
-    """Restore the original forward of every layer :func:`patch` changed; returns how many.
+    """Restore the original forward of every layer :func:`patch` changed (and the loss, and PEFT's adapter
+    injection); returns how many layers.
 
     Usage::
 
         fastlora.unpatch(model)
     """
     restored = 0
-    for _, module in model.named_modules():
+    for module in model.modules():
+        _unwatch(module)
         if isinstance(module.__dict__.get("forward"), FusedForward):
             _restore(module)
             restored += 1
+    undo = _LOSS_UNDO.pop(model, None)
+    if undo is not None:
+        undo()
     return restored
 
 
