@@ -24,6 +24,39 @@ TINY_LLAMA = dict(
 )
 
 
+def _use_portable_bnb_dequantize_if_cpu_kernel_is_wrong() -> None:
+    """bitsandbytes 0.50's AVX512 CPU kernel for ``dequantize_4bit`` is wrong when blocks cross rows (even K with
+    K % blocksize != 0, e.g. the tiny Llama's K=96 down_proj): seen on an AVX512-BF16 Xeon, not on AVX2 machines.
+    PEFT's QLoRA reference would then compute with a wrong W. Where a probe shows the bug, the tests use
+    bitsandbytes' own portable implementation of the same op (its default backend) instead of that kernel."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    def portable(A, absmax, blocksize, quant_type, shape, dtype):
+        packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        return _dequantize_4bit_compute(packed.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+
+    probe = torch.randn(4, 160, generator=torch.Generator().manual_seed(0))
+    packed, state = bnbF.quantize_4bit(probe, blocksize=64, quant_type="nf4")
+    kernel = bnbF.dequantize_4bit(packed, state)
+    if not torch.equal(kernel, portable(packed, state.absmax, 64, "nf4", state.shape, torch.float32)):
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", portable)
+        BNB_CPU_DEQUANTIZE_WORKAROUND.append("bitsandbytes' CPU dequantize_4bit kernel replaced by its portable implementation")
+
+
+# Run-time path choices go to a file of this test process, not the user's ~/.cache/fastlora/tuning.json (tests that
+# exercise the cache set their own).
+os.environ.setdefault("FASTLORA_TUNING_CACHE", os.path.join(tempfile.mkdtemp(prefix="fastlora-tests-"), "tuning.json"))
+
+#: Non-empty when :func:`_use_portable_bnb_dequantize_if_cpu_kernel_is_wrong` found bitsandbytes' CPU kernel wrong here.
+BNB_CPU_DEQUANTIZE_WORKAROUND: list[str] = []
+_use_portable_bnb_dequantize_if_cpu_kernel_is_wrong()
+
+
+def pytest_report_header(config):
+    return BNB_CPU_DEQUANTIZE_WORKAROUND or None
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -40,6 +73,16 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"torch seed {seed}")  # shown with a failure's captured output
     yield
+
+
+def without_bnb_cpu_repack(model: nn.Module) -> nn.Module:
+    """Turn off bitsandbytes' repacking of 4-bit weights for its AVX512-BF16 CPU inference kernel (done on the first
+    eval-mode no-grad call, where the CPU has AVX512-BF16): in bitsandbytes 0.50 it crashes when K % blocksize != 0
+    (the tiny Llama's K=96), so PEFT's own eval forward could not run there. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 class Wrapper(nn.Module):
@@ -65,7 +108,7 @@ def nf4_linear(k: int, n: int, *, bias: bool, compute_dtype, blocksize: int = 64
     )
     if bias:
         lin.bias = nn.Parameter(torch.randn(n) * 0.1, requires_grad=False)
-    return lin
+    return without_bnb_cpu_repack(lin)
 
 
 def randomize_lora(model: nn.Module, std: float = 0.1) -> None:
@@ -93,10 +136,16 @@ def lora_layer_model(
         wrapper = Wrapper(lin)
     else:
         wrapper = Wrapper(nf4_linear(k, n, bias=bias, compute_dtype=dtype, blocksize=blocksize, nested=nested), True)
+    return peft_layer_model(wrapper, adapters)
+
+
+def peft_layer_model(wrapper: nn.Module, adapters: tuple, **config) -> nn.Module:
+    """PEFT around ``wrapper``'s layer "lin": ``adapters`` = (r, alpha, dropout, rslora) per adapter, all active,
+    with random A and B; ``config`` goes to every ``LoraConfig`` (e.g. ``fan_in_fan_out=True``)."""
     names = []
     model = None
     for i, (r, alpha, p, rslora) in enumerate(adapters):
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rslora, target_modules=["lin"])
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rslora, target_modules=["lin"], **config)
         name = "default" if i == 0 else f"extra{i}"
         if model is None:
             model = get_peft_model(wrapper, cfg)
@@ -125,7 +174,7 @@ def tiny_llama_base(kind: str, *, seed: int = 0, dtype=torch.bfloat16):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype)
+        return without_bnb_cpu_repack(AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype))
 
 
 def tiny_llama_peft(kind: str, *, r: int = 8, dropout: float = 0.0, seed: int = 0, dtype=torch.bfloat16):

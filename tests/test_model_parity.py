@@ -3,7 +3,6 @@ give the same per-step losses and close final adapter weights (Liger-Kernel-styl
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fastlora
