@@ -110,6 +110,21 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: t
     return layer
 
 
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A bitsandbytes 8-bit ``Linear8bitLt`` (int8 codes, per-row SCB, as ``load_in_8bit`` loads) holding ``weight``;
+    it computes in its input's dtype."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    n, k = weight.shape
+    layer = bnb.nn.Linear8bitLt(k, n, bias=bias is not None, has_fp16_weights=False, device="meta")
+    codes, scb, _ = bnbF.int8_vectorwise_quant(weight.detach().half())  # what Int8Params does on its first move
+    layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
+
+
 def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace every ``nn.Linear`` of ``model`` (except those named in ``skip``) by an NF4 ``Linear4bit``, in place.
 

@@ -5,7 +5,8 @@
 // Strategy: everything is computed in fp32 (bf16/fp16 inputs are upcast once: on AVX2-only CPUs fp32 GEMM
 // is several times faster than bf16 GEMM). The base product comes first, written fresh, and the thin LoRA
 // term is accumulated into it. How W reaches the base product depends on its kind and on M:
-// - dense fp32 W: handed to BLAS as it is;
+// - dense fp32 W: handed to BLAS as it is (also a strided view, e.g. a GPT-2 Conv1D weight transposed);
+// - bitsandbytes 8-bit W (int8 codes, per-row scales): converted like NF4 below, whole or by panels;
 // - NF4 W and at most a few tokens (decode): fused row kernels (nf4_gemv.h) read the 4-bit codes once and
 //   multiply in L1; W is never written out in fp32;
 // - otherwise, when its fp32 copy fits the whole-weight limit: W is converted in one pass (both cores) into a
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "dropout_mask.h"
+#include "int8_dequant.h"
 #include "nf4_dequant.h"
 #include "nf4_gemv.h"
 
@@ -80,13 +82,21 @@ bool whole_weight_fits(int64_t n, int64_t k) {
   return n * k * static_cast<int64_t>(sizeof(float)) <= whole_weight_bytes.load(std::memory_order_relaxed);
 }
 
-// The frozen base weight W[n, k]: NF4-packed (absmax given) or dense in any floating dtype.
+// The frozen base weight W[n, k]: dense in any floating dtype (read through its strides: a transposed view is
+// never copied whole), bitsandbytes 8-bit (int8 codes [n, k] with absmax = per-row SCB), or NF4-packed.
 class BaseWeight {
  public:
   BaseWeight(const at::Tensor& weight, const std::optional<at::Tensor>& absmax, int64_t blocksize, int64_t n,
              int64_t k)
       : blocksize_(blocksize), n_(n), k_(k) {
-    if (absmax.has_value()) {
+    if (absmax.has_value() && weight.scalar_type() == at::kChar) {
+      codes_ = weight.contiguous();
+      row_scales_ = as_f32(*absmax);
+      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == n && weight.size(1) == k, "int8 weight must be [", n,
+                  ", ", k, "], got ", weight.sizes());
+      TORCH_CHECK(row_scales_.numel() == n, "int8 weight needs one scale per row: ", n, ", got ",
+                  row_scales_.numel());
+    } else if (absmax.has_value()) {
       packed_ = weight.view(at::kByte).reshape({-1}).contiguous();
       absmax_ = as_f32(*absmax);
       TORCH_CHECK(packed_.numel() == (n * k + 1) / 2, "packed NF4 weight has ", packed_.numel(),
@@ -106,6 +116,8 @@ class BaseWeight {
   bool fused_for(int64_t tokens) const {
     return packed_.defined() && tokens <= fused_tokens.load(std::memory_order_relaxed) && n_ > 0 && k_ > 0;
   }
+  // Whether the fused few-token kernels exist for this weight at all (NF4), whatever the token count.
+  bool has_fused_kernels() const { return packed_.defined() && n_ > 0 && k_ > 0; }
 
   // y[tokens, n] += x[tokens, k] @ W^T without materializing W (all contiguous fp32).
   void fused_forward(const at::Tensor& x32, at::Tensor& y32) const {
@@ -142,6 +154,19 @@ class BaseWeight {
       panel.copy_(dense_.narrow(0, row0, rows).narrow(1, col0, cols));
       return;
     }
+    if (codes_.defined()) {
+      const int8_t* codes = codes_.data_ptr<int8_t>();
+      const float* scales = row_scales_.data_ptr<float>();
+      float* out = panel.data_ptr<float>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t r = begin; r < end; ++r) {
+                           int8_dequantize_row(codes + (row0 + r) * k_ + col0, scales[row0 + r], cols,
+                                               out + r * cols);
+                         }
+                       });
+      return;
+    }
     const uint8_t* packed = packed_.data_ptr<uint8_t>();
     const float* absmax = absmax_.data_ptr<float>();
     float* out = panel.data_ptr<float>();
@@ -163,9 +188,24 @@ class BaseWeight {
   }
 
  private:
-  at::Tensor dense_, packed_, absmax_;
+  at::Tensor dense_, packed_, absmax_, codes_, row_scales_;
   int64_t blocksize_, n_, k_;
 };
+
+// How a non-fp32 W reaches the base product: the `path` argument of lora_linear / lora_linear_grad_input.
+// kAuto picks by the thresholds above; the others are what fastlora/tuning.py times and chooses between.
+enum BasePath : int64_t { kAuto = 0, kFused = 1, kWhole = 2, kPanels = 3 };
+
+BasePath chosen_path(const BaseWeight& base, int64_t path, int64_t tokens, int64_t n, int64_t k) {
+  TORCH_CHECK(path >= kAuto && path <= kPanels, "unknown base path ", path, " (0 auto, 1 fused, 2 whole, 3 panels)");
+  if (path == kAuto) {
+    if (base.fused_for(tokens)) return kFused;
+    return n > 0 && k > 0 && whole_weight_fits(n, k) ? kWhole : kPanels;
+  }
+  TORCH_CHECK(path != kFused || base.has_fused_kernels(), "the fused path needs a non-empty NF4 weight");
+  // An empty W has nothing to convert: the panel loop handles it (no panels at all).
+  return path == kWhole && (n == 0 || k == 0) ? kPanels : static_cast<BasePath>(path);
+}
 
 // Host-side dropout parameters of one call: per adapter, its slice of the stacked rank and its mask.
 struct Adapters {
@@ -306,7 +346,7 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, at::IntArray
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
                        int64_t blocksize, const std::optional<at::Tensor>& bias, const at::Tensor& lora_s,
-                       const at::Tensor& lora_b) {
+                       const at::Tensor& lora_b, int64_t path, const std::optional<at::Tensor>& col_scale) {
   const NoAutocast fp32_compute;
   TORCH_CHECK(x.dim() == 2 && lora_s.dim() == 2 && lora_b.dim() == 2, "x, lora_s, lora_b must be matrices");
   const int64_t n = lora_b.size(0), k = x.size(1);
@@ -314,8 +354,10 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   const at::Tensor x32 = as_f32(x), s32 = as_f32(lora_s), b32 = as_f32(lora_b);
   // The base product first, written fresh; the thin LoRA term then accumulates into it. MKL measured up to 9%
   // slower on the big GEMM when it accumulates into an existing output (beta = 1) than when it writes one.
+  // With a column scale (DoRA's m / row norm) the bias joins after it: y = c * (x W^T + S B^T) + bias.
+  const bool scaled = col_scale.has_value();
   const std::optional<at::Tensor> bias32 =
-      bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
+      bias.has_value() && !scaled ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
   const auto product = [&](const at::Tensor& w_t) {
     return bias32.has_value() ? at::addmm(*bias32, x32, w_t) : at::mm(x32, w_t);
   };
@@ -325,12 +367,13 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
                               : at::zeros({x32.size(0), n}, x32.options());
   };
   at::Tensor y32;
+  const BasePath chosen = chosen_path(base, path, x32.size(0), n, k);
   if (base.is_dense_f32()) {
     y32 = product(base.dense().t());
-  } else if (base.fused_for(x32.size(0))) {
+  } else if (chosen == kFused) {
     y32 = bias_or_zeros();
     base.fused_forward(x32, y32);
-  } else if (n > 0 && k > 0 && whole_weight_fits(n, k)) {
+  } else if (chosen == kWhole) {
     at::Tensor w32 = scratch(n, k);
     base.fill(0, 0, w32);
     y32 = product(w32.t());
@@ -346,6 +389,10 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
     }
   }
   y32.addmm_(s32, b32.t());
+  if (scaled) {
+    y32.mul_(as_f32(*col_scale));
+    if (bias.has_value()) y32.add_(as_f32(*bias));
+  }
   return to_dtype(y32, x.scalar_type());
 }
 
@@ -386,7 +433,7 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
                                   const std::optional<at::Tensor>& absmax, int64_t blocksize,
                                   const at::Tensor& grad_s, const at::Tensor& lora_a, at::IntArrayRef ranks,
                                   const at::Tensor& seeds, at::IntArrayRef thresholds,
-                                  at::ArrayRef<double> keep_scales) {
+                                  at::ArrayRef<double> keep_scales, int64_t path) {
   const NoAutocast fp32_compute;
   TORCH_CHECK(grad_out.dim() == 2 && grad_s.dim() == 2 && lora_a.dim() == 2, "grad_out, grad_s, lora_a must be matrices");
   const int64_t n = grad_out.size(1), k = lora_a.size(1);
@@ -397,12 +444,13 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
   // The base product dy @ W first, written fresh (see lora_linear); then the LoRA term, masked per adapter.
   const int64_t m = grad_out.size(0);
   at::Tensor dx32;
+  const BasePath chosen = chosen_path(base, path, m, n, k);
   if (base.is_dense_f32()) {
     dx32 = at::mm(dy32, base.dense());
-  } else if (base.fused_for(m)) {
+  } else if (chosen == kFused) {
     dx32 = at::zeros({m, k}, dy32.options());
     base.fused_grad_input(dy32, dx32);
-  } else if (n > 0 && k > 0 && whole_weight_fits(n, k)) {
+  } else if (chosen == kWhole) {
     at::Tensor w32 = scratch(n, k);
     base.fill(0, 0, w32);
     dx32 = at::mm(dy32, w32);
@@ -462,12 +510,12 @@ TORCH_LIBRARY(fastlora_cpp, m) {
   m.def("lora_down(Tensor x, Tensor lora_a, int[] ranks, Tensor seeds, int[] thresholds, float[] keep_scales, "
         "float[] lora_scales) -> Tensor");
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? absmax, int blocksize, Tensor? bias, Tensor lora_s, "
-        "Tensor lora_b) -> Tensor");
+        "Tensor lora_b, int path=0, Tensor? col_scale=None) -> Tensor");
   m.def("lora_up_grad(Tensor grad_out, Tensor lora_b, Tensor lora_s, int[] ranks, float[] lora_scales) -> (Tensor, Tensor)");
   m.def("lora_down_grad(Tensor grad_s, Tensor x, int[] ranks, Tensor seeds, int[] thresholds, "
         "float[] keep_scales) -> Tensor");
   m.def("lora_linear_grad_input(Tensor grad_out, Tensor weight, Tensor? absmax, int blocksize, Tensor grad_s, "
-        "Tensor lora_a, int[] ranks, Tensor seeds, int[] thresholds, float[] keep_scales) -> Tensor");
+        "Tensor lora_a, int[] ranks, Tensor seeds, int[] thresholds, float[] keep_scales, int path=0) -> Tensor");
   // Knobs without tensors have no dispatch key to route on: registered as plain (catch-all) functions.
   m.def("set_panel_bytes(int bytes) -> int", &fastlora::set_panel_bytes);
   m.def("set_whole_weight_bytes(int bytes) -> int", &fastlora::set_whole_weight_bytes);
@@ -510,9 +558,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "lora_linear",
       [](const Tensor& x, const Tensor& weight, const OptionalTensor& absmax, int64_t blocksize,
-         const OptionalTensor& bias, const Tensor& lora_s, const Tensor& lora_b) {
+         const OptionalTensor& bias, const Tensor& lora_s, const Tensor& lora_b, int64_t path,
+         const OptionalTensor& col_scale) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;
-        return fastlora::lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b);
+        return fastlora::lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, path, col_scale);
       },
       no_gil);
   m.def(
@@ -535,10 +584,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "lora_linear_grad_input",
       [](const Tensor& grad_out, const Tensor& weight, const OptionalTensor& absmax, int64_t blocksize,
          const Tensor& grad_s, const Tensor& lora_a, const Ints& ranks, const Tensor& seeds, const Ints& thresholds,
-         const Doubles& scales) {
+         const Doubles& scales, int64_t path) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;
         return fastlora::lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds,
-                                                thresholds, scales);
+                                                thresholds, scales, path);
       },
       no_gil);
 }

@@ -16,13 +16,16 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastlora import ops
+from fastlora import graph, ops
+from fastlora.dora import DoRA, dora_linear
 from fastlora.dropout import draw_seeds
 
 
 # NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
 class BaseWeight(NamedTuple):
-    """The frozen base of a LoRA layer: a dense [N, K] weight, or NF4 codes plus resolved fp32 absmax."""
+    """The frozen base of a LoRA layer: a dense [N, K] weight (any strides: GPT-2's Conv1D passes its [K, N] weight
+    transposed), NF4 codes plus resolved fp32 absmax, or bitsandbytes 8-bit int8 [N, K] with its per-row SCB as
+    ``absmax`` (``blocksize`` 0)."""
 
     weight: Tensor
     bias: Optional[Tensor]
@@ -32,12 +35,20 @@ class BaseWeight(NamedTuple):
 
 
 class Adapter(NamedTuple):
-    """One active LoRA adapter: A [r, K], B [N, r], scale, and the dropout probability in effect now."""
+    """One active LoRA adapter: A [r, K], B [N, r], scale, and the dropout probability in effect now.
+
+    Optional parts: ``lora_bias`` [N], B's own bias (``lora_bias=True``: scaled by ``scale`` like B's output);
+    ``rows`` (fp32 [x.shape[0]], 1.0 where this adapter serves a row of x's leading dimension, 0.0 elsewhere) for
+    ``adapter_names`` mixed batches; ``dora`` (:class:`fastlora.dora.DoRA`) for a DoRA adapter.
+    """
 
     lora_a: Tensor
     lora_b: Tensor
     scale: float
     dropout_p: float
+    lora_bias: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
+    dora: Optional[DoRA] = None
 
 
 class _Config(NamedTuple):
@@ -55,9 +66,9 @@ class LoRALinearFunction(torch.autograd.Function):
     fixed arguments as A_1, B_1, A_2, B_2, ... so that autograd routes their gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, absmax, bias, seeds, config, *adapter_tensors):
-        y, lora_a, lora_b, lora_s = _forward(x, weight, absmax, bias, seeds, config, adapter_tensors)
-        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds)
+    def forward(ctx, x, weight, absmax, bias, seeds, row_mask, config, *adapter_tensors):
+        y, lora_a, lora_b, lora_s = _forward(x, weight, absmax, bias, seeds, row_mask, config, adapter_tensors)
+        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds, row_mask)
         ctx.config = config
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.adapter_dtypes = [t.dtype for t in adapter_tensors]
@@ -65,11 +76,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, absmax, lora_a, lora_b, lora_s, seeds = ctx.saved_tensors
+        x, weight, absmax, lora_a, lora_b, lora_s, seeds, row_mask = ctx.saved_tensors
         blocksize, ranks, scales, dropout_p, backend = ctx.config
         impl = ops.implementation(backend, x.device.type)
         grad_out = grad_out.contiguous()
         grad_s, grad_b_all = impl.lora_up_grad(grad_out, lora_b, lora_s, ranks, scales)
+        if row_mask is not None:
+            grad_s = grad_s * row_mask  # rows an adapter does not serve give it no gradient (S is masked alike)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = impl.lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p)
@@ -86,7 +99,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 grads.append(_as(grad_a_all[start : start + r], dtypes[2 * i]))
                 grads.append(_as(grad_b_all[:, start : start + r], dtypes[2 * i + 1]))
                 start += r
-        return (grad_x, None, None, grad_bias, None, None, *grads)
+        return (grad_x, None, None, grad_bias, None, None, None, *grads)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -100,11 +113,13 @@ def _needs_graph(x: Tensor, bias: Optional[Tensor], adapter_tensors: list[Tensor
     return x.requires_grad or (bias is not None and bias.requires_grad) or any(t.requires_grad for t in adapter_tensors)
 
 
-def _forward(x, weight, absmax, bias, seeds, config: _Config, adapter_tensors):
+def _forward(x, weight, absmax, bias, seeds, row_mask, config: _Config, adapter_tensors):
     """The forward ops: y, and the stacked A and B and S = s·drop(x)·Aᵀ that backward needs."""
     impl = ops.implementation(config.backend, x.device.type)
     lora_a, lora_b = _stack_adapters(adapter_tensors)
     lora_s = impl.lora_down(x, lora_a, config.ranks, seeds, config.dropout_p, config.scales)
+    if row_mask is not None:
+        lora_s = lora_s * row_mask  # mixed batch: each row keeps the S columns of its own adapter only
     y = impl.lora_linear(x, weight, absmax, config.blocksize, bias, lora_s, lora_b)
     return y, lora_a, lora_b, lora_s
 
@@ -113,7 +128,7 @@ def _stack_adapters(adapter_tensors) -> tuple[Tensor, Tensor]:
     """fp32 A stacked along r [R, K] and B [N, R] from (A_1, B_1, A_2, B_2, ...), so the kernels see one epilogue
     for all adapters. A single fp32 adapter is used as it is: no copy."""
     if len(adapter_tensors) == 2:
-        return adapter_tensors[0].float(), adapter_tensors[1].float()
+        return _as(adapter_tensors[0], torch.float32), _as(adapter_tensors[1], torch.float32)
     return torch.cat([a.float() for a in adapter_tensors[0::2]]), torch.cat([b.float() for b in adapter_tensors[1::2]], dim=1)
 
 
@@ -123,7 +138,7 @@ _UNUSED_SEEDS: dict[tuple[torch.device, int], Tensor] = {}
 
 
 def _seeds(adapters: Sequence[Adapter], device: torch.device) -> Tensor:
-    if any(a.dropout_p > 0.0 for a in adapters):
+    if adapters[0].dropout_p > 0.0 or (len(adapters) > 1 and any(a.dropout_p > 0.0 for a in adapters)):
         return draw_seeds(len(adapters), device)
     key = (device, len(adapters))
     seeds = _UNUSED_SEEDS.get(key)
@@ -142,13 +157,61 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
+    if len(adapters) == 1 and base.absmax is None and _torch_graph_wins(x2d, base, adapters[0], backend):
+        y = graph.autograd_lora(x2d, base.weight, base.bias, adapters[0])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
     seeds = _seeds(adapters, x.device)
-    adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
-    config = _Config(base.blocksize, tuple(a.lora_a.shape[0] for a in adapters), tuple(a.scale for a in adapters),
-                     tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
-    if _needs_graph(x, base.bias, adapter_tensors):
-        y = LoRALinearFunction.apply(x2d, base.weight, base.absmax, base.bias, seeds, config, *adapter_tensors)
+    if adapters[0].dora is not None:  # the plan fuses DoRA only as the one active adapter
+        y = dora_linear(x2d, base, adapters[0], seeds, backend)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+    if len(adapters) == 1:  # the common case without the generator expressions below: this runs on every call
+        one = adapters[0]
+        adapter_tensors = [one.lora_a, one.lora_b]
+        config = _Config(base.blocksize, (one.lora_a.shape[0],), (one.scale,), (one.dropout_p,), backend)
+        has_lora_bias = one.lora_bias is not None
+    else:
+        adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
+        config = _Config(base.blocksize, tuple(a.lora_a.shape[0] for a in adapters), tuple(a.scale for a in adapters),
+                         tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
+        has_lora_bias = any(a.lora_bias is not None for a in adapters)
+    bias = _with_lora_biases(base.bias, adapters) if has_lora_bias else base.bias
+    row_mask = None if adapters[0].rows is None else _row_mask(adapters, x2d.shape[0])
+    if _needs_graph(x, bias, adapter_tensors):
+        y = LoRALinearFunction.apply(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, *adapter_tensors)
     else:
         # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for.
-        y = _forward(x2d, base.weight, base.absmax, base.bias, seeds, config, adapter_tensors)[0]
+        y = _forward(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, adapter_tensors)[0]
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+
+
+def _torch_graph_wins(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str) -> bool:
+    """Whether this dense call runs on torch's own ops (and autograd graph) instead of the backend's ops and
+    :class:`LoRALinearFunction` (:mod:`fastlora.graph`: chosen per shape by timing both)."""
+    if not graph.applies(x2d, base.weight, base.bias, adapter, backend):
+        return False
+    training = _needs_graph(x2d, base.bias, adapter[:2])
+
+    def fused(x_: Tensor, a: Tensor, b: Tensor) -> Tensor:  # fastlora's way for the same call, for the timing
+        config = _Config(0, (a.shape[0],), (adapter.scale,), (0.0,), backend)
+        seeds = _seeds([adapter], x_.device)
+        if training:
+            return LoRALinearFunction.apply(x_, base.weight, None, base.bias, seeds, None, config, a, b)
+        return _forward(x_, base.weight, None, base.bias, seeds, None, config, (a, b))[0]
+
+    return graph.uses_autograd(x2d, base.weight, base.bias, adapter, backend, training, fused)
+
+
+def _with_lora_biases(bias: Optional[Tensor], adapters: Sequence[Adapter]) -> Tensor:
+    """The fused bias term with ``lora_bias=True``: b + Σ_a s_a·b_a in fp32 (PEFT adds B's bias, scaled, in the
+    adapter dtype). Built with torch ops on [N] vectors, so autograd routes the op's bias gradient to every b_a."""
+    total = sum(a.lora_bias.float() * a.scale for a in adapters if a.lora_bias is not None)
+    return total if bias is None else total + bias.float()
+
+
+def _row_mask(adapters: Sequence[Adapter], m: int) -> Tensor:
+    """fp32 [M, R]: 1.0 where row m of the flattened x uses the adapter owning column r (``Adapter.rows`` is per
+    row of x's leading dimension; each spans M / leading rows of the flattened x)."""
+    per_row = torch.stack([a.rows for a in adapters], dim=1)  # [rows, A]
+    ranks = torch.tensor([a.lora_a.shape[0] for a in adapters], device=per_row.device)
+    per_row = per_row.repeat_interleave(ranks, dim=1)
+    return per_row.repeat_interleave(m // per_row.shape[0], dim=0)

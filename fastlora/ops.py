@@ -13,6 +13,9 @@ Shapes (M tokens, K in-features, N out-features, R = total LoRA rank of the acti
 - ``lora_linear(x[M, K], weight, absmax?, bs, bias?[N], lora_s f32[M, R], lora_b[N, R]) -> x.dtype[M, N]``:
   ``y = x @ W^T + bias + S @ B^T``; ``weight`` is dense [N, K] (x's dtype) or, when ``absmax`` is given,
   NF4-packed u8 (N is ``lora_b``'s rows). The LoRA scales are already in S, so B is used as it is.
+- ``lora_linear_scaled(x, weight, absmax?, bs, bias?, lora_s, lora_b, col_scale f32[N]) -> x.dtype[M, N]``:
+  ``y = col_scale ⊙ (x @ W^T + S @ B^T) + bias``, the scale applied per output column in the epilogue (DoRA's
+  ``m / ‖W + s·B·A‖`` per output row of W); the same kernels as ``lora_linear``
 - ``lora_up_grad(grad_out[M, N], lora_b[N, R], lora_s f32[M, R], ranks, scales) -> (f32[M, R], f32[N, R])``:
   ``(dS, dB)`` with ``dS[:, a] = s_a * dy @ B_a`` (the gradient of the unscaled ``drop_a(x) @ A_a^T``) and
   ``dB = dy^T @ S``, B's final gradient
@@ -127,6 +130,21 @@ def lora_linear(
     raise AssertionError("dispatched per device")
 
 
+@_define("lora_linear_scaled")
+def lora_linear_scaled(
+    x: Tensor,
+    weight: Tensor,
+    absmax: Optional[Tensor],
+    blocksize: int,
+    bias: Optional[Tensor],
+    lora_s: Tensor,
+    lora_b: Tensor,
+    col_scale: Tensor,
+    backend: str,
+) -> Tensor:
+    raise AssertionError("dispatched per device")
+
+
 @_define("lora_up_grad")
 def lora_up_grad(
     grad_out: Tensor, lora_b: Tensor, lora_s: Tensor, ranks: list[int], scales: list[float], backend: str
@@ -177,6 +195,11 @@ def _(x, lora_a, ranks, seeds, dropout_p, scales, backend):
 
 @lora_linear.op.register_fake
 def _(x, weight, absmax, blocksize, bias, lora_s, lora_b, backend):
+    return x.new_empty((x.shape[0], lora_b.shape[0]))
+
+
+@lora_linear_scaled.op.register_fake
+def _(x, weight, absmax, blocksize, bias, lora_s, lora_b, col_scale, backend):
     return x.new_empty((x.shape[0], lora_b.shape[0]))
 
 

@@ -1,4 +1,4 @@
-"""Pieces every fastlora kernel shares: the NF4 tile unpacker, the dropout hash, dot precision, launch helpers.
+"""Pieces every fastlora kernel shares: the NF4 and int8 tile readers, the dropout hash, dot precision, launch helpers.
 
 Nothing here launches a kernel. The ``@triton.jit`` helpers are inlined into the kernels that call them.
 """
@@ -131,6 +131,22 @@ def table(device: torch.device) -> torch.Tensor:
     return nf4_table(device)
 
 
+#: Where the 16 code values start in :func:`nf4_decode_table` (fp32 elements), after the 256 byte pairs.
+CODE_TABLE_OFFSET = tl.constexpr(512)
+
+
+@functools.lru_cache(maxsize=16)
+def nf4_decode_table(device: torch.device) -> torch.Tensor:
+    """f32[528] on ``device``, the table :func:`nf4_tile` reads: for each byte b, the NF4 values of its high and
+    low nibble (elements 2b, 2b+1), then the 16 code values (from :data:`CODE_TABLE_OFFSET`). 2 KiB: stays in L1.
+
+    Usage: ``table = common.nf4_decode_table(x.device)``
+    """
+    values, codes = nf4_table(device), torch.arange(256, device=device)
+    pairs = torch.stack([values[codes >> 4], values[codes & 0xF]], dim=1)
+    return torch.cat([pairs.reshape(-1), values]).contiguous()
+
+
 @functools.lru_cache(maxsize=256)
 def _group_tables(device: torch.device, ranks: tuple[int, ...], dropout_p: tuple[float, ...]):
     # Adapters without dropout need no mask: they merge into one group with one wide dot. Adapters with
@@ -237,31 +253,67 @@ def nf4_tile(
 ):
     """fp32 W[rows, k0:k0+BLOCK_K] of an NF4 weight W[N, K], unpacked in registers (zero outside W).
 
-    Flat element i = n*K + k sits in byte i // 2, high nibble when i is even. With K even every row starts on
-    a byte, so a row's bytes are contiguous and one byte load yields two elements (``EVEN_K``). ``ROW_SCALE``
-    (blocks never cross rows and the tile lies inside one block) loads one absmax per row, not per element.
+    ``table_ptr`` is :func:`nf4_decode_table`. Flat element i = n*K + k sits in byte i // 2, high nibble when i
+    is even. With K even every row starts on a byte, so a row's bytes are contiguous: they are loaded 8-16 at a
+    time and each decoded with one 8-byte gather of both nibbles' values (``EVEN_K``; the SASS of a per-element
+    4-byte gather spent a nibble split, a 64-bit address and a load per element). ``ROW_SCALE`` (blocks never
+    cross rows and the tile lies inside one block) loads one absmax per row, not per element.
     """
-    row_base = rows.to(tl.int64) * K
-    row_ok = rows < N
     if EVEN_K:
-        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        ok = row_ok[:, None] & (half * 2 < K)[None, :]
-        byte = tl.load(packed_ptr + row_base[:, None] // 2 + half[None, :], mask=ok, other=0).to(tl.int32)
-        codes = tl.interleave(byte >> 4, byte & 0xF)
+        byte = nf4_row_bytes(packed_ptr, rows, k0, N, K, BLOCK_K).to(tl.int32)
+        pair = tl.load(table_ptr.to(tl.pointer_type(tl.int64)) + byte)  # little-endian: the high nibble's value first
+        high = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+        values = tl.interleave(high, low)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
-        flat = row_base[:, None] + cols[None, :]
-        ok = row_ok[:, None] & (cols < K)[None, :]
+        flat = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        ok = (rows < N)[:, None] & (cols < K)[None, :]
         byte = tl.load(packed_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
         codes = (byte >> (4 - 4 * (flat % 2)).to(tl.int32)) & 0xF
-    values = tl.load(table_ptr + codes)
+        values = tl.load(table_ptr + CODE_TABLE_OFFSET + codes)
+    return values * nf4_scales(absmax_ptr, rows, k0, N, K, BLOCKSIZE, BLOCK_K, ROW_SCALE)
+
+
+@triton.jit
+def nf4_row_bytes(packed_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr):
+    """u8 [len(rows), BLOCK_K // 2]: the packed bytes of W[rows, k0:k0+BLOCK_K] for an even K (0 outside W).
+
+    The row stride is written ``K // 2`` (not ``rows * K // 2``) so Triton sees contiguous, aligned bytes and
+    loads 8 or 16 of them per instruction instead of one.
+    """
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ok = (rows < N)[:, None] & (half < K // 2)[None, :]
+    return tl.load(packed_ptr + rows.to(tl.int64)[:, None] * (K // 2) + half[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def nf4_scales(absmax_ptr, rows, k0, N, K, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """fp32 absmax of W[rows, k0:k0+BLOCK_K]: [len(rows), 1] with ``ROW_SCALE`` (see :func:`nf4_tile`), else one
+    per element (0 outside W)."""
+    row_base = rows.to(tl.int64) * K
+    row_ok = rows < N
     if ROW_SCALE:
         scale = tl.load(absmax_ptr + (row_base + k0) // BLOCKSIZE, mask=row_ok, other=0.0)[:, None]
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         flat = row_base[:, None] + cols[None, :]
         scale = tl.load(absmax_ptr + flat // BLOCKSIZE, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-    return values * scale
+    return scale
+
+
+@triton.jit
+def int8_tile(codes_ptr, scb_ptr, rows, cols, N, K):
+    """fp32 W[rows, cols] of a bitsandbytes 8-bit weight W[N, K] (int8 codes row-major, fp32 SCB [N]), zero outside W.
+
+    ``code * SCB[row] * (1/127)`` in fp32, left to right, with bitsandbytes' fp32 reciprocal of 127: bit-identical
+    to ``int8_vectorwise_dequant``.
+    """
+    row_ok = rows < N
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    codes = tl.load(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=ok, other=0)
+    scb = tl.load(scb_ptr + rows, mask=row_ok, other=0.0)
+    return codes.to(tl.float32) * scb[:, None] * 7.874015718698502e-3
 
 
 @triton.jit

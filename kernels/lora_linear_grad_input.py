@@ -1,8 +1,8 @@
 """Fused LoRA linear backward for the input: ``dx = dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)``, one store.
 
-W (dense or NF4, unpacked in registers) is read as stored, [N, K], which is already the layout dy·W wants
-(reduction over N). Each adapter's term is masked with its dropout mask, regenerated from its seed, inside
-the same fp32 tile. ``BASE=0`` adds only the LoRA terms onto a dx cuBLAS already wrote (the split path).
+W (dense through its strides, or NF4 or 8-bit dequantized in registers) is read as stored, [N, K], which is
+already the layout dy·W wants (reduction over N). Each adapter's term is masked with its dropout mask,
+regenerated from its seed, inside the same fp32 tile. ``BASE=0`` adds only the LoRA terms onto a dx cuBLAS already wrote (the split path).
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels import common, dispatch
-from fastlora.kernels.lora_linear import BASE_DENSE, BASE_IN_OUTPUT, BASE_NF4
-from fastlora.kernels.nf4_dequantize import nf4_dequantize
+from fastlora.kernels.lora_linear import (
+    BASE_IN_OUTPUT,
+    BASE_NF4,
+    DISPATCH_BASE,
+    base_kind,
+    kernel_weight,
+    split_weight,
+    weight_strides,
+)
 
 
 _config = common.gemm_config
@@ -25,15 +32,15 @@ _config = common.gemm_config
 # SMs, so the Hopper NF4 set also has 32- and 16-wide output tiles (128 and 256 programs) for the autotuner.
 CONFIGS = {
     "hopper-nf4": [
+        _config(256, 64, 64, 8, 3),
         _config(128, 64, 64, 8, 3),
         _config(64, 64, 64, 4, 4),
         _config(64, 32, 64, 4, 4),
         _config(32, 64, 64, 4, 3),
         _config(16, 32, 64, 4, 3),
         _config(16, 64, 32, 4, 4),
-        _config(16, 128, 32, 4, 4),
+        _config(16, 128, 32, 8, 4),
         _config(16, 64, 16, 2, 4),
-        _config(16, 128, 16, 4, 4),
     ],
     "hopper-dense": [
         _config(128, 64, 128, 8, 3),
@@ -65,7 +72,7 @@ INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 @triton.jit
 def lora_linear_grad_input_kernel(
     dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, keep_scales_ptr, seeds_ptr, dx_ptr,
-    M, N, K, R, N_GROUPS, M_BUCKET,
+    M, N, K, R, N_GROUPS, M_BUCKET, stride_wn, stride_wk,
     BASE: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr,
     PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -87,8 +94,10 @@ def lora_linear_grad_input_kernel(
             n_ok = ns < N
             dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * N + ns[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             if BASE == 1:
-                w_ptrs = w_ptr + ns.to(tl.int64)[:, None] * K + cols[None, :]
+                w_ptrs = w_ptr + ns.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
                 w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dy.dtype)
+            elif BASE == 3:
+                w = common.int8_tile(w_ptr, absmax_ptr, ns, cols, N, K).to(dy.dtype)
             else:
                 w = common.nf4_tile(
                     w_ptr, absmax_ptr, table_ptr, ns, pid_k * BLOCK_K, N, K,
@@ -121,9 +130,9 @@ def _launch(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, d
     bucket, r_block, precision = common.m_bucket(m), common.rank_block(widest), common.dot_precision(dx.dtype)
     common.launch(
         lora_linear_grad_input_kernel, grid, (dx.device, dx.dtype, weight.dtype, bucket, n, k, r_block, base),
-        grad_out, weight, absmax if absmax is not None else dx, common.table(dx.device), grad_s, lora_a,
+        grad_out, weight, absmax if absmax is not None else dx, common.nf4_decode_table(dx.device), grad_s, lora_a,
         groups if r else dx, keep_scales if r else dx, seeds, dx,
-        m, n, k, r, groups.shape[0] if r else 0, bucket,
+        m, n, k, r, groups.shape[0] if r else 0, bucket, *weight_strides(weight),
         BASE=base, R_BLOCK=r_block,
         BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=blocksize > 0 and k % blocksize == 0,
         PRECISION=precision, LORA_PRECISION=precision,
@@ -143,7 +152,8 @@ def lora_linear_grad_input(
     dropout_p: list[float],
     path: str | None = None,
 ) -> torch.Tensor:
-    """``dx[M, K] = dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)`` in dy's dtype; W dense or NF4 (given ``absmax``).
+    """``dx[M, K] = dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)`` in dy's dtype; W dense (any strides), NF4 or 8-bit
+    (given ``absmax``; see :func:`fastlora.kernels.lora_linear.base_kind`).
 
     ``path`` forces "fused" or "split"; by default :func:`fastlora.kernels.dispatch.choice` decides.
 
@@ -151,15 +161,13 @@ def lora_linear_grad_input(
     """
     m, n = grad_out.shape
     k = lora_a.shape[1]
-    base = "nf4" if absmax is not None else "dense"
+    kind = base_kind(weight, absmax)
     grad_out, grad_s, lora_a = grad_out.contiguous(), grad_s.contiguous(), lora_a.contiguous()
-    weight = common.packed_bytes(weight) if absmax is not None else weight.contiguous()
-    path = path or dispatch.choice("grad_input", base, m, n, k, grad_out.dtype).path
+    weight = kernel_weight(weight, kind)
+    path = path or dispatch.choice("grad_input", DISPATCH_BASE[kind], m, n, k, grad_out.dtype).path
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
     args = (blocksize, grad_s, lora_a, ranks, seeds, dropout_p, dx)
     if path == "fused":
-        return _launch(grad_out, weight, absmax, *args, BASE_NF4 if absmax is not None else BASE_DENSE)
-    if absmax is not None:
-        weight = nf4_dequantize(weight, absmax, blocksize, n, k, dx.dtype, out=dispatch.dequant_buffer(n, k, dx.dtype, dx.device))
-    torch.matmul(grad_out, weight.to(dx.dtype), out=dx)
+        return _launch(grad_out, weight, absmax, *args, kind)
+    torch.matmul(grad_out, split_weight(weight, absmax, blocksize, n, k, dx.dtype, kind), out=dx)
     return _launch(grad_out, weight, None, *args, BASE_IN_OUTPUT)

@@ -10,7 +10,7 @@ environment variable ``FASTLORA_BACKEND`` overrides ``auto``.
 Usage::
 
     name = backends.resolve("auto", torch.device("cuda"))     # -> "triton"
-    impl = backends.implementation(name, "cuda")               # module with the op functions
+    impl = backends.implementation(name, "cuda")               # the op functions, tuned per shape
 """
 
 from __future__ import annotations
@@ -83,20 +83,29 @@ def resolve(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-_served: dict[tuple[str, str], ModuleType] = {}
+_served: dict[tuple[str, str], object] = {}
 
 
-def implementation(name: str, device_type: str) -> ModuleType:
-    """The module implementing the ops for backend ``name`` on ``device_type`` (raises if it cannot serve it).
-    Called on every op in eager mode, so a positive answer is remembered; Triton on CPU depends on
-    ``TRITON_INTERPRET`` and is checked each time."""
-    module = _served.get((name, device_type))
-    if module is not None:
-        return module
+def implementation(name: str, device_type: str):
+    """The ops of backend ``name`` on ``device_type`` (raises if it cannot serve it): the torch reference (and the
+    Triton interpreter) as they are; a kernel backend as a :class:`fastlora.tuning.TunedOps`, which routes each op
+    per shape to the candidate measured fastest here (the backend module's ``candidates()``). Called on every op in eager mode, so the answer
+    is remembered; Triton on CPU depends on ``TRITON_INTERPRET`` and is checked each time."""
+    served = _served.get((name, device_type))
+    if served is not None and not (name == "triton" and device_type == "cpu"):
+        return served
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} cannot run on {device_type}: {reason}")
-    module = _load(name)
-    if not (name == "triton" and device_type == "cpu"):
-        _served[(name, device_type)] = module
-    return module
+    if served is None:
+        module = _load(name)
+        # Triton on CPU is the test interpreter, whose timings mean nothing: its launchers choose their own path
+        # (fastlora.kernels.dispatch.choice, FASTLORA_PATH read on every call).
+        if hasattr(module, "candidates") and not (name == "triton" and device_type == "cpu"):
+            from fastlora.tuning import TunedOps
+
+            served = TunedOps(name, device_type, module, module.candidates(device_type))
+        else:
+            served = module
+        _served[(name, device_type)] = served
+    return served

@@ -32,7 +32,7 @@ from fastlora.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
 SOURCE_FILES = ("lora_ops.cpp",)
-HEADER_FILES = ("nf4_dequant.h", "nf4_gemv.h", "dropout_mask.h")
+HEADER_FILES = ("nf4_dequant.h", "nf4_gemv.h", "int8_dequant.h", "dropout_mask.h")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -164,10 +164,21 @@ def lora_down(
 
 
 def lora_linear(
-    x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
+    x: Tensor,
+    weight: Tensor,
+    absmax: Tensor | None,
+    blocksize: int,
+    bias: Tensor | None,
+    lora_s: Tensor,
+    lora_b: Tensor,
+    col_scale: Tensor | None = None,
 ) -> Tensor:
-    # The C++ side views any quant_storage dtype as bytes itself.
-    return _direct_ops().lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b)
+    # The C++ side views any quant_storage dtype as bytes itself, and tells int8 (8-bit) weights by their dtype.
+    return _direct_ops().lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, PATH_CODES["auto"], col_scale)
+
+
+#: ``lora_linear`` with its per-column scale: one implementation serves both ops.
+lora_linear_scaled = lora_linear
 
 
 def lora_up_grad(
@@ -194,8 +205,73 @@ def lora_linear_grad_input(
 ) -> Tensor:
     thresholds, keep_scales = _dropout_args(dropout_p)
     return _direct_ops().lora_linear_grad_input(
-        grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, keep_scales
+        grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, keep_scales, PATH_CODES["auto"]
     )
+
+
+# ---- run-time candidates (fastlora.tuning) ------------------------------------------------------------------------
+
+#: How a non-fp32 W reaches the base GEMM: csrc/lora_ops.cpp's ``BasePath`` codes. "auto" is its size thresholds.
+PATH_CODES = {"auto": 0, "fused": 1, "whole": 2, "panels": 3}
+#: Largest M bucket at which the fused few-token kernels are timed: they multiply row by row, so at larger M they
+#: only lose, by a wide margin (dequantize + BLAS is ~2x faster already from about 8 tokens).
+FUSED_MAX_M_BUCKET = 16
+
+
+def _linear_on(code: int):
+    direct = _direct_ops()
+
+    def lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b):
+        return direct.lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, code, None)
+
+    return lora_linear
+
+
+def _grad_input_on(code: int):
+    direct = _direct_ops()
+
+    def lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p):
+        thresholds, keep_scales = _dropout_args(dropout_p)
+        return direct.lora_linear_grad_input(
+            grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, keep_scales, code
+        )
+
+    return lora_linear_grad_input
+
+
+def candidates(device_type: str = "cpu") -> dict:
+    """Per tuned op, the implementations :mod:`fastlora.tuning` times, the default first: the C++ paths (a dense
+    fp32 W goes straight to BLAS: "blas"; other W are converted "whole" into a reused buffer or by "panels", and
+    NF4 at few tokens has "fused" kernels) and "torch", the ATen composite of the split practice. For the base
+    products the composite runs only with fp32 compute: in bf16/fp16 it would round the base GEMM before adding the
+    LoRA term, where the C++ paths compute in fp32 and round once, so the choice would change the numbers.
+
+    Usage: ``cpp.candidates()["lora_linear"]["panels"].fn(x, packed, absmax, 64, None, s, b)``
+    """
+    from fastlora.backends.composite import Composite, without_dropout
+    from fastlora.tuning import Candidate
+
+    composite = Composite(dequantize=nf4_dequantize)
+    dense_f32 = lambda key: key.base == "float32"  # noqa: E731
+    converted = lambda key: key.base != "float32"  # noqa: E731
+    fused = lambda key: key.base == "nf4" and key.m_bucket <= FUSED_MAX_M_BUCKET  # noqa: E731
+
+    def base_op(on, torch_fn) -> dict:
+        return {
+            "blas": Candidate(on(PATH_CODES["auto"]), dense_f32),
+            "fused": Candidate(on(PATH_CODES["fused"]), fused),
+            "whole": Candidate(on(PATH_CODES["whole"]), converted),
+            "panels": Candidate(on(PATH_CODES["panels"]), converted),
+            "torch": Candidate(torch_fn, lambda key: key.dtype == "float32" and not key.dropout),
+        }
+
+    return {
+        "lora_down": {"cpp": Candidate(lora_down), "torch": Candidate(composite.lora_down, without_dropout)},
+        "lora_linear": base_op(_linear_on, composite.lora_linear),
+        "lora_up_grad": {"cpp": Candidate(lora_up_grad), "torch": Candidate(composite.lora_up_grad)},
+        "lora_down_grad": {"cpp": Candidate(lora_down_grad), "torch": Candidate(composite.lora_down_grad, without_dropout)},
+        "lora_linear_grad_input": base_op(_grad_input_on, composite.lora_linear_grad_input),
+    }
 
 
 # ---- tuning and test knobs (not part of the op schema) -------------------------------------------------------

@@ -1,7 +1,10 @@
 """Plain-PyTorch implementations of every op: the oracle the kernels are tested against, and the fallback.
 
 Computes in fp32 (inputs upcast), which is what the fused kernels accumulate in; outputs are rounded once.
-Signatures follow :mod:`fastlora.ops` (without the trailing backend name).
+Signatures follow :mod:`fastlora.ops` (without the trailing backend name). The base weight's kind is told by the
+arguments: ``absmax`` None is a dense W [N, K] (any float dtype, possibly a strided view such as a GPT-2 ``Conv1D``
+weight transposed); an int8 W [N, K] with ``absmax`` is bitsandbytes 8-bit with ``absmax`` its per-row SCB;
+otherwise NF4 codes.
 """
 
 from __future__ import annotations
@@ -25,9 +28,24 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: in
     return (nf4_table(packed.device)[codes] * absmax.float()[block]).to(dtype).reshape(n, k)
 
 
+#: bitsandbytes' fp32 reciprocal of 127 (``int8_vectorwise_dequant``): multiplying by it is not dividing by 127.
+INT8_SCALE = 7.874015718698502e-3
+
+
+def int8_dequantize(weight: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
+    """W[N, K] in ``dtype`` from bitsandbytes 8-bit codes int8 [N, K] and their per-row fp32 scales SCB [N].
+
+    Bit-identical to ``bitsandbytes.functional.int8_vectorwise_dequant`` (``int8 * SCB * (1/127)`` in fp32,
+    left to right), then one cast. Usage: ``w = int8_dequantize(layer.weight, layer.state.SCB, torch.bfloat16)``
+    """
+    return (weight.float() * scb.float()[:, None] * INT8_SCALE).to(dtype)
+
+
 def _dense_weight(weight: Tensor, absmax: Tensor | None, blocksize: int, n: int, k: int) -> Tensor:
     if absmax is None:
         return weight.float()
+    if weight.dtype == torch.int8:
+        return int8_dequantize(weight, absmax, torch.float32)
     return nf4_dequantize(weight.view(torch.uint8).reshape(-1), absmax, blocksize, n, k, torch.float32)
 
 
@@ -47,12 +65,26 @@ def lora_down(
 
 
 def lora_linear(
-    x: Tensor, weight: Tensor, absmax: Tensor | None, blocksize: int, bias: Tensor | None, lora_s: Tensor, lora_b: Tensor
+    x: Tensor,
+    weight: Tensor,
+    absmax: Tensor | None,
+    blocksize: int,
+    bias: Tensor | None,
+    lora_s: Tensor,
+    lora_b: Tensor,
+    col_scale: Tensor | None = None,
 ) -> Tensor:
     n, k = lora_b.shape[0], x.shape[1]
     x32, w32 = x.float(), _dense_weight(weight, absmax, blocksize, n, k)
-    y = x32 @ w32.T if bias is None else torch.addmm(bias.float(), x32, w32.T)
-    return y.addmm_(lora_s.float(), lora_b.float().T).to(x.dtype)
+    if col_scale is None:
+        y = x32 @ w32.T if bias is None else torch.addmm(bias.float(), x32, w32.T)
+        return y.addmm_(lora_s.float(), lora_b.float().T).to(x.dtype)
+    y = torch.addmm(x32 @ w32.T, lora_s.float(), lora_b.float().T) * col_scale.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+#: ``lora_linear`` with its per-column scale: one implementation serves both ops.
+lora_linear_scaled = lora_linear
 
 
 def lora_up_grad(

@@ -1,11 +1,15 @@
 """The ``triton`` backend: the ops of :mod:`fastlora.ops` on the Triton kernels of :mod:`fastlora.kernels`.
 
 Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests). The kernels' launchers already have
-the signatures of :mod:`fastlora.backends.reference`, so this module re-exports them; the linear ops pick the
-fused kernel or the split path per shape (:func:`fastlora.kernels.dispatch.choice`).
+the signatures of :mod:`fastlora.backends.reference`, so this module re-exports them. :func:`candidates` lists
+what :mod:`fastlora.tuning` times per shape: the Triton paths of :data:`fastlora.kernels.dispatch.CANDIDATES`
+and the plain torch/cuBLAS composite.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
 
 import torch
 
@@ -20,8 +24,47 @@ from fastlora.kernels import (  # noqa: F401 - the launchers have the ops' signa
 )
 from fastlora.kernels.common import interpreting
 
+#: ``lora_linear`` with its per-column scale: one launcher serves both ops.
+lora_linear_scaled = lora_linear
+
 #: tl.dot on bf16 and the async copies the configs pipeline with need Ampere or newer.
 MIN_CAPABILITY = (8, 0)
+
+
+def _dequantize_into_buffer(packed, absmax, blocksize: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    from fastlora.kernels import common, dispatch
+
+    out = dispatch.dequant_buffer(n, k, dtype, packed.device)
+    return nf4_dequantize(common.packed_bytes(packed), absmax, blocksize, n, k, dtype, out=out)
+
+
+def _candidate(spec: tuple):
+    """A :data:`fastlora.kernels.dispatch.CANDIDATES` entry ``(module.function, kwargs[, applies])`` as a Candidate."""
+    from fastlora.kernels import dispatch
+    from fastlora.tuning import Candidate
+
+    where, kwargs = spec[:2]
+    module, function = where.rsplit(".", 1)
+    fn = getattr(importlib.import_module(f"fastlora.kernels.{module}"), function)
+    launcher = functools.partial(fn, **kwargs) if kwargs else fn
+    return Candidate(launcher, dispatch.APPLIES[spec[2]]) if len(spec) > 2 else Candidate(launcher)
+
+
+def candidates(device_type: str = "cuda") -> dict:
+    """Per tuned op, the Triton paths (default first), then "torch": the composite on cuBLAS (W dequantized into
+    the split path's reused buffer), which does not apply with dropout. Under the interpreter nothing is timed.
+
+    Usage: ``triton.candidates()["lora_linear"]["split"].fn(x, packed, absmax, 64, None, s, b)``
+    """
+    from fastlora.backends.composite import Composite, without_dropout
+    from fastlora.kernels import dispatch
+    from fastlora.tuning import Candidate
+
+    composite = Composite(dequantize=_dequantize_into_buffer)
+    found = {op: {name: _candidate(spec) for name, spec in paths.items()} for op, paths in dispatch.CANDIDATES.items()}
+    for op, paths in found.items():
+        paths["torch"] = Candidate(getattr(composite, op), without_dropout)
+    return found
 
 
 def unavailable_reason() -> str | None:
