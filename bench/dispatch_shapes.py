@@ -1,16 +1,20 @@
-"""Measure the Triton backend's fused-vs-split dispatch table on this GPU for the GPU benchmark's layer shapes.
+"""Measure the run-time path choices for the GPU benchmark's layer shapes on this GPU, and ship them.
 
-Writes ``kernels/dispatch_table.json`` (see :mod:`fastlora.kernels.dispatch`); commit it so later runs and
-users on the same GPU dispatch by measurement instead of the shipped guess.
+Runs :func:`fastlora.tuning.tune` (every candidate of every tuned op, per layer shape, M bucket and base) on the
+Triton backend, then writes this GPU's choices into ``kernels/dispatch_table.json``, the shipped table that seeds
+every user's cache: commit it so users on the same GPU start from measured choices.
 
 Usage::
 
-    python -m fastlora.bench.dispatch_shapes            # default GPU layer models, bf16
+    python -m fastlora.bench.dispatch_shapes            # default GPU layer models, bf16, M buckets of the benchmark
 """
 
 from __future__ import annotations
 
+import json
 import sys
+
+import torch
 
 from fastlora.bench.models import layer_shapes
 from fastlora.bench.settings import default_settings
@@ -25,16 +29,35 @@ def benchmark_shapes(models: tuple[str, ...]) -> list[tuple[int, int]]:
     return list(shapes)
 
 
+def ship(decisions, device: str) -> int:
+    """Merge ``decisions`` into the shipped table under ``device``; returns how many entries it now has there."""
+    from fastlora import tuning
+
+    path = tuning.shipped_table_path()
+    table = json.loads(path.read_text()) if path.exists() else {"devices": {}}
+    entries = table.setdefault("devices", {}).setdefault(device, {})
+    for d in decisions:
+        entries[d.key.text] = {"path": d.path, "times_us": d.times_us, "source": d.source}
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return len(entries)
+
+
 def main() -> int:
-    from fastlora.kernels import dispatch
+    from fastlora import tuning
 
     settings = default_settings("cuda")
     shapes = benchmark_shapes(settings.layer_models)
-    print(f"measuring fused vs split for {len(shapes)} (N, K) shapes on the GPU", flush=True)
-    entries = dispatch.measure(shapes, dtypes=(settings.dtype,))
-    split = sum(v["path"] == "split" for row in entries.values() for v in row.values())
-    total = sum(len(row) for row in entries.values())
-    print(f"dispatch table written: split chosen for {split} of {total} (op, base, shape, M) cases")
+    device = torch.device("cuda")
+    name = tuning.device_name(device)
+    print(f"tuning {len(shapes)} (N, K) shapes x {len(settings.tokens)} M on {name}", flush=True)
+    # Shape by shape, shipped after each: a run cut short by a time limit keeps what it measured.
+    for shape in shapes:
+        for base in settings.bases:
+            decisions = tuning.tune("triton", device, [shape], list(settings.tokens), base=base, dtype=settings.dtype)
+            total = ship([d for d in decisions if d.key.device == name], name)
+        print(f"  {shape}: {total} choices shipped so far ({tuning.measurement_seconds():.1f} s of timing)", flush=True)
+    for decision in tuning.decisions():
+        print(f"  {decision}")
     return 0
 
 

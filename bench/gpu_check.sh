@@ -5,12 +5,15 @@
 #
 # Usage: bench/gpu_check.sh [OUT_DIR] [extra `fastlora bench` options...]
 #   OUT_DIR defaults to $OUT (the GPU machine's output folder), else bench/results/<date>.
-#   FASTLORA_GPU_STAGES (default "tests,dispatch,bench") picks the stages, e.g. "tests,dispatch" for a first
-#   10-minute call and "bench" for a second; FASTLORA_TEST_TIMEOUT (s, default 150) caps the tests;
+#   FASTLORA_GPU_STAGES (default "tests,dispatch,static,bench") picks the stages, e.g. "tests,dispatch,static" for
+#   a first 10-minute call and "bench" for a second; the static stage compiles every shipped Hopper config and writes
+#   the compiled code's figures (OUT_DIR/static/report.md) next to what the other stages measure; FASTLORA_TEST_TIMEOUT (s, default 150) caps the tests;
 #   FASTLORA_BENCH_BUDGET (s, default 420) is the benchmark's --time-budget: no case or run starts after it, so a
 #   10-minute call still ends with a report (what did not fit is listed in it as not run).
-#   The dispatch stage measures fused vs split on this GPU for the benchmark's layer shapes and writes
-#   kernels/dispatch_table.json, copied to OUT_DIR as well: commit it so later runs dispatch by measurement.
+#   The dispatch stage measures the run-time path choices (fastlora.tuning: every Triton path and the torch/cuBLAS
+#   composite, per op, shape and M bucket) for the benchmark's layer shapes and writes this GPU's choices into
+#   kernels/dispatch_table.json, copied to OUT_DIR as well: commit it so users on this GPU start from measured
+#   choices. The choices also land in OUT_DIR/tuning-cache.json, which the benchmark stage then reuses.
 # Bring bitsandbytes as a wheel in .whl/ (../shared/gpu/wheels.sh downloads it): the GPU machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,7 @@ mkdir -p "$out"
 log="$out/log.txt"
 # tqdm redraws into a log file line by line: once every 30 s is enough to see progress.
 export TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
+export FASTLORA_TUNING_CACHE="${FASTLORA_TUNING_CACHE:-$out/tuning-cache.json}"
 
 {
   echo "== setup ($(date -u +%FT%TZ))"
@@ -39,7 +43,7 @@ export TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -m fastlora.cli info
 
-  stages=",${FASTLORA_GPU_STAGES:-tests,dispatch,bench},"
+  stages=",${FASTLORA_GPU_STAGES:-tests,dispatch,static,bench},"
   if [[ $stages == *,tests,* ]]; then
     echo "== GPU tests ($(date -u +%FT%TZ))"
     timeout "${FASTLORA_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests
@@ -47,10 +51,17 @@ export TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
   fi
 
   if [[ $stages == *,dispatch,* ]]; then
-    echo "== dispatch table: fused vs split per shape and M ($(date -u +%FT%TZ))"
+    echo "== run-time path choices per op, shape and M bucket ($(date -u +%FT%TZ))"
     timeout "${FASTLORA_DISPATCH_TIMEOUT:-360}" python3 -m fastlora.bench.dispatch_shapes
     echo "dispatch exit status: $? (the table keeps every shape measured before a time-out)"
+    python3 -m fastlora.cli info | sed -n '/^path choices/,$p'
     cp kernels/dispatch_table.json "$out/"
+  fi
+
+  if [[ $stages == *,static,* ]]; then
+    echo "== static report of the compiled kernels ($(date -u +%FT%TZ))"
+    timeout "${FASTLORA_STATIC_TIMEOUT:-240}" python3 -m fastlora.bench.kernel_report --quiet --out "$out/static"
+    echo "static report exit status: $?"
   fi
 
   if [[ $stages == *,bench,* ]]; then

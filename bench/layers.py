@@ -4,14 +4,19 @@ Contenders (each first checked against an fp32 reference of the same layer, then
 
 - ``peft``: PEFT's ``lora.Linear`` / ``lora.bnb.Linear4bit`` as users run it (bitsandbytes for NF4).
 - ``split``: the strongest existing practice (unsloth's ``fast_lora``, axolotl): W dequantized by bitsandbytes
-  into one reused buffer, one GEMM, the LoRA term added in place with ``addmm_``; backward likewise.
-- ``fastlora[<backend>]``: the same PEFT layer after ``fastlora.patch(model, backend=...)``, one per backend.
-  ``fastlora[triton:fused]`` / ``[triton:split]`` force the Triton backend's path (``FASTLORA_TRITON_PATH``).
+  into one reused buffer, one GEMM, the LoRA term added in place with ``addmm_``; backward likewise. Installed as
+  the forward of a PEFT LoRA layer, reading the layer's adapter per call as unsloth does, so it is called like
+  the others: through its layer module.
+- ``fastlora[<backend>]``: the same PEFT layer after ``fastlora.patch(model, backend=...)``, one per backend,
+  each op on the path :mod:`fastlora.tuning` measured fastest (the record's ``path``).
+  ``fastlora[triton:fused]`` / ``[triton:split]`` force a path (:func:`fastlora.tuning.forced`).
 - ``dense``: ``F.linear`` with a dense W of the same shape in the compute dtype, no LoRA: the hardware
   reference (it is checked against ``x·Wᵀ + b``).
 
 "fwd" runs under ``torch.no_grad()`` (the inference path); "fwd+bwd" returns the gradients of x, A and B via
-``torch.autograd.grad``. The check runs the exact call that is timed.
+``torch.autograd.grad``. The check runs the exact call that is timed. On CPU, ``host/call`` of a fastlora contender
+is its call time minus the time spent inside its ops (:func:`fastlora.tuning.timing_ops`): Python, autograd and
+argument handling.
 
 Usage::
 
@@ -21,17 +26,20 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-import os
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlora.bench.models import LinearShape, layer_shapes, nf4_linear
+from fastlora.bench.models import LinearShape, int8_linear, layer_shapes, nf4_linear
 from fastlora.bench.results import LayerRecord
+from fastlora.bench.split import SplitForward, weight_source
 from fastlora.bench.timing import (
     UNLIMITED, Peaks, RotatingInputs, RunBudget, TimingPolicy, cache_bytes, host_seconds, time_interleaved,
 )
@@ -42,14 +50,21 @@ from fastlora.bench.timing import (
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 #: LoRA alpha / r, as the usual "alpha = 2r" configurations have it.
 LORA_SCALE = 2.0
+#: Suffix of a base name whose adapter is DoRA ("nf4+dora"): contenders then compute "dora", not "lora".
+DORA = "+dora"
+
+
+def base_kind(base: str) -> str:
+    """The base weight's kind of a case's base name: "nf4" for "nf4" and "nf4+dora"."""
+    return base.removesuffix(DORA)
 PEFT = "peft"
-#: Forces the Triton backend's path for every call (the variable :mod:`fastlora.kernels.dispatch` reads).
-FORCED_PATH_ENV = "FASTLORA_TRITON_PATH"
 
 
 @dataclass(frozen=True)
 class LayerCase:
-    """One timed problem: an M x K -> N LoRA layer with a ``base`` ("dense"|"nf4") W, in ``mode`` ("fwd"|"fwd+bwd")."""
+    """One timed problem: an M x K -> N LoRA layer with a ``base`` ("dense"|"nf4"|"int8") W, in ``mode``
+    ("fwd"|"fwd+bwd").
+    A base named with "+dora" (e.g. "nf4+dora") carries a DoRA adapter (``use_dora=True``) instead of plain LoRA."""
 
     model: str
     shape: LinearShape
@@ -66,24 +81,25 @@ class LayerCase:
         backward = self.mode == "fwd+bwd"
         base = 2 * m * k * n * (2 if backward else 1)
         lora = 2 * m * r * (k + n) * (3 if backward else 1)
-        return base + (lora if computes == "lora" else 0)
+        return base + (lora if computes != "base" else 0)
 
     def min_bytes(self, computes: str) -> float:
         """Bytes a perfect implementation must move: W once per pass (NF4: 0.5 B/param plus one u8 absmax per
-        64), activations and their gradients once, LoRA weights (fp32) read and their gradients written."""
+        64; 8-bit: 1 B/param plus one fp32 scale per row), activations and their gradients once, LoRA weights
+        (fp32) read and their gradients written."""
         m, k, n, r = self.tokens, self.shape.in_features, self.shape.out_features, self.rank
         elt = torch.finfo(self.dtype).bits // 8
-        weight = n * k * (0.5 + 1 / 64) if self.base == "nf4" else n * k * elt
+        weight = {"nf4": n * k * (0.5 + 1 / 64), "int8": n * k + 4 * n}.get(base_kind(self.base), n * k * elt)
         backward = self.mode == "fwd+bwd"
         passes = 2 if backward else 1
         activations = elt * (m * k * (3 if backward else 1) + m * n * passes)  # x (twice in bwd), dx; y, dy
-        lora = 4 * r * (k + n) * (3 if backward else 1) if computes == "lora" else 0
+        lora = 4 * r * (k + n) * (3 if backward else 1) if computes != "base" else 0
         return weight * passes + activations + lora
 
 
 @dataclass
 class BaseLayer:
-    """A frozen base layer (dense, or bitsandbytes NF4 with double quant) and the fp32 W and bias the
+    """A frozen base layer (dense, bitsandbytes NF4 with double quant, or bitsandbytes 8-bit) and the fp32 W and bias the
     reference computes with."""
 
     layer: nn.Module
@@ -119,10 +135,12 @@ class Contender:
     note: str = ""
 
     def context(self) -> ContextManager:
-        """What every call runs inside: the forced Triton path, if any."""
+        """What every call runs inside: the forced path, if any."""
         if self.forced_path is None:
             return contextlib.nullcontext()
-        return _environment(FORCED_PATH_ENV, self.forced_path)
+        from fastlora import tuning
+
+        return tuning.forced(self.forced_path)
 
 
 def fastlora_name(backend: str, forced_path: str | None = None) -> str:
@@ -133,11 +151,12 @@ def fastlora_name(backend: str, forced_path: str | None = None) -> str:
 class _OneLayer(nn.Module):
     """A model holding one linear layer for ``get_peft_model`` to target."""
 
-    def __init__(self, proj: nn.Module, loaded_in_4bit: bool):
+    def __init__(self, proj: nn.Module, base: str):
         super().__init__()
         self.proj = proj
-        # PEFT wraps a bnb layer in lora.bnb.Linear4bit only when the model says it was loaded in 4 bit.
-        self.is_loaded_in_4bit = loaded_in_4bit
+        # PEFT wraps a bnb layer in lora.bnb.Linear4bit / Linear8bitLt only when the model says it was loaded so.
+        self.is_loaded_in_4bit = base == "nf4"
+        self.is_loaded_in_8bit = base == "int8"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
@@ -148,7 +167,8 @@ def _randn(generator: torch.Generator, *size: int, std: float) -> Tensor:
 
 
 def make_base(shape: LinearShape, base: str, dtype: torch.dtype, device: torch.device, seed: int) -> BaseLayer:
-    """Random base layer: dense ``dtype``, or NF4 (double quant) computing in ``dtype``; drawn on ``device``."""
+    """Random base layer: dense ``dtype``, NF4 (double quant) computing in ``dtype``, or 8-bit (computing in its
+    input's dtype); drawn on ``device``."""
     import bitsandbytes.functional as bnbF
 
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -158,13 +178,16 @@ def make_base(shape: LinearShape, base: str, dtype: torch.dtype, device: torch.d
     if base == "nf4":
         layer = nf4_linear(weight, bias, compute_dtype=dtype)
         weight_fp32 = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    elif base == "int8":
+        layer = int8_linear(weight, bias)
+        weight_fp32 = bnbF.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)
     elif base == "dense":
         layer = nn.Linear(k, n, bias=shape.bias, device="meta")
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         weight_fp32 = weight.float()
     else:
-        raise ValueError(f"base must be 'dense' or 'nf4', not {base!r}")
+        raise ValueError(f"base must be 'dense', 'nf4' or 'int8', not {base!r}")
     return BaseLayer(layer, base, weight_fp32, None if bias is None else bias.float(), dtype)
 
 
@@ -181,97 +204,59 @@ def make_fixture(shape: LinearShape, base: str, rank: int, dtype: torch.dtype, d
     return add_adapter(make_base(shape, base, dtype, device, seed), rank, seed + 1)
 
 
-def peft_contender(fixture: LayerFixture, backend: str | None = None, forced_path: str | None = None) -> Contender:
-    """PEFT's LoRA layer around the fixture's base; with ``backend``, patched by fastlora (raises
-    :class:`ContenderUnavailable` when fastlora leaves the layer on PEFT, with the reason). The layer is called
-    directly, not through the PeftModel, so no wrapper overhead is timed."""
+def peft_layer(fixture: LayerFixture, dora: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(PeftModel, its LoRA layer) around the fixture's base, with the fixture's adapter weights. With ``dora``, a
+    DoRA adapter: its magnitude m starts as PEFT sets it, at ‖W‖ per row (B was zero then), so g = m/‖W + s·B·A‖ ≠ 1."""
     from peft import LoraConfig, get_peft_model
 
     rank = fixture.lora_a.shape[0]
-    config = LoraConfig(r=rank, lora_alpha=LORA_SCALE * rank, lora_dropout=0.0, target_modules=["proj"])
-    model = get_peft_model(_OneLayer(fixture.base.layer, fixture.base.base == "nf4"), config)
+    config = LoraConfig(
+        r=rank, lora_alpha=LORA_SCALE * rank, lora_dropout=0.0, use_dora=dora, target_modules=["proj"]
+    )
+    # PEFT's DoRA forward on CPU replaces the base module's quantized weight by a new Params object on every call
+    # (``dequantize_module_weight``): a DoRA contender gets its own copy, so it cannot disturb the others' weight.
+    base_layer = copy.deepcopy(fixture.base.layer) if dora else fixture.base.layer
+    model = get_peft_model(_OneLayer(base_layer, fixture.base.base), config)
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(fixture.lora_a)
         layer.lora_B["default"].weight.copy_(fixture.lora_b)
+    return model, layer
+
+
+def peft_contender(
+    fixture: LayerFixture, backend: str | None = None, forced_path: str | None = None, dora: bool = False
+) -> Contender:
+    """PEFT's LoRA layer around the fixture's base; with ``backend``, patched by fastlora (raises
+    :class:`ContenderUnavailable` when fastlora leaves the layer on PEFT, with the reason). The layer is called
+    directly, not through the PeftModel, so no wrapper overhead is timed. ``dora``: a DoRA adapter (computes "dora",
+    the magnitude trainable too)."""
+    model, layer = peft_layer(fixture, dora)
     trainable = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    computes = "dora" if dora else "lora"
+    if dora:
+        trainable += (layer.lora_magnitude_vector["default"].weight,)
     if backend is None:
-        return Contender(PEFT, "lora", layer, trainable)
+        return Contender(PEFT, computes, layer, trainable)
 
     import fastlora
 
     report = fastlora.patch(model, backend=backend)
     if not report.patched:
         raise ContenderUnavailable(f"fastlora left the layer on PEFT: {report.skipped or report}")
-    return Contender(fastlora_name(backend, forced_path), "lora", layer, trainable, backend, forced_path, report)
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
+    return Contender(fastlora_name(backend, forced_path), computes, layer, trainable, backend, forced_path, report)
 
 
 class ContenderUnavailable(RuntimeError):
     """This contender cannot run this case here (the message says why): recorded as "skipped"."""
 
 
-class SplitLoRALinear(torch.autograd.Function):
-    """The split practice: ``y = x·Wᵀ + b``, then ``y.addmm_(x·Aᵀ, Bᵀ, alpha=s)``, with W from ``dequantize()``
-    (a reused buffer); backward calls it again for ``dx = dy·W`` and adds the LoRA term with ``addmm_``. The LoRA
-    product runs in the compute dtype, as unsloth does."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, dequantize, scale):
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        s = x @ a.T
-        y = F.linear(x, dequantize(), bias)
-        y.addmm_(s, b.T, alpha=scale)
-        ctx.save_for_backward(x, a, b, s)
-        ctx.dequantize, ctx.scale, ctx.param_dtype = dequantize, scale, lora_a.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, a, b, s = ctx.saved_tensors
-        grad_s = grad_y @ b
-        grad_a = (grad_s.T @ x).mul_(ctx.scale).to(ctx.param_dtype)
-        grad_b = (grad_y.T @ s).mul_(ctx.scale).to(ctx.param_dtype)
-        grad_x = grad_y @ ctx.dequantize()
-        grad_x.addmm_(grad_s, a, alpha=ctx.scale)
-        return grad_x, grad_a, grad_b, None, None, None
-
-
-def _weight_source(fixture: LayerFixture) -> tuple[Callable[[], Tensor], str]:
-    """A function giving W in the compute dtype, as the split practice gets it, and how it does so."""
-    weight = fixture.base.layer.weight
-    if fixture.base.base == "dense":
-        return (lambda: weight), "dense W used in place"
-    import bitsandbytes.functional as bnbF
-
-    state = weight.quant_state
-    buffer = torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
-    try:
-        bnbF.dequantize_4bit(weight.data, state, out=buffer)
-    except NotImplementedError:  # bitsandbytes' CPU backend has no out= variant
-        return (lambda: bnbF.dequantize_4bit(weight.data, state)), "bitsandbytes cannot dequantize into a buffer here: allocates W per call"
-    return (lambda: bnbF.dequantize_4bit(weight.data, state, out=buffer)), "W dequantized into one reused buffer"
-
-
 def split_contender(fixture: LayerFixture) -> Contender:
-    lora_a = fixture.lora_a.clone().requires_grad_()
-    lora_b = fixture.lora_b.clone().requires_grad_()
-    bias = fixture.base.layer.bias
-    dequantize, note = _weight_source(fixture)
-    forward = lambda x: SplitLoRALinear.apply(x, lora_a, lora_b, bias, dequantize, LORA_SCALE)  # noqa: E731
-    return Contender("split", "lora", forward, (lora_a, lora_b), note=note)
+    """The split practice installed on its own PEFT LoRA layer (same weights), called through the layer module."""
+    _, layer = peft_layer(fixture)
+    dequantize, note = weight_source(fixture.base)
+    layer.forward = SplitForward(layer, dequantize)
+    return Contender("split", "lora", layer, (layer.lora_A["default"].weight, layer.lora_B["default"].weight), note=note)
 
 
 def dense_contender(fixture: LayerFixture) -> Contender:
@@ -301,6 +286,14 @@ def reference_outputs(fixture: LayerFixture, computes: str, x: Tensor, grad_y: T
         if computes == "lora":
             y = y + LORA_SCALE * (x32 @ a32.T) @ b32.T
             inputs += [a32, b32]
+        elif computes == "dora":
+            # g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b with g = m / ‖W + s·B·A‖ (detached) and m = ‖W‖ (see peft_layer)
+            w = fixture.base.weight_fp32
+            magnitude = w.norm(dim=1).requires_grad_()
+            scale = magnitude / (w + LORA_SCALE * fixture.lora_b @ fixture.lora_a).norm(dim=1)
+            y = scale * (x32 @ w.T + LORA_SCALE * (x32 @ a32.T) @ b32.T)
+            y = y if fixture.base.bias_fp32 is None else y + fixture.base.bias_fp32
+            inputs += [a32, b32, magnitude]
         if mode == "fwd":
             return [y.detach()]
         return [y.detach(), *torch.autograd.grad(y, inputs, grad_y.float())]
@@ -319,17 +312,21 @@ def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
     return worst if math.isfinite(worst) else math.inf
 
 
-def contenders_for(fixture: LayerFixture, settings, device: torch.device) -> tuple[list[Contender], dict[str, str]]:
-    """The contenders the settings ask for, and for each one that cannot run here, the reason."""
-    builders: list[tuple[str, Callable[[], Contender]]] = [(PEFT, lambda: peft_contender(fixture))]
-    if settings.include_split:
+def contenders_for(
+    fixture: LayerFixture, settings, device: torch.device, dora: bool = False
+) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders the settings ask for, and for each one that cannot run here, the reason. A DoRA case (``dora``)
+    has PEFT and fastlora only: the split practice and dense F.linear have no DoRA form."""
+    builders: list[tuple[str, Callable[[], Contender]]] = [(PEFT, lambda: peft_contender(fixture, dora=dora))]
+    if settings.include_split and not dora:
         builders.append(("split", lambda: split_contender(fixture)))
     for backend in settings.backends:
         paths = settings.triton_paths if backend == "triton" else ("auto",)
         for path in paths:
             forced = None if path == "auto" else path
-            builders.append((fastlora_name(backend, forced), lambda b=backend, p=forced: peft_contender(fixture, b, p)))
-    if settings.include_dense:
+            patched = lambda b=backend, p=forced: peft_contender(fixture, b, p, dora)  # noqa: E731
+            builders.append((fastlora_name(backend, forced), patched))
+    if settings.include_dense and not dora:
         builders.append(("dense", lambda: dense_contender(fixture)))
     contenders, unavailable = [], {}
     for name, build in builders:
@@ -340,20 +337,38 @@ def contenders_for(fixture: LayerFixture, settings, device: torch.device) -> tup
     return contenders, unavailable
 
 
-def triton_path(case: LayerCase, forced: str | None) -> str | None:
-    """Which path (fused/split) the Triton backend takes for this case, as ``fastlora.kernels.dispatch`` says;
-    None when it cannot say (no Triton kernels, or an older kernels module without a dispatcher)."""
-    if forced:
-        return f"{forced} (forced)"
-    try:
-        from fastlora.kernels import dispatch
+def chosen_paths(case: LayerCase, backend: str) -> str | None:
+    """The paths :mod:`fastlora.tuning` chose for this case's base-weight ops on ``backend``, with their source,
+    e.g. "lora_linear: whole (measured here); lora_linear_grad_input: whole (cache)"; None when none was made."""
+    from fastlora import tuning
 
-        ops = ("forward",) if case.mode == "fwd" else ("forward", "grad_input")
-        m, n, k = case.tokens, case.shape.out_features, case.shape.in_features
-        choices = [dispatch.choice(op, case.base, m, n, k, case.dtype) for op in ops]
-    except Exception:  # noqa: BLE001 - the path is informative only; its absence must not stop the benchmark
+    ops = ("lora_linear",) if case.mode == "fwd" else ("lora_linear", "lora_linear_grad_input")
+    wanted = (tuning.m_bucket(case.tokens), case.shape.out_features, case.shape.in_features, str(case.dtype).removeprefix("torch."))
+    found = {
+        d.key.op: f"{d.key.op}: {d.path} ({d.source})"
+        for d in tuning.decisions()
+        if d.key.backend == backend and d.key.op in ops and (d.key.m_bucket, d.key.n, d.key.k, d.key.dtype) == wanted
+    }
+    return "; ".join(found[op] for op in ops if op in found) or None
+
+
+def cpu_host_seconds(contender: Contender, fn: Callable[[], object], calls: int = 10) -> float | None:
+    """CPU host seconds per call of a fastlora contender: the median over ``calls`` calls of the call's time minus
+    the time spent inside its ops. None for contenders whose ops are not fastlora's, and where the call ran none of
+    them (a dense call on torch's own ops, :mod:`fastlora.graph`: its host and kernel time are not separable)."""
+    if contender.backend is None:
         return None
-    return ", ".join(f"{op}: {c.path}" for op, c in zip(ops, choices)) + f" ({choices[0].source})"
+    from fastlora import tuning
+
+    host = []
+    for _ in range(calls):
+        with tuning.timing_ops() as inside:
+            started = time.perf_counter()
+            fn()
+            if inside[0] == 0.0:
+                return None
+            host.append(time.perf_counter() - started - inside[0])
+    return statistics.median(host)
 
 
 def run_case(
@@ -388,14 +403,17 @@ def run_case(
         if want is None:
             want = references[contender.computes] = reference_outputs(fixture, contender.computes, x0, grad_y0, case.mode)
         status, detail, error = _check(contender, x0, grad_y0, case.mode, want, tolerance)
-        path = triton_path(case, contender.forced_path) if contender.backend == "triton" else None
+        path = chosen_paths(case, contender.backend) if contender.backend is not None else None
         records[contender.name] = _record(case, contender.name, status, detail or contender.note, error, tolerance, path)
         if status == "ok":
             timed[contender.name] = lambda c=contender: run_once(c, *pool.next(), case.mode)
     del references, x0, grad_y0  # the fp32 reference can be larger than the layer: free it before timing
     try:
         medians = time_interleaved(timed, device, policy)
-        hosts = {name: host_seconds(fn, device) for name, fn in timed.items()}
+        if device.type == "cuda":
+            hosts = {name: host_seconds(fn, device) for name, fn in timed.items()}
+        else:
+            hosts = {c.name: cpu_host_seconds(c, timed[c.name]) for c in contenders if c.name in timed}
     except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large M: recorded, the suite goes on
         status = "oom" if isinstance(err, torch.OutOfMemoryError) else "error"
         for name in timed:
@@ -480,10 +498,10 @@ def run_layer_suite(
             for base in settings.bases:
                 if budget.spent():
                     return records
-                base_layer = make_base(shape, base, settings.dtype, device, seed=settings.seed + shape_index)
+                base_layer = make_base(shape, base_kind(base), settings.dtype, device, seed=settings.seed + shape_index)
                 for rank in settings.ranks:
                     fixture = add_adapter(base_layer, rank, seed=settings.seed + rank)
-                    contenders, unavailable = contenders_for(fixture, settings, device)
+                    contenders, unavailable = contenders_for(fixture, settings, device, dora=base.endswith(DORA))
                     for mode in settings.modes:
                         for tokens in settings.tokens:
                             if budget.spent():

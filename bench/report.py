@@ -107,9 +107,10 @@ def layer_detail_table(records: list[LayerRecord]) -> str:
         for r in records
     ]
     headers = ["model", "layers", "K→N", "M", "base", "mode", "r", "contender", "status", "median", "vs PEFT",
-               "TFLOP/s", "GB/s", "% GEMM peak", "% copy peak", "check err", "triton path"]  # fmt: skip
+               "TFLOP/s", "GB/s", "% GEMM peak", "% copy peak", "check err", "path (source)"]  # fmt: skip
     if any(r.host_s is not None for r in records):
-        # GPU runs: the host time to issue a call, next to the GPU median (host-bound where they are close).
+        # GPU: the host time to issue a call, next to the GPU median (host-bound where they are close); CPU: a
+        # fastlora call's time outside its ops.
         headers.insert(10, "host/call")
         for row, r in zip(rows, records):
             row.insert(10, format_seconds(r.host_s))
@@ -251,6 +252,10 @@ def _environment_table(results: Results) -> str:
     for device_type, state in env.get("backends", {}).items():
         available = ", ".join(n for n, reason in state["reasons"].items() if reason is None)
         rows.append([f"backends on {device_type}", f"{available} (auto → {state['auto']})"])
+    tuned = env.get("tuning")
+    if tuned:
+        rows.append(["run-time path choice", f"{tuned['measured']} shape keys measured in {format_seconds(tuned['measurement_s'])} "
+                     f"(of {tuned['decisions']} decisions; the rest from cache, shipped table or one candidate); cache {tuned['cache']}"])
     return markdown_table(["", ""], rows)
 
 
@@ -286,7 +291,8 @@ def render_report(results: Results, plot_files: Sequence[str] = ()) -> str:
             "triton.testing.do_bench median (CUDA events, L2 flushed, rotating inputs); \"host/call\" in the detail "
             "table is the host time to issue one call, GPU not waited for (a median close to it is host-bound)"
             if device.startswith("cuda")
-            else "median of interleaved rounds in one process"
+            else "median of interleaved rounds in one process; \"host/call\" in the detail table is a fastlora call's "
+            "time outside its ops (Python, autograd, argument handling), median of 10 calls"
         )
         out.append(
             "## Layers\n\n"
@@ -313,6 +319,10 @@ def render_report(results: Results, plot_files: Sequence[str] = ()) -> str:
             "Peak memory of one training step (forward, backward, AdamW) at batch 1, after one unmeasured step; "
             "in parentheses the growth over the memory in use before the step.\n\n" + memory_table(results.memory)
         )
+    if getattr(results, "accounting", None):  # set by the memory suite (bench/memory_accounting.py)
+        from fastlora.bench.memory_accounting import section
+
+        out.append(section(results.accounting))
     if plot_files:
         out.append("## Plots\n\n" + "\n\n".join(f"![{name}]({name})" for name in plot_files))
     return "\n\n".join(out) + "\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastlora.bench import layers, plots, report, training
+from fastlora.bench import layers, memory_accounting, plots, report, training
 from fastlora.bench.environment import backend_status, describe_environment
 from fastlora.bench.results import Results
 from fastlora.bench.settings import BenchSettings
@@ -63,7 +63,7 @@ def run_benchmarks(settings: BenchSettings, out_dir: str | Path, show_progress: 
             lambda bar: training.run_train_suite(settings, device, bar, cache, budget, _Checkpoint(results, "train", out, started)),
             len,
         ),
-        "memory": (memory_steps, lambda bar: training.run_memory_suite(settings, device, bar, cache, budget), len),
+        "memory": (memory_steps, lambda bar: _memory_suite(settings, device, bar, cache, budget, results, out, show_progress), len),
     }
     for name in settings.suites:
         total, run, done = suites[name]
@@ -75,9 +75,32 @@ def run_benchmarks(settings: BenchSettings, out_dir: str | Path, show_progress: 
                 f"{settings.time_budget_s:g} s was spent"
             )
         results.wall_time_s = time.perf_counter() - started
+        results.environment["tuning"] = _tuning_summary()
         write_outputs(results, out)  # after each suite: a run stopped later keeps a report of what it measured
     cache.clear()
     return results
+
+
+def _memory_suite(settings: BenchSettings, device, bar, cache, budget: RunBudget, results: Results, out: Path, show_progress: bool):
+    """Peak memory measured on the device, and alongside it the accounting of real sizes on meta tensors (kept as
+    ``results.accounting`` for the report, and in accounting.json)."""
+    records = training.run_memory_suite(settings, device, bar, cache, budget)
+    if settings.accounting_models and not budget.spent():
+        results.accounting = memory_accounting.run_suite(settings, out, show_progress)
+    return records
+
+
+def _tuning_summary() -> dict:
+    """What run-time path choice cost this run: keys measured, seconds spent timing candidates, where the cache is."""
+    from fastlora import tuning
+
+    decisions = tuning.decisions()
+    return {
+        "measurement_s": tuning.measurement_seconds(),
+        "measured": sum(d.source.startswith("measured") for d in decisions),
+        "decisions": len(decisions),
+        "cache": str(tuning.cache_path()),
+    }
 
 
 #: Least seconds between two checkpoint writes inside a suite (each renders the report).

@@ -36,7 +36,7 @@ class BenchSettings:
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     # Contenders: fastlora backends (each one a contender), and the Triton paths to measure ("auto" = its
-    # dispatcher's choice; "fused"/"split" force one).
+    # run-time choice of fastlora.tuning; "fused"/"split" force one).
     backends: tuple[str, ...] = ()
     triton_paths: tuple[str, ...] = ("auto",)
     include_split: bool = True
@@ -60,11 +60,21 @@ class BenchSettings:
     steps: int = 4
     lr: float = 1e-3
     train_backends: tuple[str, ...] = ()
+    # Also each train backend with the fused linear cross-entropy (contender "fastlora[<backend>]+loss"); the
+    # command line turns it on by default (--fused-loss).
+    train_fused_loss: bool = False
     # Memory suite: peak memory of one training step over a sequence-length sweep (OOM is recorded, not fatal).
     memory_models: tuple[str, ...] = ("tiny",)
     memory_method: str = "qlora"
     memory_seq_lens: tuple[int, ...] = (128, 256, 512, 1024)
     memory_checkpointing: bool = True
+    # Memory suite, alongside: one training step accounted on meta tensors at real sizes (fastlora.memory; no device
+    # memory used, the same figures on any machine). Empty accounting_models: not run.
+    accounting_models: tuple[str, ...] = ("llama-3-8b",)
+    accounting_method: str = "qlora"
+    accounting_checkpointing: str = "non-reentrant"
+    accounting_seq_lens: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768)
+    accounting_batches: tuple[int, ...] = (1, 8)
     # Seconds after which no new case or run starts (None: no limit). What is left is listed in the report as not
     # run, so a run under a hard time limit (the GPU machine's 10-minute calls) still ends with a report.
     time_budget_s: float | None = None
@@ -116,4 +126,5 @@ def default_settings(device: str) -> BenchSettings:
         train_backends=available,
         memory_models=("llama-3-8b",),
         memory_seq_lens=(1024, 2048, 4096, 8192, 16384, 32768),
+        accounting_models=(),  # the same figures on any machine: accounted on CPU, no GPU time spent on them
     )

@@ -4,6 +4,7 @@ machine offers.
 Usage::
 
     fastlora info
+    fastlora tune --model llama-3-8b --tokens 1-4096  # run-time path choices ahead of time, printed
     fastlora bench                                  # every suite, defaults for the device, into ./fastlora-bench
     fastlora bench --device cuda --suite layers --model llama-3-8b --tokens 1,4096 --out results/
 """
@@ -17,6 +18,8 @@ import sys
 from typing import Callable, Sequence
 
 import torch
+
+from fastlora.memory import planner as memory_planner
 
 
 def _split(convert: Callable[[str], object] = str) -> Callable[[str], tuple]:
@@ -82,6 +85,8 @@ def _bench_parser(subparsers) -> None:
     train.add_argument("--warmup", type=int, help="untimed optimizer steps first")
     train.add_argument("--lr", type=float, help="AdamW learning rate")
     train.add_argument("--memory-seq-lens", type=_split(int), help="sequence lengths of the memory sweep")
+    train.add_argument("--fused-loss", type=_on_off, default=True,
+                       help="also each fastlora backend with the fused cross-entropy: on (default) or off")  # fmt: skip
     p.add_argument("--threads", type=_threads, default="auto", help="torch CPU threads, or auto: cores not busy now (default)")
     p.add_argument("--seed", type=int, help="random seed for weights and data")
     p.add_argument("--time-budget", type=float, help="seconds after which no new case or run starts; the rest is reported as not run")
@@ -129,6 +134,7 @@ def settings_from_args(args: argparse.Namespace):
     changes["suites"] = tuple(suites)
     changes["include_split"] = not args.no_split
     changes["include_dense"] = not args.no_dense
+    changes["train_fused_loss"] = args.fused_loss
     if torch.device(args.device).type == "cpu":
         changes["threads"] = auto_threads() if args.threads == "auto" else args.threads
     return dataclasses.replace(settings, **changes)
@@ -151,19 +157,102 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if getattr(args, "kernels", False):
+        from fastlora.bench import kernel_report
+
+        return kernel_report.main([])
     from fastlora.bench.environment import backend_status, cpp_build_state, describe_environment, format_environment
     from fastlora.bench.models import MODEL_PRESETS
 
     cpp_state = cpp_build_state()  # before backend_status, which builds the extension if needed
     print(format_environment(describe_environment(), backend_status(), cpp_state))
-    try:
-        from fastlora.kernels import dispatch
-
-        gpus = list(json.loads(dispatch.TABLE_PATH.read_text()).get("gpus", {}))
-        print("triton dispatch table: " + (f"measured on {', '.join(gpus)}" if gpus else "not measured on any GPU yet (defaults)"))
-    except Exception as err:  # noqa: BLE001 - informative only
-        print(f"triton dispatch table: unavailable ({type(err).__name__}: {err})")
+    _print_path_choices()
     print("model presets: " + ", ".join(f"{name} ({p.note})" for name, p in MODEL_PRESETS.items()))
+    return 0
+
+
+def _print_path_choices() -> None:
+    """The run-time path choices stored for this machine's devices (cache and shipped table), and where they live."""
+    from fastlora import tuning
+
+    shipped = json.loads(tuning.shipped_table_path().read_text()).get("devices", {})
+    print(f"path choices: cache {tuning.cache_path() or 'off'}; shipped table has {', '.join(shipped) or 'no device'}")
+    devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for device in devices:
+        name = tuning.device_name(device)
+        stored = tuning.stored_decisions(name)
+        print(f"  {name}: {len(stored)} stored choices" + (" (none yet: measured on first use)" if not stored else ""))
+        for decision in stored:
+            print(f"    {decision}")
+
+
+def _token_range(text: str) -> tuple[int, ...]:
+    """"1-4096": one M per M bucket the range touches (each bucket's largest M); "1,16,512": those M."""
+    from fastlora.tuning import MAX_M_BUCKET, m_bucket
+
+    if "-" not in text:
+        return _split(int)(text)
+    low, high = (m_bucket(int(v)) for v in text.split("-", 1))
+    buckets, bucket = [], 1
+    while bucket <= min(high, MAX_M_BUCKET):
+        if bucket >= low:
+            buckets.append(bucket)
+        bucket *= 4
+    return tuple(buckets)
+
+
+def _tune_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tune",
+        help="measure the run-time path choices ahead of time and print them",
+        description="Time every implementation of each fused op (forward, grad_input, the thin LoRA products) for the "
+        "layer shapes of a model and each M bucket of a token range, on this machine, and store the fastest in the "
+        "path-choice cache (FASTLORA_TUNING_CACHE), as the first training calls would. Prints every choice.",
+    )
+    p.add_argument("--model", default="tiny", help="a model preset (see fastlora info) or a path to a Hugging Face config")
+    p.add_argument("--tokens", default="1-4096", type=_token_range, help="token counts: a range 1-4096 (every M bucket) or a list 1,16,512")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--backend", default="auto", help="fastlora backend (default: auto for the device)")
+    p.add_argument("--bases", default=("nf4", "dense"), type=_split(), help="nf4, dense")
+    p.add_argument("--rank", default=16, type=int, help="LoRA rank")
+    p.add_argument("--dtype", type=_dtype, help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (choices are keyed by the thread count)")
+
+
+def _model_shapes(model: str) -> list[tuple[int, int]]:
+    """Distinct (N, K) of a preset's or a Hugging Face config's decoder linear layers."""
+    from pathlib import Path
+
+    from fastlora.bench.models import MODEL_PRESETS, ModelPreset, layer_shapes
+
+    if model not in MODEL_PRESETS and Path(model).exists():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        MODEL_PRESETS[model] = ModelPreset(*(getattr(config, f) for f in fields), getattr(config, "attention_bias", False))
+    return list(dict.fromkeys((s.out_features, s.in_features) for s in layer_shapes(model)))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fastlora import backends, tuning
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    backend = backends.resolve(args.backend, device)
+    dtype = args.dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    shapes = _model_shapes(args.model)
+    with tqdm(total=len(shapes) * len(args.tokens) * len(args.bases), desc="tune", unit="shape") as bar:
+        for base in args.bases:
+            tuning.tune(backend, device, shapes, list(args.tokens), base=base, rank=args.rank, dtype=dtype, progress=bar)
+    decisions = tuning.decisions()
+    print(f"{backend} on {tuning.device_name(device)}: {len(decisions)} choices, {tuning.measurement_seconds():.2f} s of timing; "
+          f"cache {tuning.cache_path() or 'off'}")
+    for decision in decisions:
+        print(f"  {decision}")
     return 0
 
 
@@ -171,14 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastlora", description="Fused-kernel backend for PEFT LoRA/QLoRA.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _bench_parser(subparsers)
-    subparsers.add_parser("info", help="devices, backends available (and why not), C++ build state, versions")
+    memory_planner.add_parser(subparsers)
+    _tune_parser(subparsers)
+    info = subparsers.add_parser("info", help="devices, backends available (and why not), C++ build state, versions")
+    info.add_argument(
+        "--kernels", action="store_true",
+        help="instead: compile every shipped Triton kernel config for Hopper (sm_90, no GPU needed) and report its "
+        "SASS (static figures, not timings) into bench/results/static-sm90-<date>/report.md",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastlora`` command."""
     args = build_parser().parse_args(argv)
-    return {"bench": cmd_bench, "info": cmd_info}[args.command](args)
+    return {"bench": cmd_bench, "info": cmd_info, "plan": memory_planner.cmd_plan, "tune": cmd_tune}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,63 @@ def test_launch_goes_through_the_autotuner_once_per_key(monkeypatch):
         want = x.double() @ w.double().T + s.double() @ b.double().T
         torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)  # fp16 output, K=97: a few ulp
         assert len(autotuner_runs) == tuned, m
+
+
+# ---- transposed small-M variants (candidates for the run-time chooser) ------------------------------------------
+
+
+@pytest.mark.parametrize("m", MS[:3])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_linear_transposed(m, n, k, base, dtype):
+    """Yᵀ = W·Xᵀ tiling with its K splits summed by the last program, against the float64 formula; odd m with a
+    DoRA column scale. A second call checks that the split counters were left at zero."""
+    from fastlora.kernels.lora_linear_transposed import lora_linear_transposed
+
+    blocksize, nested = (64, True) if m % 2 else (128, False)
+    weight, absmax, w32 = base_weight(base, n, k, dtype, blocksize, nested)
+    x, bias = torch.randn(m, k).to(dtype), (torch.randn(n) * 0.1).to(dtype)
+    s, b = torch.randn(m, 24), torch.randn(n, 24) * 0.1
+    col_scale = torch.rand(n) + 0.5 if m % 2 else None
+    got = lora_linear_transposed(x, weight, absmax, blocksize, bias, s, b, col_scale)
+    assert torch.equal(lora_linear_transposed(x, weight, absmax, blocksize, bias, s, b, col_scale), got)
+    x64, w64, s64, b64 = x.double(), w32.double(), s.double(), b.double()
+    scale = col_scale.double() if col_scale is not None else torch.ones(n, dtype=torch.float64)
+    magnitude = (x64.abs() @ w64.abs().T + s64.abs() @ b64.abs().T) * scale + bias.double().abs()
+    exact = ((x64 @ w64.T + s64 @ b64.T) * scale + bias.double()).to(dtype)  # the float64 formula, rounded once
+    assert_bounded(got, exact, magnitude, dtype, k)
+
+
+@pytest.mark.parametrize("m", MS[:3])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_linear_grad_input_transposed(m, n, k, base, dtype):
+    from fastlora.kernels.lora_linear_grad_input_transposed import lora_linear_grad_input_transposed
+
+    adapters = "three_dropout" if m % 2 else "one"
+    blocksize, nested = (128, True) if m % 2 else (64, False)
+    weight, absmax, w32 = base_weight(base, n, k, dtype, blocksize, nested)
+    a, ranks, seeds, p = stacked_adapters(adapters, k)
+    dy, ds = torch.randn(m, n).to(dtype), torch.randn(m, sum(ranks))
+    got = lora_linear_grad_input_transposed(dy, weight, absmax, blocksize, ds, a, ranks, seeds, p)
+    dy64 = dy.double()
+    magnitude, exact = dy64.abs() @ w32.double().abs(), dy64 @ w32.double()
+    for i, (ds_i, a_i) in enumerate(zip(ds.double().split(ranks, 1), a.double().split(ranks))):
+        keep = keep_mask(seeds[i], p[i], m, k).double() / (1 - p[i])
+        magnitude += (ds_i.abs() @ a_i.abs()) * keep
+        exact += (ds_i @ a_i) * keep
+    assert_bounded(got, exact.to(dtype), magnitude, dtype, max(n, 16))
+
+
+def test_nf4_decode_table_layout():
+    """The table nf4_tile reads: (high nibble's value, low nibble's value) for each byte, as bitsandbytes packs
+    them, then the 16 code values."""
+    from fastlora.kernels import common
+    from fastlora.nf4 import nf4_table
+
+    table, values = common.nf4_decode_table(torch.device("cpu")), nf4_table("cpu")
+    pairs, codes = table[: common.CODE_TABLE_OFFSET].view(256, 2), torch.arange(256)
+    assert table.shape == (528,) and torch.equal(table[common.CODE_TABLE_OFFSET :], values)
+    assert torch.equal(pairs[:, 0], values[codes >> 4]) and torch.equal(pairs[:, 1], values[codes & 15])

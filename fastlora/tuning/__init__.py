@@ -1,0 +1,459 @@
+"""Run-time path choice by measurement: each op of a backend, per shape, runs the candidate timed fastest here.
+
+Like ``torch.compile``'s max-autotune timing Triton templates against cuBLAS: a backend lists several
+implementations (candidates) of an op, e.g. the C++ backend's fused few-token NF4 kernels, the whole-W buffer,
+the panels and the ATen composite of the split practice. The first call of an op for a shape key (op, M bucket,
+N, K, rank, dtype, base kind, dropout or not, device) times every candidate that applies, on that call's own
+inputs, and keeps the fastest; later calls of the key go straight to it (one dict lookup).
+
+- Bounded cost: M is bucketed by powers of 4 (1, 4, 16, ..., 16384: 8 buckets), so a run with varying sequence
+  lengths tunes a handful of keys. Per key each candidate gets one warm-up call plus :data:`MIN_ROUNDS` (3) timed
+  calls, and more, up to :data:`ROUNDS` (8), while the key's timing has taken less than :data:`BUDGET_S` (20 ms).
+  The statistic is each candidate's fastest call; the backend's first-listed candidate keeps a key unless another
+  is faster by more than :data:`TIE_MARGIN`, so noise does not flip choices.
+- Persistence: choices are written to an on-disk cache (``$FASTLORA_TUNING_CACHE``, default
+  ``~/.cache/fastlora/tuning.json``; ``off`` disables it) keyed by device name and the fastlora/torch/triton
+  versions, so a second process does not time again. ``kernels/dispatch_table.json`` (shipped) seeds keys the
+  cache lacks. A corrupt cache, or one from other versions, is ignored with a warning (and rewritten). See
+  :mod:`fastlora.tuning.store`.
+- Forcing: ``FASTLORA_PATH=<path>`` (read at first use and by :func:`reset`; ``FASTLORA_TRITON_PATH`` when it is
+  unset) forces that candidate for every op that has it; ``FASTLORA_PATH=lora_linear=whole,lora_linear_grad_input=
+  panels`` forces per op (an op named there must have the candidate). :func:`forced` does the same for a block.
+- Not timed: the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``, tests) keeps its launchers' own
+  choice per call (:func:`fastlora.kernels.dispatch.choice`); calls made while a CUDA graph is captured take the
+  first candidate.
+- Visibility: :func:`decisions` lists this process's choices with their source ("measured here", "cache",
+  "shipped table", "forced by FASTLORA_PATH", "only candidate"); :func:`stored_decisions` lists the cache and the
+  shipped table for this device (``fastlora info``); :func:`tune` tunes ahead of time (``fastlora tune``).
+
+Usage::
+
+    impl = backends.implementation("cpp", "cpu")     # a TunedOps: each op routed to its chosen candidate
+    y = impl.lora_linear(x, w, None, 0, None, s, b)  # first call per shape key times the candidates
+    for d in tuning.decisions(): print(d)
+    with tuning.forced("panels"): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+from fastlora.tuning.store import (  # noqa: F401 - part of this module's interface
+    CACHE_ENV, Decision, ShapeKey, Store, cache_path, device_name, shipped_table_path, versions,
+)
+
+PATH_ENV = "FASTLORA_PATH"
+#: Read when FASTLORA_PATH is unset: the Triton-only variable of earlier versions, which scripts and tests still set.
+LEGACY_PATH_ENV = "FASTLORA_TRITON_PATH"
+#: Timed calls per candidate and key after the warm-up call: at least MIN_ROUNDS (a call stalled by other load on
+#: the machine must not decide alone), more up to ROUNDS while the key's timing has taken less than BUDGET_S.
+MIN_ROUNDS = 3
+ROUNDS = 8
+BUDGET_S = 0.02
+#: Another candidate replaces the backend's first-listed one only when faster by more than this fraction.
+TIE_MARGIN = 0.03
+#: Largest M bucket: every larger M shares it.
+MAX_M_BUCKET = 16384
+TUNED_OPS = ("lora_down", "lora_linear", "lora_up_grad", "lora_down_grad", "lora_linear_grad_input")
+#: What FASTLORA_PATH can name per op: the tuned ops and the autograd graph of a layer call (fastlora.graph).
+FORCEABLE = TUNED_OPS + ("lora_layer", "lora_layer_inference")
+
+
+def m_bucket(m: int) -> int:
+    """The M bucket of ``m`` tokens: the next power of 4 (1, 4, 16, ...), at most :data:`MAX_M_BUCKET`."""
+    return min(1 << (((m - 1).bit_length() + 1) & ~1) if m > 1 else 1, MAX_M_BUCKET)
+
+
+class Candidate(NamedTuple):
+    """One implementation of an op: ``fn`` has the op's signature; ``applies(key)`` says whether it can run it."""
+
+    fn: Callable
+    applies: Callable[[ShapeKey], bool] = lambda key: True
+
+
+# ---- raw keys: computed on every op call, so only what the arguments hold, no arithmetic -------------------------
+# Each op's memo maps its raw key (exact shapes, dtypes, base kind, dropout) to the chosen candidate; a raw key seen
+# for the first time is turned into a ShapeKey (M bucketed) and decided once per bucket.
+
+#: Per op: its parameters, its raw key as an expression of them, and that key read back as
+#: (M, N, K, rank, dtype, weight dtype or None, dense W?, dropout?).
+_KEYS = {
+    "lora_down": (
+        "x, lora_a, ranks, seeds, dropout_p, scales",
+        "x.shape, lora_a.shape, x.dtype, any(dropout_p)",
+        lambda r: (r[0][0], 0, r[0][1], r[1][0], r[2], None, True, r[3]),
+    ),
+    "lora_linear": (
+        "x, weight, absmax, blocksize, bias, lora_s, lora_b",
+        "x.shape, lora_b.shape, x.dtype, weight.dtype, absmax is None",
+        lambda r: (r[0][0], r[1][0], r[0][1], r[1][1], r[2], r[3], r[4], False),
+    ),
+    "lora_up_grad": (
+        "grad_out, lora_b, lora_s, ranks, scales",
+        "grad_out.shape, lora_b.shape, grad_out.dtype",
+        lambda r: (r[0][0], r[0][1], 0, r[1][1], r[2], None, True, False),
+    ),
+    "lora_down_grad": (
+        "grad_s, x, ranks, seeds, dropout_p",
+        "x.shape, grad_s.shape, x.dtype, any(dropout_p)",
+        lambda r: (r[0][0], 0, r[0][1], r[1][1], r[2], None, True, r[3]),
+    ),
+    "lora_linear_grad_input": (
+        "grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p",
+        "grad_out.shape, lora_a.shape, grad_out.dtype, weight.dtype, absmax is None, any(dropout_p)",
+        lambda r: (r[0][0], r[0][1], r[1][1], r[1][0], r[2], r[3], r[4], r[5]),
+    ),
+}
+_RAW_KEYS = {op: eval(f"lambda {params}: ({key})") for op, (params, key, _) in _KEYS.items()}  # noqa: S307
+
+# The router of one op, written out with the op's own parameters: no *args packing and no key function call on the
+# hot path (each would add a few hundred ns to every op of every layer call).
+_ROUTER = """
+def {op}({params}):
+    fn = holder[0].get(({key}))
+    if fn is None:
+        return first_call(({params}))
+    return fn({params})
+"""
+
+
+def _router(op: str, holder: list[dict], first_call: Callable[[tuple], object]) -> Callable:
+    params, key, _ = _KEYS[op]
+    namespace = {"holder": holder, "first_call": first_call}
+    exec(_ROUTER.format(op=op, params=params, key=key), namespace)  # noqa: S102 - fixed templates above
+    return namespace[op]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def shape_key(backend: str, op: str, args: tuple, device: str) -> ShapeKey:
+    """The key a call of ``op`` with ``args`` is decided under. Usage: ``shape_key("cpp", "lora_linear", args, "cpu")``"""
+    m, n, k, rank, dtype, weight_dtype, dense, dropout = _KEYS[op][2](_RAW_KEYS[op](*args))
+    if weight_dtype is None:
+        base = "-"
+    elif dense:
+        base = _dtype_name(weight_dtype)
+    else:
+        base = "int8" if weight_dtype == torch.int8 else "nf4"
+    return ShapeKey(backend, op, m_bucket(m), n, k, rank, _dtype_name(dtype), base, bool(dropout), device)
+
+
+# ---- state: forcing, this process's decisions, the cache --------------------------------------------------------
+
+class _State:
+    def __init__(self) -> None:
+        self.forced: dict[str, str] | None = None
+        self.forced_text = ""
+        self.forced_source = ""
+        self.op_seconds: list[float] | None = None  # while timing_ops() runs: seconds spent inside tuned ops
+        # Every tuned op's live memo sits in a one-element holder; each op keeps one memo per (forced, timing)
+        # state, and switch() points the holders at the current state's memos (reset() empties them).
+        self.memos: list[tuple[list[dict], dict[tuple, dict]]] = []
+        self.decisions: dict[tuple[str, str], Decision] = {}
+        self.decided: dict[tuple[ShapeKey, str], list] = {}  # per bucketed key and forced state: see _choose
+        self.cache: Store | None = None
+        self.measure_seconds = 0.0
+
+    def load_env(self) -> None:
+        name = PATH_ENV if os.environ.get(PATH_ENV) else LEGACY_PATH_ENV
+        text = os.environ.get(name, "")
+        self.forced, self.forced_source = (_parse_forced(text), f"forced by {name}") if text else (None, "")
+        self.forced_text = text
+
+    def switch(self) -> None:
+        state = (self.forced_text, self.op_seconds is not None)
+        for holder, per_state in self.memos:
+            holder[0] = per_state.setdefault(state, {})
+
+
+def _parse_forced(text: str) -> dict[str, str]:
+    """``"panels"`` -> {"*": "panels"}; ``"lora_linear=whole,..."`` -> {"lora_linear": "whole", ...}."""
+    forced = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, _, path = item.rpartition("=")
+        if op and op not in FORCEABLE:
+            raise ValueError(f"{PATH_ENV}: unknown op {op!r} in {text!r} (ops: {', '.join(FORCEABLE)})")
+        forced[op or "*"] = path
+    return forced
+
+
+_STATE = _State()
+_STATE.load_env()
+
+
+def reset() -> None:
+    """Forget this process's choices, re-read ``FASTLORA_PATH`` and the cache location (tests, benchmarks)."""
+    _STATE.load_env()
+    _STATE.decisions.clear()
+    _STATE.decided.clear()
+    _STATE.cache = None
+    _STATE.measure_seconds = 0.0
+    for _, per_state in _STATE.memos:
+        per_state.clear()
+    _STATE.switch()
+
+
+@contextlib.contextmanager
+def forced(path: str) -> Iterator[None]:
+    """Force ``path`` (as ``FASTLORA_PATH`` would) inside the block. Usage: ``with tuning.forced("whole"): ...``"""
+    previous = _STATE.forced, _STATE.forced_source, _STATE.forced_text
+    _STATE.forced, _STATE.forced_source, _STATE.forced_text = _parse_forced(path), "forced", path
+    _STATE.switch()
+    try:
+        yield
+    finally:
+        _STATE.forced, _STATE.forced_source, _STATE.forced_text = previous
+        _STATE.switch()
+
+
+@contextlib.contextmanager
+def timing_ops() -> Iterator[list[float]]:
+    """Add up the wall seconds spent inside tuned ops during the block (into the yielded one-element list): the
+    rest of a layer call's time is its host overhead (Python, autograd, argument handling).
+
+    Usage: ``with tuning.timing_ops() as inside: layer(x)``; then ``inside[0]`` seconds were kernel work.
+    """
+    previous = _STATE.op_seconds
+    _STATE.op_seconds = [0.0]
+    _STATE.switch()
+    try:
+        yield _STATE.op_seconds
+    finally:
+        _STATE.op_seconds = previous
+        _STATE.switch()
+
+
+def memo_holder() -> list[dict]:
+    """A one-element list holding a memo (raw key -> choice) for the current forced/timing state; :func:`reset`
+    empties it and :func:`forced` swaps it. Usage: ``holder = tuning.memo_holder(); holder[0].get(raw)``"""
+    holder: list[dict] = [{}]
+    _STATE.memos.append((holder, {}))
+    _STATE.switch()
+    return holder
+
+
+def decisions() -> list[Decision]:
+    """Every choice this process made, in the order made. Usage: ``for d in tuning.decisions(): print(d)``"""
+    return list(_STATE.decisions.values())
+
+
+def measurement_seconds() -> float:
+    """Wall seconds this process has spent timing candidates (the cost of run-time measurement)."""
+    return _STATE.measure_seconds
+
+
+def _cache() -> Store:
+    if _STATE.cache is None:
+        _STATE.cache = Store()
+    return _STATE.cache
+
+
+def stored_decisions(device: str) -> list[Decision]:
+    """The cache's and the shipped table's choices for ``device`` (a name as :func:`device_name` gives)."""
+    cache = _cache()
+    found = []
+    for table, source in ((cache.devices, "cache"), (cache.shipped, "shipped table")):
+        for text, entry in sorted(table.get(device, {}).items()):
+            fields = text.split("|")
+            if len(fields) != 9 or not isinstance(entry, dict):
+                continue
+            backend, op, m, n, k, r, dtype, base, drop = fields
+            key = ShapeKey(backend, op, int(m[1:]), int(n[1:]), int(k[1:]), int(r[1:]), dtype, base, drop != "-", device)
+            found.append(Decision(key, entry.get("path", "?"), source, entry.get("times_us", {})))
+    return found
+
+
+# ---- the tuned implementation of one backend on one device ------------------------------------------------------
+
+class TunedOps:
+    """A backend's ops on one device type, each routed per shape key to its chosen candidate. Ops without
+    candidates (the NF4 absmax resolve and dequantize, ...) are the backend module's own functions.
+
+    Usage: ``TunedOps("cpp", "cpu", cpp_module, cpp_module.candidates()).lora_linear(x, w, None, 0, None, s, b)``
+    """
+
+    def __init__(self, backend: str, device_type: str, module, candidates: dict[str, dict[str, Candidate]]):
+        self.backend, self.device_type, self.candidates, self.module = backend, device_type, candidates, module
+        for op in candidates:
+            setattr(self, op, self._routed(op))
+
+    def __getattr__(self, name: str):
+        # Only reached for names not set in __init__: the backend's untuned ops, looked up once.
+        fn = getattr(self.__dict__["module"], name)
+        setattr(self, name, fn)
+        return fn
+
+    def _routed(self, op: str) -> Callable:
+        holder = memo_holder()
+        return _router(op, holder, lambda args: self._first_call(op, holder[0], args))
+
+    def _first_call(self, op: str, memo: dict, args: tuple):
+        """Decide the candidate for a raw key not seen in the current state, remember it, and run the call."""
+        raw = _RAW_KEYS[op](*args)
+        device = _first_tensor(args).device
+        key = shape_key(self.backend, op, args, device_name(device))
+        applicable = {name: c.fn for name, c in self.candidates[op].items() if c.applies(key)}
+        if not applicable:
+            raise RuntimeError(f"fastlora: no {self.backend} implementation of {op} applies to {key.text}")
+        decided = _STATE.decided.get((key, _STATE.forced_text))
+        if decided is None:
+            decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(op, key, applicable, args, device)
+            _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
+        chosen, output = applicable[decided[0]], decided[3]
+        decided[3] = None  # a measured output answers only the call that was timed
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()  # many distinct M (varying sequence lengths): start over rather than grow without bound
+        memo[raw] = _timed(chosen) if _STATE.op_seconds is not None else chosen
+        return output if output is not None else memo[raw](*args)
+
+
+def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The path for ``key`` among ``runs`` (name -> a call without arguments, timed as a whole), decided once per
+    key and forced state like the ops' paths: forced, else cache or shipped table, else measured now.
+
+    Usage: ``tuning.choose(key, {"function": run_a, "autograd": run_b}, x.device)``
+    """
+    decided = _STATE.decided.get((key, _STATE.forced_text))
+    if decided is None:
+        decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(key.op, key, dict(runs), (), device)
+        decided[3] = None
+        _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
+    return decided[0]
+
+
+def _choose(op, key, applicable, args, device) -> list:
+    """[path, source, times in µs, output of this call when it was measured now, else None]."""
+    forced = _STATE.forced
+    note = ""
+    if forced:
+        wanted = forced.get(op) or forced.get("*")
+        if wanted in applicable:
+            return [wanted, _STATE.forced_source, {}, None]
+        if op in forced:
+            raise ValueError(f"fastlora: {_STATE.forced_source} {op}={wanted}, but {key.text} has only {sorted(applicable)}")
+        if wanted is not None:
+            note = f"; {wanted!r} does not apply here"
+    if len(applicable) == 1:
+        return [next(iter(applicable)), "only candidate" + note, {}, None]
+    stored = _cache().lookup(key)
+    if stored is not None and stored[0]["path"] in applicable:
+        return [stored[0]["path"], stored[1] + note, stored[0].get("times_us", {}), None]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return [next(iter(applicable)), "default (not timed while capturing a CUDA graph)" + note, {}, None]
+    chosen, times, output = _measure(applicable, args, device)
+    _cache().store(key, chosen, times)
+    return [chosen, "measured here" + note, times, output]
+
+
+#: Most raw keys (exact shapes) an op remembers per state before starting over.
+_MEMO_LIMIT = 4096
+
+
+def _timed(fn: Callable) -> Callable:
+    """``fn`` adding its wall time to the running :func:`timing_ops` total."""
+
+    def timed(*args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            _STATE.op_seconds[0] += time.perf_counter() - started
+
+    return timed
+
+
+def _first_tensor(args: tuple) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def _measure(applicable: dict[str, Callable], args: tuple, device: torch.device) -> tuple[str, dict[str, float], object]:
+    """Time every candidate on ``args``: one warm-up call (first-call compilation, autotuning, allocations), then
+    :data:`MIN_ROUNDS` to :data:`ROUNDS` interleaved timed rounds (see the module docstring). Returns the winner, each candidate's
+    fastest call in µs, and the winner's output. A candidate that raises is dropped with a warning."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    outputs, samples = {}, {}
+    for round_index in range(ROUNDS + 1):
+        for name, fn in list(applicable.items()):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                out = fn(*args)
+            except Exception as err:  # noqa: BLE001 - a failing candidate loses; the others still compete
+                warnings.warn(f"fastlora: candidate {name!r} failed while being timed ({type(err).__name__}: {err}); left out", stacklevel=6)
+                del applicable[name]
+                outputs.pop(name, None)
+                samples.pop(name, None)
+                continue
+            sync()
+            elapsed = time.perf_counter() - t0
+            if round_index == 0:
+                outputs[name] = out
+            else:
+                samples.setdefault(name, []).append(elapsed)
+        if not applicable:
+            raise RuntimeError("fastlora: every candidate failed")
+        if round_index >= MIN_ROUNDS and time.perf_counter() - started > BUDGET_S:
+            break
+    best_times = {name: min(times) for name, times in samples.items()}
+    fastest = min(best_times, key=best_times.get)
+    default = next(iter(applicable))
+    chosen = default if best_times[default] <= (1 + TIE_MARGIN) * best_times[fastest] else fastest
+    _STATE.measure_seconds += time.perf_counter() - started
+    return chosen, {name: round(t * 1e6, 2) for name, t in best_times.items()}, outputs[chosen]
+
+
+def tune(
+    backend: str,
+    device: torch.device | str,
+    shapes: list[tuple[int, int]],
+    tokens: list[int],
+    base: str = "nf4",
+    rank: int = 16,
+    dtype: torch.dtype = torch.float32,
+    progress=None,
+) -> list[Decision]:
+    """Tune ahead of time: run every tuned op (forward and backward) once per (N, K) shape and M bucket of
+    ``tokens`` on random inputs, so the choices land in the cache. Returns the decisions made or looked up.
+
+    Usage: ``tuning.tune("cpp", "cpu", [(512, 1536)], [1, 16, 512], base="nf4")``
+    """
+    from fastlora import backends
+
+    device = torch.device(device)
+    impl = backends.implementation(backend, device.type)
+    buckets = sorted({m_bucket(m): m for m in tokens}.values())  # one M per bucket
+    seeds = torch.zeros(1, dtype=torch.int64, device=device)
+    for n, k in shapes:
+        weight, absmax, blocksize = _random_base(base, n, k, dtype, device)
+        lora_a, lora_b = torch.randn(rank, k, device=device) / k**0.5, torch.randn(n, rank, device=device)
+        for m in buckets:
+            x, dy = torch.randn(m, k, dtype=dtype, device=device), torch.randn(m, n, dtype=dtype, device=device)
+            s = impl.lora_down(x, lora_a, [rank], seeds, [0.0], [2.0])
+            impl.lora_linear(x, weight, absmax, blocksize, None, s, lora_b)
+            ds, _ = impl.lora_up_grad(dy, lora_b, s, [rank], [2.0])
+            impl.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, lora_a, [rank], seeds, [0.0])
+            impl.lora_down_grad(ds, x, [rank], seeds, [0.0])
+            if progress is not None:
+                progress.update(1)
+    return [d for d in _STATE.decisions.values() if d.key.backend == backend]
+
+
+def _random_base(base: str, n: int, k: int, dtype: torch.dtype, device: torch.device):
+    """A random frozen W of ``base`` kind: "nf4" (packed codes, fp32 absmax, blocksize 64) or "dense"."""
+    if base == "nf4":
+        blocksize = 64
+        packed = torch.randint(0, 256, ((n * k + 1) // 2,), dtype=torch.uint8, device=device)
+        absmax = torch.rand((n * k + blocksize - 1) // blocksize, device=device)
+        return packed, absmax, blocksize
+    if base != "dense":
+        raise ValueError(f"base {base!r}: choose nf4 or dense")
+    return torch.randn(n, k, dtype=dtype, device=device) / k**0.5, None, 0
