@@ -98,13 +98,20 @@ class ModelCache:
             torch.cuda.empty_cache()
 
 
+#: Suffix of a training method whose adapters are DoRA ("lora+dora", "qlora+dora").
+DORA = "+dora"
+
+
 def build_lora_model(model: str, method: str, settings: BenchSettings, device: torch.device, key: tuple = ()) -> LoRAModel:
-    """The causal LM with LoRA (r = ``settings.train_rank``, alpha = 2r, no dropout) on all linear layers."""
+    """The causal LM with LoRA (r = ``settings.train_rank``, alpha = 2r, no dropout) on all linear layers; DoRA
+    (``use_dora=True``) for a method ending in "+dora"."""
     from peft import LoraConfig, get_peft_model
 
-    lm = build_causal_lm(model, method=method, dtype=settings.dtype, device=device, seed=settings.seed)
+    base_method = method.removesuffix(DORA)
+    lm = build_causal_lm(model, method=base_method, dtype=settings.dtype, device=device, seed=settings.seed)
     rank = settings.train_rank
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_dora=method.endswith(DORA),
+                        target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     peft_model = get_peft_model(lm, config)
     peft_model.train()
     initial = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -131,7 +138,10 @@ def contender_patched(lora: LoRAModel, backend: str | None, checkpointing: bool)
     base = lora.model.get_base_model()
     if checkpointing:
         _set_checkpointing(base, True)
-    report = None if backend is None else fastlora.patch(lora.model, backend=backend)
+    report = None
+    if backend is not None:
+        name = backend.removesuffix(FUSED_LOSS)
+        report = fastlora.patch(lora.model, backend=name, fused_cross_entropy=name != backend)
     try:
         yield report
     finally:
@@ -164,9 +174,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: Te
     return loss.item()
 
 
+#: Suffix of a contender (and of its backend argument) that also runs the fused linear cross-entropy.
+FUSED_LOSS = "+loss"
+
+
 def train_contenders(settings: BenchSettings) -> dict[str, str | None]:
-    """Contender name -> fastlora backend (None: PEFT itself)."""
-    return {PEFT: None} | {fastlora_name(backend): backend for backend in settings.train_backends}
+    """Contender name -> fastlora backend (None: PEFT itself; "<backend>+loss": with the fused cross-entropy)."""
+    contenders = {PEFT: None} | {fastlora_name(backend): backend for backend in settings.train_backends}
+    if settings.train_fused_loss:
+        contenders |= {fastlora_name(b) + FUSED_LOSS: b + FUSED_LOSS for b in settings.train_backends}
+    return contenders
 
 
 def _fallback_detail(report) -> str | None:

@@ -1,0 +1,298 @@
+"""Account one real training step (forward, backward, AdamW step) of a LoRA/QLoRA model built on meta tensors.
+
+The model is built from its config on the ``meta`` device (nothing allocated), quantized to NF4 with double
+quantization through bitsandbytes' own ops (their fake implementations give the packed shapes), wrapped by PEFT
+(r on all linear layers), and run by transformers as in training. Contenders:
+
+- ``peft``: PEFT's own LoRA layers (bitsandbytes dequantizes W into a fresh buffer per call);
+- ``fastlora``: fastlora's fused forward on every LoRA layer, its ops run through their fake implementations
+  (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's one reused
+  dequantization buffer where the dispatch table sends a shape to it;
+- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`).
+
+Usage::
+
+    result = account(StepSpec("llama-3-8b", method="qlora", seq=8192, checkpointing="non-reentrant"), "fastlora")
+    result.peak, result.breakdown
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from fastlora.memory.execution import MetaTruth, attention_implementation
+from fastlora.memory.tracker import CATEGORIES, LiveBytes
+
+CONTENDERS = ("peft", "fastlora", "fastlora+loss")
+CHECKPOINTING = ("off", "reentrant", "non-reentrant", "offload")
+METHODS = ("lora", "qlora")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One training step to account: model (a preset name or a config.json path) and how it is trained.
+
+    ``checkpointing``: "off", "reentrant", "non-reentrant" (torch.utils.checkpoint via transformers), or "offload"
+    (non-reentrant with the checkpoints in pinned host memory: transformers'
+    ``activation_checkpointing_enable(offload=True)``).
+    """
+
+    model: str
+    method: str = "qlora"
+    rank: int = 16
+    seq: int = 2048
+    batch: int = 1
+    checkpointing: str = "non-reentrant"
+    dtype: str = "bfloat16"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: choose one of {METHODS}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing {self.checkpointing!r}: choose one of {CHECKPOINTING}")
+
+    def with_seq(self, seq: int) -> "StepSpec":
+        return dataclasses.replace(self, seq=seq)
+
+
+@dataclass
+class Accounting:
+    """Peak device bytes of one step and what made them up (bytes per category of :mod:`tracker`)."""
+
+    spec: StepSpec
+    contender: str
+    peak: int
+    breakdown: dict[str, int]
+    phase: str
+    notes: list[str]
+
+    def as_dict(self) -> dict:
+        return {"spec": dataclasses.asdict(self.spec), "contender": self.contender, "peak": self.peak,
+                "breakdown": self.breakdown, "phase": self.phase, "notes": self.notes}  # fmt: skip
+
+
+def model_config(model: str):
+    """The transformers config of a preset name (see ``fastlora.bench.models``) or of a config.json path/folder."""
+    from transformers import AutoConfig, LlamaConfig
+
+    path = Path(model)
+    if path.suffix == ".json" or path.is_dir():
+        config_dir = path.parent if path.suffix == ".json" else path
+        if path.suffix == ".json" and path.name != "config.json":
+            fields = json.loads(path.read_text())
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    from fastlora.bench.models import preset
+
+    p = preset(model)
+    return LlamaConfig(
+        hidden_size=p.hidden_size, intermediate_size=p.intermediate_size, num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads, num_key_value_heads=p.num_key_value_heads,
+        vocab_size=p.vocab_size, attention_bias=p.attention_bias, tie_word_embeddings=p.tie_word_embeddings,
+        rope_theta=p.rope_theta, max_position_embeddings=131072, use_cache=False,
+    )  # fmt: skip
+
+
+def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attention: str = "sdpa") -> nn.Module:
+    """The PEFT model of ``spec`` on ``device`` ("meta" for the accounting; "cpu" for the tests' real check), with
+    ``attention`` a transformers attention implementation (see :func:`execution.attention_implementation`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastlora.bench.models import quantize_linears
+
+    dtype = getattr(torch, spec.dtype)
+    config = model_config(spec.model)
+    config.use_cache = False
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    if spec.method == "qlora":
+        import bitsandbytes.functional as bnb_functional
+
+        # bitsandbytes caches its quantization maps on the device of the first call: keep meta ones out of it.
+        cached_maps = dict(bnb_functional.name2qmap)
+        quantize_linears(lm, compute_dtype=dtype)
+        for module in lm.modules():
+            weight = getattr(module, "weight", None)
+            if type(weight).__name__ == "Params4bit" and not weight.bnb_quantized:
+                weight._quantize(device)  # Params4bit.to() skips quantizing on meta; bitsandbytes' fake ops do it
+                if weight.quant_state.nested and weight.quant_state.offset.device.type == "meta":
+                    # A 4-byte scalar that readers take with float(); meta cannot answer that.
+                    weight.quant_state.offset = torch.zeros((), dtype=torch.float32)
+        if torch.device(device).type == "meta":
+            bnb_functional.name2qmap.clear()
+            bnb_functional.name2qmap.update(cached_maps)
+    if spec.checkpointing != "off":
+        lm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": spec.checkpointing == "reentrant"},
+            offload=spec.checkpointing == "offload",
+        )
+    lora = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=spec.dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(lm, lora)
+
+
+class _MetaFusedForward:
+    """fastlora's fused branch of ``patch.FusedForward`` for a LoRA layer on meta, where ``patch`` does not go
+    (nothing can run there, and autocast cannot be asked about meta): the same ``call_plan`` inputs for NF4 bases,
+    the plain dense plan (no autocast) for dense ones, and the same ``lora_linear``."""
+
+    def __init__(self, layer: nn.Module, backend: str):
+        self.layer = layer
+        self.backend = backend
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        from fastlora.autograd import Adapter, BaseWeight, lora_linear
+        from fastlora.plan import call_plan
+
+        layer, base = self.layer, self.layer.base_layer
+        if type(base) is nn.Linear:
+            adapters = [
+                Adapter(layer.lora_A[a].weight, layer.lora_B[a].weight, float(layer.scaling[a]),
+                        getattr(layer.lora_dropout[a], "p", 0.0) if layer.training else 0.0)
+                for a in layer.active_adapters
+            ]  # fmt: skip
+            return lora_linear(x, BaseWeight(base.weight, base.bias, base.out_features), adapters, self.backend)
+        plan = call_plan(layer, "meta", x, args, kwargs)
+        if isinstance(plan, str):
+            raise RuntimeError(f"fastlora would run PEFT's forward here: {plan}")
+        x_compute, weight, adapters, out_dtype = plan
+        return lora_linear(x_compute, weight, adapters, self.backend).to(out_dtype)
+
+
+@contextlib.contextmanager
+def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str]) -> Iterator[None]:
+    """fastlora's fused forward on every LoRA layer of a meta model. With ``backend="triton"`` (the GPU's) its ops
+    are answered by their fake implementations through the registered ops; "torch" runs the reference ops on meta
+    (the tests compare that with the same backend on real CPU tensors)."""
+    from fastlora import backends, ops
+    from fastlora.plan import structural_reason
+
+    served_key = ("triton", "meta")
+    backends._served[served_key] = ops._REGISTERED["triton"]
+    installed = []
+    try:
+        for name, layer in model.named_modules():
+            if not hasattr(layer, "lora_A") or not hasattr(layer, "base_layer"):
+                continue
+            reason = structural_reason(layer)
+            if reason not in (None, "weights on the meta device"):
+                notes.append(f"{name}: left on PEFT ({reason})")
+                continue
+            layer.forward = _MetaFusedForward(layer, backend)
+            installed.append(layer)
+        yield
+    finally:
+        for layer in installed:
+            del layer.forward
+        backends._served.pop(served_key, None)
+
+
+def _split_buffer(model: nn.Module, tokens: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The Triton split path's one reused dequantization buffer, if the launchers' default path sends any NF4 shape
+    there (a tuned dispatch table may choose otherwise: the buffer is at most one [N, K] weight in the compute dtype)."""
+    from fastlora.kernels import dispatch
+
+    largest = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit":
+            n, k = weight.quant_state.shape
+            if any(dispatch.choice(op, "nf4", tokens, n, k, dtype).path == "split" for op in ("forward", "grad_input")):
+                largest = max(largest, n * k)
+    return torch.empty(largest, dtype=dtype, device="meta") if largest else None
+
+
+def _resolved_absmax(model: nn.Module) -> list[torch.Tensor]:
+    """fastlora's fp32 absmax per NF4 weight, resolved from bitsandbytes' double quantization once and kept for the
+    weight's lifetime (``fastlora.nf4``'s cache): device memory beside the weights, 4 bytes per 64 parameters."""
+    from fastlora.nf4 import NF4Weight
+
+    return [NF4Weight.from_params4bit(p).absmax for p in model.parameters() if type(p).__name__ == "Params4bit"]
+
+
+# The meta models of the last specs accounted (keyed without seq and batch): the planner accounts one model at many
+# sequence lengths, and building an 8B model with PEFT takes longer than its step. A step leaves the model as it was.
+_META_MODELS: dict[tuple, nn.Module] = {}
+_META_MODELS_KEPT = 2
+
+
+def _meta_model(spec: StepSpec, attention: str) -> nn.Module:
+    key = (dataclasses.replace(spec, seq=1, batch=1), attention)
+    model = _META_MODELS.pop(key, None) or build_peft_model(spec, "meta", attention)
+    _META_MODELS[key] = model  # most recent last
+    while len(_META_MODELS) > _META_MODELS_KEPT:
+        _META_MODELS.pop(next(iter(_META_MODELS)))
+    return model
+
+
+def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: str = "cuda-flash",
+            backend: str = "triton") -> Accounting:  # fmt: skip
+    """Peak bytes of one training step of ``spec`` for ``contender`` (see the module doc).
+
+    For the tests' check against real allocations: ``device="cpu"`` runs the same step for real on CPU tensors
+    (small models only; fastlora with ``backend``, "torch" or "cpp"), and ``attention="cpu-flash"`` with
+    ``backend="torch"`` makes the meta run execute what that CPU run executes.
+    """
+    if contender not in CONTENDERS:
+        raise ValueError(f"contender {contender!r}: choose one of {CONTENDERS}")
+    if device == "meta" and contender != "peft" and spec.method == "lora" and spec.dtype == "float32":
+        raise ValueError("fastlora times two autograd graphs for fp32 dense LoRA layers on the device and keeps the faster "
+                         "(fastlora.graph): a meta run cannot choose; account bfloat16/float16 or QLoRA")  # fmt: skip
+    if device == "meta":
+        model = _meta_model(spec, attention_implementation(attention))
+    else:
+        model = build_peft_model(spec, device)
+    notes: list[str] = []
+    dtype = getattr(torch, spec.dtype)
+    vocab = model.get_base_model().config.vocab_size
+    tracker = LiveBytes(vocab_size=vocab)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    stack = contextlib.ExitStack()
+    with stack:
+        if contender.startswith("fastlora"):
+            if device == "meta":
+                stack.enter_context(_fastlora_on_meta(model, backend, notes))
+            else:
+                import fastlora
+
+                fastlora.patch(model, backend=backend)
+                stack.callback(fastlora.unpatch, model)
+        if contender == "fastlora+loss":
+            from fastlora.cross_entropy import install
+
+            undo, description = install(model)
+            notes.append(description)
+            if undo is not None:
+                stack.callback(undo)
+        ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
+        model.train()
+        if contender.startswith("fastlora"):
+            for absmax in _resolved_absmax(model):
+                tracker.add(absmax, "weights")
+        with tracker.tracking(model):
+            split = contender.startswith("fastlora") and backend == "triton"
+            buffer = _split_buffer(model, spec.batch * spec.seq, dtype) if split else None
+            if buffer is not None:
+                notes.append(f"split path's reused dequantization buffer: {buffer.nbytes / 2**20:.1f} MiB")
+            with MetaTruth() if device == "meta" else contextlib.nullcontext():
+                tracker.phase = "forward"
+                loss = model(input_ids=ids, labels=ids).loss
+                tracker.phase = "backward"
+                loss.backward()
+                del loss
+                tracker.phase = "optimizer step"
+                with tracker.category("adapters"):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
+    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes)

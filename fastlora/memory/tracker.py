@@ -1,0 +1,164 @@
+"""Live tensor bytes of one training step, op by op, from a ``TorchDispatchMode``: the accounting's meter.
+
+Every tensor an op returns is looked up by its storage; a storage not seen before adds its bytes to a category,
+and a ``weakref.finalize`` on the storage takes them off again when the last tensor using it dies. The peak is
+kept with the categories that made it up. It works the same on meta tensors (nothing allocated: the accounting)
+and on real CPU tensors (the tests' check that the accounting equals what really runs).
+
+Categories (what each live storage is, decided when it appears and updated when its role becomes known):
+
+- ``weights``: frozen parameters and buffers, bitsandbytes' quantization state;
+- ``adapters``: trainable parameters, their gradients, optimizer state (and what the optimizer step allocates);
+- ``activations``: tensors autograd saved for backward (pack hook of ``saved_tensors_hooks``);
+- ``logits``: tensors whose last dimension is the vocabulary size (logits, their fp32 copies, their gradients);
+- ``transient``: everything else (outputs, temporary buffers, gradients of activations, dequantized weights).
+
+Usage::
+
+    tracker = LiveBytes(vocab_size=128256)
+    with tracker.tracking(model):
+        loss = model(**batch).loss; loss.backward()
+        with tracker.category("adapters"):
+            optimizer.step()
+    tracker.peak, tracker.peak_breakdown
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+CATEGORIES = ("weights", "adapters", "activations", "logits", "transient")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the live tensor storages, per category, with the peak and its breakdown (see the module doc)."""
+
+    def __init__(self, vocab_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.by_category = dict.fromkeys(CATEGORIES, 0)
+        self.current = 0
+        self.peak = 0
+        self.peak_breakdown = dict(self.by_category)
+        self.peak_phase = ""
+        self.phase = ""
+        self._live: dict[int, list] = {}  # id(storage) -> [nbytes, category]
+        self._host: set[int] = set()  # storages standing for pinned host memory (checkpoint offload): not counted
+        self._new_category: Optional[str] = None
+
+    # -- recording --------------------------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("pin_memory") and func is torch.ops.aten.empty.memory_format:
+            # save_on_cpu's pinned host buffer (offloaded checkpoints): host memory, not the device's. A CPU scalar
+            # expanded to the shape stands in for it; copying back to the device allocates a counted copy.
+            host = torch.empty((), dtype=kwargs.get("dtype")).expand(args[0])
+            key = id(host.untyped_storage())
+            self._host.add(key)
+            weakref.finalize(host.untyped_storage(), self._host.discard, key)  # ids are reused once it dies
+            return host
+        if func is torch.ops.aten.copy_.default and self.is_host(args[0]):
+            return args[0]  # the device-to-host copy: nothing on the device changes
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+    def add(self, tensor: torch.Tensor, category: Optional[str] = None) -> None:
+        """Count ``tensor``'s storage if it is new (``category`` overrides the guess from its shape and phase)."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live or key in self._host:
+            return
+        nbytes = storage.nbytes()
+        category = category or self._new_category or self._guess(tensor)
+        self._live[key] = [nbytes, category]
+        weakref.finalize(storage, self._free, key)
+        self.by_category[category] += nbytes
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_breakdown = dict(self.by_category)
+            self.peak_phase = self.phase
+
+    def _guess(self, tensor: torch.Tensor) -> str:
+        if self.vocab_size and tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
+            return "logits"
+        return "transient"
+
+    def _free(self, key: int) -> None:
+        nbytes, category = self._live.pop(key)
+        self.by_category[category] -= nbytes
+        self.current -= nbytes
+
+    def recategorize(self, tensor: torch.Tensor, category: str) -> None:
+        """Move ``tensor``'s storage to ``category`` if it is counted as transient now (counting it if unseen)."""
+        storage = tensor.untyped_storage()
+        entry = self._live.get(id(storage))
+        if entry is None:
+            self.add(tensor, category)
+            return
+        if entry[1] == "transient":
+            self.by_category[entry[1]] -= entry[0]
+            self.by_category[category] += entry[0]
+            entry[1] = category
+
+    def is_host(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` stands for pinned host memory (an offloaded checkpoint)."""
+        return id(tensor.untyped_storage()) in self._host
+
+    # -- one step ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def category(self, name: str) -> Iterator[None]:
+        """Count every storage allocated inside the block as ``name`` (e.g. the optimizer step)."""
+        previous, self._new_category = self._new_category, name
+        try:
+            yield
+        finally:
+            self._new_category = previous
+
+    @contextlib.contextmanager
+    def tracking(self, model: torch.nn.Module) -> Iterator[None]:
+        """Count ``model``'s parameters and buffers, then everything the block allocates; saved tensors become
+        activations, gradients of trainable parameters become adapters (run the optimizer step under
+        ``category("adapters")`` to count its state and temporaries there)."""
+        for p in model.parameters():
+            self.add(p, "adapters" if p.requires_grad else "weights")
+            quant_state = getattr(p, "quant_state", None)
+            if quant_state is not None:
+                for t in _quant_state_tensors(quant_state):
+                    self.add(t, "weights")
+        for b in model.buffers():
+            self.add(b, "weights")
+        handles = [
+            p.register_post_accumulate_grad_hook(lambda p: self.recategorize(p.grad, "adapters"))
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.recategorize(t, "activations")
+            return t
+
+        try:
+            with self, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _quant_state_tensors(quant_state) -> list[torch.Tensor]:
+    tensors = [quant_state.absmax, quant_state.code]
+    if getattr(quant_state, "nested", False):
+        tensors += [quant_state.state2.absmax, quant_state.state2.code]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
