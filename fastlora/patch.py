@@ -158,13 +158,13 @@ class FusedForward:
 
     def _passes_verification(self, x: torch.Tensor, args, kwargs) -> bool:
         """Verify mode: on a new call signature, compare with PEFT; a mismatch disables the fused path for good."""
-        key = verification.signature(self.layer, x)
+        key = verification.signature(self.layer, x, kwargs.get("adapter_names"))
         if key in self._verified:
             return True
 
         def fused(inputs):
             plan = call_plan(self.layer, self.device_type, inputs, args, kwargs)
-            if isinstance(plan, str):  # dropout off changed nothing the plan checks; PEFT's own path is trivially equal
+            if isinstance(plan, str):  # this call would run PEFT's forward anyway: nothing to compare
                 return self.original(inputs, *args, **kwargs)
             return self._fused(plan)
 

@@ -1,7 +1,7 @@
 """Verify mode: the first fused call of each layer and input signature is checked against PEFT's own forward.
 
 ``fastlora.patch(model, verify=True)`` (or ``FASTLORA_VERIFY=1``) makes each patched layer, on the first call with
-a new signature (input shape and dtype, active adapters, train/eval mode), also run PEFT's forward on the same
+a new signature (input shape and dtype, active adapters, train/eval mode, a mixed batch's adapters), also run PEFT's forward on the same
 input, and, where autograd can run, the backward of both with one random upstream gradient. Outputs and the
 gradients of x and of every trainable tensor of the layer are compared within the dtype's tolerance. A layer that
 differs falls back to PEFT's forward for good, with a loud warning and a report entry naming the layer, the
@@ -65,9 +65,11 @@ class Mismatch(NamedTuple):
         return f"{self.tensor} differs from PEFT's by {self.difference:.3g} (relative to its largest value; tolerance {self.tolerance:.3g})"
 
 
-def signature(layer: nn.Module, x: Tensor) -> tuple:
-    """What makes a call new for verification: input shape and dtype, active adapters, train/eval mode."""
-    return (tuple(x.shape), x.dtype, tuple(layer.active_adapters), layer.training)
+def signature(layer: nn.Module, x: Tensor, adapter_names: Optional[list] = None) -> tuple:
+    """What makes a call new for verification: input shape and dtype, active adapters, train/eval mode, and the
+    adapters a mixed batch (``adapter_names``) uses."""
+    batch_adapters = tuple(sorted(set(adapter_names))) if adapter_names is not None else None
+    return (tuple(x.shape), x.dtype, tuple(layer.active_adapters), layer.training, batch_adapters)
 
 
 def relative_difference(got: Tensor, expected: Tensor) -> float:

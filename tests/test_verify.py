@@ -205,3 +205,19 @@ def test_fused_cross_entropy_refused_for_lora_on_lm_head_says_why(caplog):
     assert report.fused_loss == "PEFT's loss (not fused: lm_head has a LoRA adapter)"
     assert any("lm_head has a LoRA adapter" in r.message for r in caplog.records)
     assert "forward" not in model.get_base_model().__dict__
+
+
+def test_verify_covers_mixed_adapter_batches():
+    model = lora_layer_model(12, 10, adapters=((4, 8, 0.0, False), (2, 4, 0.0, False)))
+    expected_model = lora_layer_model(12, 10, adapters=((4, 8, 0.0, False), (2, 4, 0.0, False)))
+    expected_model.load_state_dict(model.state_dict())
+    report = fastlora.patch(model, backend="torch", verify=True)
+    model.eval()
+    expected_model.eval()
+    x = torch.randn(3, 12)
+    for names in (["default", "extra1", "__base__"], ["extra1", "__base__", "default"], ["default"] * 3):
+        with torch.no_grad():
+            got, want = model(x, adapter_names=names), expected_model(x, adapter_names=names)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the first two batches use the same set of adapters (one signature); the third, another set, is verified too
+    assert sum(report.verified.values()) == 2 and not report.verify_failures and report.fused_calls == 3
