@@ -307,7 +307,9 @@ class _AdapterWatch:
     def __init__(self, tuner: nn.Module, model: nn.Module, backend: str, report: PatchReport):
         self.tuner = tuner
         self.previous = tuner.__dict__.get("inject_adapter")  # an instance-level one already there, else None
-        self.model = weakref.ref(model)
+        # A strong reference (a cycle the collector frees): a deep copy or pickle of the model then carries a watch
+        # of its own copy, where a weak reference would still point at the original.
+        self.model = model
         self.backend = backend
         self.report = report
 
@@ -316,16 +318,14 @@ class _AdapterWatch:
             result = self.previous(*args, **kwargs)
         else:
             result = type(self.tuner).inject_adapter(self.tuner, *args, **kwargs)
-        model = self.model()
-        if model is not None:
-            before = set(self.report.patched)
-            new_layers = [(n, m) for n, m in _lora_layers(model) if not isinstance(m.__dict__.get("forward"), FusedForward)]
-            _patch_layers(model, new_layers, self.backend, self.report)
-            added = [name for name in self.report.patched if name not in before]
-            self.report.patched_after.extend(added)
-            skipped = [name for name, _ in new_layers if name in self.report.skipped]
-            logger.info("fastlora: adapter added after patch(): %d new LoRA layers fused, %d left on PEFT%s", len(added),
-                        len(skipped), "".join(f"; {n}: {self.report.skipped[n]}" for n in skipped))  # fmt: skip
+        before = set(self.report.patched)
+        new_layers = [(n, m) for n, m in _lora_layers(self.model) if not isinstance(m.__dict__.get("forward"), FusedForward)]
+        _patch_layers(self.model, new_layers, self.backend, self.report)
+        added = [name for name in self.report.patched if name not in before]
+        self.report.patched_after.extend(added)
+        skipped = [name for name, _ in new_layers if name in self.report.skipped]
+        logger.info("fastlora: adapter added after patch(): %d new LoRA layers fused, %d left on PEFT%s", len(added),
+                    len(skipped), "".join(f"; {n}: {self.report.skipped[n]}" for n in skipped))  # fmt: skip
         return result
 
 

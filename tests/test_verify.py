@@ -221,3 +221,17 @@ def test_verify_covers_mixed_adapter_batches():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the first two batches use the same set of adapters (one signature); the third, another set, is verified too
     assert sum(report.verified.values()) == 2 and not report.verify_failures and report.fused_calls == 3
+
+
+def test_deep_copy_of_a_patched_model_patches_its_own_new_adapters():
+    import copy
+
+    model = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], r=4, lora_alpha=8))
+    report = fastlora.patch(model, backend="torch")
+    clone = copy.deepcopy(model)
+    clone.add_adapter("late", LoraConfig(target_modules=["lin1"], r=2))
+    assert is_patched(clone.base_model.model.lin1) and not hasattr(model.base_model.model.lin1, "lora_A")
+    assert report.patched_after == []  # the original's report is untouched; the copy's watch reports into its copy
+    reports = [f.report for f in (m.__dict__.get("forward") for m in clone.modules()) if isinstance(f, FusedForward)]
+    assert len(reports) == 2 and reports[0] is reports[1] is not report
+    assert reports[0].patched_after == ["base_model.model.lin1"]
