@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from fastlora import ops
 from fastlora.dropout import apply_dropout
+from fastlora.tensor_cache import TensorCache
 
 
 class DoRA(NamedTuple):
@@ -75,19 +75,13 @@ def squared_row_norms(base, in_features: int) -> Tensor:
     owner = weight if weight._base is None else weight._base
     absmax = None if base.absmax is None else base.absmax.data_ptr()
     key = (weight._version, weight.data_ptr(), weight.stride(), absmax)
-    hit = _CACHE.get(id(owner))
-    if hit is not None and hit[0]() is owner and hit[1] == key:
-        return hit[2]
-    norms = _squared_row_norms(base, in_features)
-    owner_id = id(owner)
-    _CACHE[owner_id] = (weakref.ref(owner, lambda _: _CACHE.pop(owner_id, None)), key, norms)
-    return norms
+    return _CACHE.get(owner, key, lambda: _squared_row_norms(base, in_features))
 
 
 # ‖W_n‖² per base weight tensor (or the tensor it views), keyed weakly on it (a freed weight frees its entry); the
 # version counter and data pointers detect a weight rewritten in place or requantized (a merge). A copy made per
 # call (autocast's cast of an fp32 W) misses: ‖W‖² is then one extra read of that copy per call.
-_CACHE: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+_CACHE: TensorCache[Tensor] = TensorCache()
 
 
 def _squared_row_norms(base, in_features: int) -> Tensor:

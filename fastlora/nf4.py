@@ -14,10 +14,11 @@ Usage::
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
+
+from fastlora.tensor_cache import TensorCache
 
 #: The 16 NF4 code values (QLoRA paper, as bitsandbytes ships them), index = 4-bit code.
 NF4_TABLE: tuple[float, ...] = (
@@ -69,13 +70,7 @@ class NF4Weight:
             # A compiled graph cannot key a cache on ids and data pointers; resolving is one cheap op in the graph.
             return _read(weight, state)
         key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
-        hit = _CACHE.get(id(weight))
-        if hit is not None and hit[0]() is weight and hit[1] == key:
-            return hit[2]
-        nf4 = _read(weight, state)
-        weight_id = id(weight)
-        _CACHE[weight_id] = (weakref.ref(weight, lambda _: _CACHE.pop(weight_id, None)), key, nf4)
-        return nf4
+        return _CACHE.get(weight, key, lambda: _read(weight, state))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
         """W[n, k] in ``dtype``, bit-identical to ``bitsandbytes.functional.dequantize_4bit``."""
@@ -85,10 +80,9 @@ class NF4Weight:
         return ops.nf4_dequantize(self.packed, self.absmax, self.blocksize, n, k, dtype, backend)
 
 
-# NF4Weight per Params4bit. Keyed weakly on the parameter so a freed weight frees its entry; the version
-# counter, data pointer and quant state identity detect requantization (merging into a 4-bit base rewrites both).
-# (Tensors compare elementwise, so a WeakKeyDictionary cannot hold them: key on id() with a weakref to evict.)
-_CACHE: dict[int, tuple[weakref.ref, tuple, NF4Weight]] = {}
+# NF4Weight per Params4bit: the version counter, data pointer and quant state identity detect requantization
+# (merging into a 4-bit base rewrites both).
+_CACHE: TensorCache[NF4Weight] = TensorCache()
 
 
 def _read(weight: torch.Tensor, state) -> NF4Weight:

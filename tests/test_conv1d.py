@@ -11,9 +11,13 @@ from transformers.pytorch_utils import Conv1D
 
 import fastlora
 from fastlora import ops, plan
-from fastlora.dropout import draw_seeds, keep_mask
+from fastlora.dropout import keep_mask
 from tests.conftest import Wrapper, peft_layer_model, randomize_lora
-from tests.test_int8 import assert_half_precision_no_worse_than_peft, assert_triton_paths_match_reference
+from tests.test_int8 import (
+    assert_dropout_matches_masked_reference,
+    assert_half_precision_no_worse_than_peft,
+    assert_triton_paths_match_reference,
+)
 from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, run
 from tests.test_model_parity import STEPS, max_abs_diff, train
 
@@ -103,19 +107,8 @@ def test_half_precision_no_worse_than_peft(dtype, m, k, n, backend):
 
 def test_dropout_matches_masked_reference(backend):
     """Training-mode dropout with fastlora's own masks: exact against float64 with those masks."""
-    m, k, n = 33, 70, 40
-    model = conv1d_layer_model(k, n, adapters=((4, 8, 0.3, False), (2, 2, 0.1, False)))
-    model.train()
-    report = fastlora.patch(model, backend=backend)
-    x, dy = torch.randn(m, k), torch.randn(m, n)
-    torch.manual_seed(99)
-    seeds = draw_seeds(2, "cpu")
-    torch.manual_seed(99)
-    y, g = run(model, x, dy)
-    y64, gx64 = float64_reference(model, x, dy, seeds)
-    assert report.fused_calls == 1 and not report.fallback_calls
-    assert_close_fp32(y, y64.float())
-    assert_close_fp32(g["x"], gx64.float())
+    model = conv1d_layer_model(70, 40, adapters=((4, 8, 0.3, False), (2, 2, 0.1, False)))
+    assert_dropout_matches_masked_reference(model, backend, float64_reference, m=33)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])

@@ -15,6 +15,7 @@ import fastlora
 from fastlora.dropout import keep_mask
 from tests.conftest import Wrapper, nf4_linear, randomize_lora, tiny_llama_base
 from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, run
+from tests.test_model_parity import train
 
 STEPS = 10
 
@@ -186,19 +187,6 @@ def tiny_llama_dora(kind, dtype):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules="all-linear"))
     randomize_lora(model, std=0.05)
     return model
-
-
-def train(model, batches, lr=2e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("kind,dtype,tol", [("dense", torch.float32, 1e-4), ("qlora", torch.bfloat16, 2e-2)])

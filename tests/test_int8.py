@@ -201,13 +201,20 @@ def test_autocast(backend):
 def test_dropout_matches_masked_reference(backend):
     """Dropout in training mode uses fastlora's own counter-based masks (PEFT draws others): exact against a
     float64 computation with those masks, per adapter."""
-    m, k, n = 33, 70, 40
-    model = int8_layer_model(k, n, adapters=((4, 8, 0.3, False), (2, 2, 0.1, False)))
+    model = int8_layer_model(70, 40, adapters=((4, 8, 0.3, False), (2, 2, 0.1, False)))
+    assert_dropout_matches_masked_reference(model, backend, float64_reference, m=33)
+
+
+def assert_dropout_matches_masked_reference(model, backend: str, float64_reference, m: int) -> None:
+    """Training-mode call of the one-layer ``model`` patched on ``backend``: output and input gradient equal
+    ``float64_reference(model, x, dy, seeds)`` under the seeds the call draws (fp32 tolerance)."""
+    layer = model.base_model.model.lin
+    k, n = layer.in_features, layer.out_features
     model.train()
     report = fastlora.patch(model, backend=backend)
     x, dy = torch.randn(m, k), torch.randn(m, n)
     torch.manual_seed(1234)
-    seeds = draw_seeds(2, "cpu")
+    seeds = draw_seeds(len(layer.active_adapters), "cpu")
     torch.manual_seed(1234)
     y, g = run(model, x, dy)
     y64, gx64 = float64_reference(model, x, dy, seeds)

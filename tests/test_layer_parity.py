@@ -258,7 +258,7 @@ def saved_activation_bytes(output: torch.Tensor, model: torch.nn.Module) -> int:
     from fastlora.nf4 import _CACHE
 
     persistent = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    persistent |= {entry[2].absmax.untyped_storage().data_ptr() for entry in _CACHE.values()}
+    persistent |= {nf4.absmax.untyped_storage().data_ptr() for nf4 in _CACHE.values()}
     seen, total, stack, visited = set(), 0, [output.grad_fn], set()
     while stack:
         node = stack.pop()

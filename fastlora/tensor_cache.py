@@ -1,0 +1,42 @@
+"""A cache of values derived from a tensor (a resolved absmax, squared row norms), keyed weakly on the tensor.
+
+An entry is found by the tensor's identity and holds while the caller's ``key`` (version counter, data pointers, ...)
+is unchanged, so a tensor rewritten in place or requantized misses; a freed tensor frees its entry. (Tensors compare
+elementwise, so a ``WeakKeyDictionary`` cannot hold them: entries are keyed on ``id()`` with a weakref to evict.)
+
+Usage::
+
+    _NORMS = TensorCache()
+    norms = _NORMS.get(weight, (weight._version, weight.data_ptr()), lambda: weight.float().square().sum(1))
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Generic, Hashable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class TensorCache(Generic[T]):
+    """Values computed from tensors, one per tensor, recomputed when the tensor's key changes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Hashable, T]] = {}
+
+    def get(self, owner: torch.Tensor, key: Hashable, compute: Callable[[], T]) -> T:
+        """The cached value for ``owner`` under ``key``, else ``compute()`` (stored for the next call)."""
+        owner_id = id(owner)
+        hit = self._entries.get(owner_id)
+        if hit is not None and hit[0]() is owner and hit[1] == key:
+            return hit[2]
+        value = compute()
+        entries = self._entries
+        self._entries[owner_id] = (weakref.ref(owner, lambda _: entries.pop(owner_id, None)), key, value)
+        return value
+
+    def values(self) -> list[T]:
+        """The values cached now."""
+        return [entry[2] for entry in self._entries.values()]
