@@ -455,7 +455,7 @@ def render(analyses: list[Analysis], versions: dict[str, str]) -> str:
         "test suite for bf16 Hopper configs.",
         "- *global loads*: `LDG` loads into registers, `LDGSTS` asynchronous copies into shared memory (Triton's "
         "software pipeline), with the bits each thread moves per instruction.",
-        f"- *slots/elem*: warp-instructions issued per dequantized NF4 element = loop instrs x warps / "
+        "- *slots/elem*: warp-instructions issued per dequantized NF4 element = loop instrs x warps / "
         "(NF4 elements one iteration unpacks).",
         f"- *decode / HBM*: upper bound on the NF4 elements/s a 4096x4096 layer at M = 16 can unpack when issue-bound "
         f"(SMs its grid occupies, of {SMS}; {ISSUE_PER_SM_CLOCK} warp-instructions per SM per clock, at most one per "

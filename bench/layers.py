@@ -338,24 +338,35 @@ def contenders_for(
 
 
 def chosen_paths(case: LayerCase, backend: str) -> str | None:
-    """The paths :mod:`fastlora.tuning` chose for this case's base-weight ops on ``backend``, with their source,
-    e.g. "lora_linear: whole (measured here); lora_linear_grad_input: whole (cache)"; None when none was made."""
+    """The paths :mod:`fastlora.tuning` chose for this case on ``backend``, with their source: the layer call's graph
+    (:mod:`fastlora.graph`) and, where it runs fastlora's Function, the base-weight ops, e.g. "layer: function
+    (measured here); lora_linear: whole (measured here); lora_linear_grad_input: whole (cache)" or "layer: native
+    (cache)"; None when none was made."""
     from fastlora import tuning
 
+    layer_op = "lora_layer_inference" if case.mode == "fwd" else "lora_layer"
     ops = ("lora_linear",) if case.mode == "fwd" else ("lora_linear", "lora_linear_grad_input")
     wanted = (tuning.m_bucket(case.tokens), case.shape.out_features, case.shape.in_features, str(case.dtype).removeprefix("torch."))
     found = {
-        d.key.op: f"{d.key.op}: {d.path} ({d.source})"
+        d.key.op: (d.path, f"{d.path} ({d.source})")
         for d in tuning.decisions()
-        if d.key.backend == backend and d.key.op in ops and (d.key.m_bucket, d.key.n, d.key.k, d.key.dtype) == wanted
+        if d.key.backend == backend and d.key.op in (layer_op, *ops) and (d.key.m_bucket, d.key.n, d.key.k, d.key.dtype) == wanted
     }
-    return "; ".join(found[op] for op in ops if op in found) or None
+    parts = []
+    if layer_op in found:
+        parts.append(f"layer: {found[layer_op][1]}")
+    if found.get(layer_op, ("function",))[0] == "function":
+        parts += [f"{op}: {found[op][1]}" for op in ops if op in found]
+    return "; ".join(parts) or None
 
 
-def cpu_host_seconds(contender: Contender, fn: Callable[[], object], calls: int = 10) -> float | None:
-    """CPU host seconds per call of a fastlora contender: the median over ``calls`` calls of the call's time minus
-    the time spent inside its ops. None for contenders whose ops are not fastlora's, and where the call ran none of
-    them (a dense call on torch's own ops, :mod:`fastlora.graph`: its host and kernel time are not separable)."""
+def cpu_host_seconds(
+    contender: Contender, fn: Callable[[], object], x: Tensor, grad_y: Tensor, mode: str, calls: int = 10
+) -> float | None:
+    """CPU host seconds per call of a fastlora contender (None for the others), median over ``calls`` calls: the
+    call's time minus the time spent inside its ops (Python, autograd and argument handling remain). A call on a
+    whole-layer graph (:mod:`fastlora.graph`: the C++ node or torch's nodes) runs no tuned op; its host time is the
+    call's time minus that of the same graph run directly on the call's tensors (``x``, ``grad_y``), interleaved."""
     if contender.backend is None:
         return None
     from fastlora import tuning
@@ -366,9 +377,44 @@ def cpu_host_seconds(contender: Contender, fn: Callable[[], object], calls: int 
             started = time.perf_counter()
             fn()
             if inside[0] == 0.0:
-                return None
+                return _graph_host_seconds(contender, fn, x, grad_y, mode, calls)
             host.append(time.perf_counter() - started - inside[0])
     return statistics.median(host)
+
+
+def _graph_host_seconds(
+    contender: Contender, fn: Callable[[], object], x: Tensor, grad_y: Tensor, mode: str, calls: int
+) -> float | None:
+    """The layer call's median time minus that of its graph called directly (see :func:`cpu_host_seconds`)."""
+    from fastlora import graph
+    from fastlora.plan import call_plan
+
+    layer = contender.forward
+    plan = call_plan(layer, layer.forward.device_type, x, (), {})
+    if isinstance(plan, str) or len(plan[2]) != 1:
+        return None
+    x_compute, base, adapters, _ = plan
+    x2d = x_compute.reshape(-1, x_compute.shape[-1])
+    adapter, seeds = adapters[0], torch.zeros(1, dtype=torch.int64, device=x.device)
+    grad_context = torch.no_grad if mode == "fwd" else torch.enable_grad
+    with grad_context():
+        path = graph.path(x2d, base, adapter, contender.backend, None)  # decided by the checked call: a lookup
+    if path == "function":
+        return None
+
+    def direct():
+        with grad_context():
+            y = graph.run(path, x2d, base, adapter, seeds)
+            if mode != "fwd":
+                torch.autograd.grad(y, (x2d, adapter.lora_a, adapter.lora_b), grad_y.reshape(y.shape))
+
+    layer_times, graph_times = [], []
+    for _ in range(calls):
+        for sink, call in ((layer_times, fn), (graph_times, direct)):
+            started = time.perf_counter()
+            call()
+            sink.append(time.perf_counter() - started)
+    return max(statistics.median(layer_times) - statistics.median(graph_times), 0.0)
 
 
 def run_case(
@@ -413,7 +459,10 @@ def run_case(
         if device.type == "cuda":
             hosts = {name: host_seconds(fn, device) for name, fn in timed.items()}
         else:
-            hosts = {c.name: cpu_host_seconds(c, timed[c.name]) for c in contenders if c.name in timed}
+            x_first, grad_first = pool.first()
+            hosts = {
+                c.name: cpu_host_seconds(c, timed[c.name], x_first, grad_first, case.mode) for c in contenders if c.name in timed
+            }
     except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large M: recorded, the suite goes on
         status = "oom" if isinstance(err, torch.OutOfMemoryError) else "error"
         for name in timed:

@@ -291,8 +291,10 @@ def render_report(results: Results, plot_files: Sequence[str] = ()) -> str:
             "triton.testing.do_bench median (CUDA events, L2 flushed, rotating inputs); \"host/call\" in the detail "
             "table is the host time to issue one call, GPU not waited for (a median close to it is host-bound)"
             if device.startswith("cuda")
-            else "median of interleaved rounds in one process; \"host/call\" in the detail table is a fastlora call's "
-            "time outside its ops (Python, autograd, argument handling), median of 10 calls"
+            else "median of interleaved rounds in one process, each round starting one contender further on; "
+            "\"host/call\" in the detail table is a fastlora call's time outside its ops (Python, autograd, argument "
+            "handling), median of 10 calls; for a call on a whole-layer graph (the C++ node: \"layer: native\"), the "
+            "call's time minus that of the node called directly on the same tensors"
         )
         out.append(
             "## Layers\n\n"

@@ -2,8 +2,11 @@
 
 CPU: every contender of a case is called in turn, round after round, in one process, and each one's median
 over the rounds is kept: a burst of load from elsewhere on the machine hits all contenders alike, so their
-ratios hold. GPU: ``triton.testing.do_bench`` (CUDA events, median; it also flushes L2 before every call),
-with inputs rotating through a pool larger than L2 so no call finds its activations cached.
+ratios hold. Each round starts one contender further on, so every contender runs equally often after each of the
+others: a call finds the caches as the previous call left them (at a few tokens that moves a call's time by 10%
+and more on the 2-core CPUs measured), and a fixed order would favour whoever follows the most similar call.
+GPU: ``triton.testing.do_bench`` (CUDA events, median; it also flushes L2 before every call), with inputs rotating
+through a pool larger than L2 so no call finds its activations cached.
 
 Usage::
 
@@ -58,7 +61,7 @@ class TimingPolicy:
 
     budget_s: float = 0.3
     min_rounds: int = 5
-    max_rounds: int = 50
+    max_rounds: int = 400
     warmup_ms: float = 10.0
     rep_ms: float = 40.0
 
@@ -105,8 +108,10 @@ def _interleaved_cpu(fns: dict[str, Callable[[], object]], policy: TimingPolicy)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     started = time.perf_counter()
     rounds = 0
+    order = list(fns.items())
     while rounds < policy.max_rounds:
-        for name, fn in fns.items():
+        start = rounds % len(order)
+        for name, fn in order[start:] + order[:start]:
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)

@@ -26,6 +26,7 @@
 
 #include "dropout_mask.h"
 #include "int8_dequant.h"
+#include "lora_ops.h"
 #include "nf4_dequant.h"
 #include "nf4_gemv.h"
 
@@ -57,7 +58,11 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// Already fp32 and contiguous (the common case) returns t itself, without two dispatcher round trips: at a few
+// tokens an op's host work is most of its time.
+at::Tensor as_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
 
 // Panel extent along one axis of the weight when the other axis has `other` elements.
 int64_t panel_extent(int64_t other, int64_t total) {
@@ -278,6 +283,10 @@ at::Tensor to_dtype(const at::Tensor& t32, at::ScalarType dtype) {
 // t[:, adapter i's columns] *= lora_scales[i] on a thin fp32 [M, R] result (a scale of 1 costs nothing).
 void scale_adapter_columns(at::Tensor& t, at::IntArrayRef ranks, at::ArrayRef<double> lora_scales) {
   TORCH_CHECK(lora_scales.size() == ranks.size(), "one LoRA scale per adapter");
+  if (ranks.size() == 1) {  // one adapter: every column, no narrow view to build
+    if (lora_scales[0] != 1.0) t.mul_(lora_scales[0]);
+    return;
+  }
   int64_t start = 0;
   for (size_t i = 0; i < ranks.size(); ++i) {
     if (lora_scales[i] != 1.0) {
@@ -590,4 +599,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                 thresholds, scales, path);
       },
       no_gil);
+  // A whole layer call (one adapter) as a C++ autograd node: it records its own graph, so no guard here.
+  m.def("lora_layer", &fastlora::lora_layer, no_gil);
 }

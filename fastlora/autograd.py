@@ -133,17 +133,17 @@ def _stack_adapters(adapter_tensors) -> tuple[Tensor, Tensor]:
 
 
 # Seeds for calls without dropout: never read by the kernels, so one constant tensor per (device, count) serves
-# every call (and stays valid inside CUDA graphs).
-_UNUSED_SEEDS: dict[tuple[torch.device, int], Tensor] = {}
+# every call (and stays valid inside CUDA graphs). CPU tensors are keyed without building x.device (every call).
+_UNUSED_SEEDS: dict[tuple[object, int], Tensor] = {}
 
 
-def _seeds(adapters: Sequence[Adapter], device: torch.device) -> Tensor:
+def _seeds(adapters: Sequence[Adapter], x: Tensor) -> Tensor:
     if adapters[0].dropout_p > 0.0 or (len(adapters) > 1 and any(a.dropout_p > 0.0 for a in adapters)):
-        return draw_seeds(len(adapters), device)
-    key = (device, len(adapters))
+        return draw_seeds(len(adapters), x.device)
+    key = ("cpu" if x.is_cpu else x.device, len(adapters))
     seeds = _UNUSED_SEEDS.get(key)
     if seeds is None:
-        seeds = _UNUSED_SEEDS[key] = torch.zeros(len(adapters), dtype=torch.int64, device=device)
+        seeds = _UNUSED_SEEDS[key] = torch.zeros(len(adapters), dtype=torch.int64, device=x.device)
     return seeds
 
 
@@ -157,10 +157,12 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    if len(adapters) == 1 and base.absmax is None and _torch_graph_wins(x2d, base, adapters[0], backend):
-        y = graph.autograd_lora(x2d, base.weight, base.bias, adapters[0])
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
-    seeds = _seeds(adapters, x.device)
+    seeds = _seeds(adapters, x)
+    if len(adapters) == 1:
+        path = graph.path(x2d, base, adapters[0], backend, _function_call)
+        if path != "function":
+            y = graph.run(path, x2d, base, adapters[0], seeds)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
     if adapters[0].dora is not None:  # the plan fuses DoRA only as the one active adapter
         y = dora_linear(x2d, base, adapters[0], seeds, backend)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
@@ -184,21 +186,13 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
 
 
-def _torch_graph_wins(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str) -> bool:
-    """Whether this dense call runs on torch's own ops (and autograd graph) instead of the backend's ops and
-    :class:`LoRALinearFunction` (:mod:`fastlora.graph`: chosen per shape by timing both)."""
-    if not graph.applies(x2d, base.weight, base.bias, adapter, backend):
-        return False
-    training = _needs_graph(x2d, base.bias, adapter[:2])
-
-    def fused(x_: Tensor, a: Tensor, b: Tensor) -> Tensor:  # fastlora's way for the same call, for the timing
-        config = _Config(0, (a.shape[0],), (adapter.scale,), (0.0,), backend)
-        seeds = _seeds([adapter], x_.device)
-        if training:
-            return LoRALinearFunction.apply(x_, base.weight, None, base.bias, seeds, None, config, a, b)
-        return _forward(x_, base.weight, None, base.bias, seeds, None, config, (a, b))[0]
-
-    return graph.uses_autograd(x2d, base.weight, base.bias, adapter, backend, training, fused)
+def _function_call(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str, training: bool) -> Tensor:
+    """One plain adapter's call on :class:`LoRALinearFunction` (``training``) or its ops alone: the "function"
+    candidate of :func:`fastlora.graph.path`, timed against the others."""
+    config = _Config(base.blocksize, (adapter.lora_a.shape[0],), (adapter.scale,), (adapter.dropout_p,), backend)
+    seeds = _seeds([adapter], x2d)
+    args = (x2d, base.weight, base.absmax, base.bias, seeds, None, config, adapter.lora_a, adapter.lora_b)
+    return LoRALinearFunction.apply(*args) if training else _forward(*args[:7], args[7:])[0]
 
 
 def _with_lora_biases(bias: Optional[Tensor], adapters: Sequence[Adapter]) -> Tensor:

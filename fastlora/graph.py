@@ -1,26 +1,33 @@
-"""Which autograd graph a dense fp32 layer call builds, chosen per shape by measuring forward+backward.
+"""Which graph a single-adapter layer call runs on, chosen per shape by measuring the whole call.
 
-- "function": fastlora's :class:`~fastlora.autograd.LoRALinearFunction` (the backend's ops below autograd, a
-  Python backward);
-- "autograd": torch's own nodes, ``addmm(F.linear(x, W, b), x·Aᵀ, Bᵀ, alpha=s)``, whose backward runs in C++.
+- "function": fastlora's :class:`~fastlora.autograd.LoRALinearFunction` (the backend's ops, each on its own tuned
+  path, below a Python ``autograd.Function``);
+- "native": the same ops of the C++ backend in one C++ autograd node (``csrc/lora_layer.cpp``: no Python in
+  forward or backward), for any base the C++ ops serve (dense, NF4, 8-bit), dropout included;
+- "autograd": torch's own nodes, ``addmm(F.linear(x, W, b), x·Aᵀ, Bᵀ, alpha=s)``, for a dense fp32 W and no dropout.
 
-At few tokens a dense fp32 layer's time is mostly host work, and a Python backward is a large part of it; with a
-dense W there is no dequantization to save, so torch's graph can be the faster one. Both save the same tensors
-(x and S = x·Aᵀ; W, A and B are parameters) and compute in fp32. The choice applies only where both compute the
-same thing, on a kernel backend: a dense fp32 W and x, one adapter, no dropout, no ``lora_bias``, mixed batch or DoRA, a bias that
-needs no gradient, gradients wanted, not under ``torch.compile``. It is made like the ops' paths
-(:func:`fastlora.tuning.choose`: op "lora_layer", forced by ``FASTLORA_PATH=lora_layer=function``), timing one
-forward+backward of each on detached copies of the call's inputs (no ``.grad`` is touched). Inference calls (no
-graph) choose the same way between the fastlora ops and torch's (op "lora_layer_inference"), timing the forward.
+At few tokens a layer call's time is mostly host work, and a Python backward is a large part of it. All three
+save the same tensors (x and the thin S = s·drop(x)·Aᵀ, plus the dropout seed; W, A and B are the layer's own) and
+compute in fp32. The choice applies only where they compute the same thing: one adapter, no ``lora_bias``, mixed
+batch or DoRA, a base bias that needs no gradient, not under ``torch.compile``, on a kernel backend whose paths are
+timed (not the torch reference, the oracle, nor Triton's CPU interpreter). It is made like the ops' paths
+(:func:`fastlora.tuning.choose`: op "lora_layer", forced by ``FASTLORA_PATH=lora_layer=native``), timing one
+forward+backward of each candidate on detached copies of the call's inputs (no ``.grad`` is touched), outside the
+caller's saved-tensor hooks and on a fork of the random generators (so activation checkpointing, which recomputes
+without deciding again, sees the same draws). The first candidate listed keeps the key unless another is faster by
+more than :data:`MARGIN`. Inference calls (no graph) choose the same way (op "lora_layer_inference"), timing the
+forward.
 
 Usage::
 
-    if graph.uses_autograd(x, base, adapter, backend, fused): y = graph.autograd_lora(x, base.weight, base.bias, adapter)
+    path = graph.path(x, base, adapter, backend, function)   # "function", "native" or "autograd"
+    y = graph.run(path, x, base, adapter, seeds)             # for "native" and "autograd"
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,63 +36,121 @@ from torch import Tensor
 from fastlora import tuning
 
 _memo = tuning.memo_holder()
+#: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
+#: repeats a call with its caches warm, which flatters the graphs with more Python per call: in a model each layer
+#: call finds its caches cold from the layers before. Measured on the 2-core Xeon, interleaved with other layers'
+#: calls as the benchmark does, "function" and "autograd" took 8-9% longer than their warm timing (512→1536, M=128,
+#: forward+backward) while "native" took the same, and warm timings of the three scatter by about 5% run to run.
+MARGIN = 0.10
+is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
+
+#: ``function(x, base, adapter, backend, training)``: the call on fastlora's own Function (or its ops alone).
+Function = Callable[..., Tensor]
 
 
-def applies(x: Tensor, weight: Tensor, bias, adapter, backend: str) -> bool:
-    """Whether both graphs compute this call (see the module docstring) and its backend's paths are timed (the
-    kernel backends; not the torch reference, the oracle, nor Triton's CPU interpreter)."""
-    return (
-        adapter.dropout_p == 0.0
-        and (backend == "cpp" or (backend == "triton" and x.is_cuda))
-        and x.dtype is torch.float32
-        and weight.dtype is torch.float32
-        and adapter.dora is None
-        and adapter.lora_bias is None
-        and adapter.rows is None
-        and (bias is None or not bias.requires_grad)
-        and not torch.compiler.is_compiling()
+def _candidates(x: Tensor, base, adapter, backend: str) -> tuple[str, ...]:
+    """The graphs that compute this call (see the module docstring), the default first; :func:`path` has checked the
+    adapter and the bias."""
+    native = backend == "cpp" and x.device.type == "cpu"
+    dense_f32 = (
+        base.absmax is None and adapter.dropout_p == 0.0 and x.dtype is torch.float32 and base.weight.dtype is torch.float32
     )
+    if native:
+        return ("native", "function", "autograd") if dense_f32 else ("native", "function")
+    if dense_f32 and backend == "triton" and x.is_cuda:
+        return ("function", "autograd")
+    return ()
 
 
-def autograd_lora(x: Tensor, weight: Tensor, bias, adapter) -> Tensor:
-    """``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` on torch's autograd nodes (x 2-D, everything fp32)."""
-    return torch.addmm(F.linear(x, weight, bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
+def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
+    """The graph this call (2-D x, one adapter) runs on. ``function`` computes it the fastlora way, for the timing."""
+    if (
+        adapter.dora is not None
+        or adapter.lora_bias is not None
+        or adapter.rows is not None
+        or (base.bias is not None and base.bias.requires_grad)
+        or is_compiling()
+    ):
+        return "function"  # only fastlora's Function computes these
+    training = torch.is_grad_enabled() and (x.requires_grad or adapter.lora_a.requires_grad or adapter.lora_b.requires_grad)
+    raw = (x.shape, x.dtype, base.weight.shape, base.weight.dtype, base.absmax is None, base.bias is None,
+           adapter.lora_a.shape, adapter.lora_a.dtype, adapter.dropout_p > 0.0, x.requires_grad, training, backend)  # fmt: skip
+    chosen = _memo[0].get(raw)
+    if chosen is None:
+        candidates = _candidates(x, base, adapter, backend)
+        chosen = _memo[0][raw] = _decide(candidates, x, base, adapter, backend, training, function) if candidates else "function"
+    return chosen
 
 
-def uses_autograd(
-    x: Tensor, weight: Tensor, bias, adapter, backend: str, training: bool, fused: Callable[..., Tensor]
-) -> bool:
-    """Whether this call (2-D x, :func:`applies` true) takes torch's ops. ``fused(x, a, b)`` computes the same call
-    the fastlora way with adapter tensors ``a``, ``b``; ``training``: a graph is built (timed with its backward),
-    else an inference call (timed alone)."""
-    raw = (x.shape, weight.shape, adapter.lora_a.shape, x.requires_grad, training, backend)
-    path = _memo[0].get(raw)
-    if path is None:
-        path = _memo[0][raw] = _decide(x, weight, bias, adapter, backend, training, fused)
-    return path == "autograd"
+def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
+    """The call on graph ``path`` ("native" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
+    if path == "native":
+        return _cpp_backend().lora_layer(
+            x, adapter.lora_a, adapter.lora_b, base.weight, base.absmax, base.blocksize, base.bias, seeds, adapter.dropout_p, adapter.scale
+        )
+    return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
 
 
-def _decide(x, weight, bias, adapter, backend, training, fused) -> str:
+def _cpp_backend():
+    """:mod:`fastlora.backends.cpp`, imported on first use (an import statement costs on every call)."""
+    global _cpp
+    if _cpp is None:
+        from fastlora.backends import cpp as _cpp
+    return _cpp
+
+
+_cpp = None
+
+
+def _decide(candidates, x, base, adapter, backend, training, function: Function) -> str:
+    # The timing draws random numbers (dropout seeds of the timed calls, a gradient): on a fork of the generators, so
+    # the model's own draws are the same whether or not this call decided (activation checkpointing recomputes the
+    # forward without deciding again, and must regenerate the same dropout masks).
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        return _measured(candidates, x, base, adapter, backend, training, function)
+
+
+def _measured(candidates, x, base, adapter, backend, training, function: Function) -> str:
     m, k = x.shape
-    n, r = weight.shape[0], adapter.lora_a.shape[0]
-    op = "lora_layer" if training else "lora_layer_inference"
-    key = tuning.ShapeKey(backend, op, tuning.m_bucket(m), n, k, r, "float32", "float32", False, tuning.device_name(x.device))
+    n, r = base.out_features, adapter.lora_a.shape[0]
+    kind = tuning.base_kind(base.weight.dtype, base.absmax is None)
+    key = tuning.ShapeKey(backend, "lora_layer" if training else "lora_layer_inference", tuning.m_bucket(m), n, k, r,
+                          tuning.dtype_name(x.dtype), kind, adapter.dropout_p > 0.0, tuning.device_name(x.device))  # fmt: skip
+    seeds = torch.zeros(1, dtype=torch.int64, device=x.device)  # timing runs: any fixed seed will do
+
+    def call(graph: str, x_: Tensor, adapter_) -> Tensor:
+        return function(x_, base, adapter_, backend, training) if graph == "function" else run(graph, x_, base, adapter_, seeds)
+
     if not training:
         with torch.no_grad():
-            return tuning.choose(key, {"function": lambda: fused(x, adapter.lora_a, adapter.lora_b),
-                                       "autograd": lambda: autograd_lora(x, weight, bias, adapter)}, x.device)
+            runs = {graph: (lambda g=graph: call(g, x, adapter)) for graph in candidates}
+            return tuning.choose(key, runs, x.device, MARGIN)
     x_leaf = x.detach().requires_grad_(x.requires_grad)
-    a_leaf, b_leaf = adapter.lora_a.detach().requires_grad_(), adapter.lora_b.detach().requires_grad_()
-    leaves = [t for t in (x_leaf, a_leaf, b_leaf) if t.requires_grad]
-    grad_y = torch.randn(m, n, device=x.device)
-    copy = adapter._replace(lora_a=a_leaf, lora_b=b_leaf)
+    copy = adapter._replace(lora_a=adapter.lora_a.detach().requires_grad_(adapter.lora_a.requires_grad),
+                            lora_b=adapter.lora_b.detach().requires_grad_(adapter.lora_b.requires_grad))  # fmt: skip
+    leaves = [t for t in (x_leaf, copy.lora_a, copy.lora_b) if t.requires_grad]
+    grad_y = torch.randn(m, n, device=x.device, dtype=x.dtype)
 
-    def run(graph: Callable[[], Tensor]) -> Callable[[], object]:
-        return lambda: torch.autograd.grad(graph(), leaves, grad_y)
+    def forward_backward(graph: str) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(call(graph, x_leaf, copy), leaves, grad_y)
 
-    runs = {
-        "function": run(lambda: fused(x_leaf, a_leaf, b_leaf)),
-        "autograd": run(lambda: autograd_lora(x_leaf, weight, bias, copy)),
-    }
-    with torch.enable_grad():
-        return tuning.choose(key, runs, x.device)
+    # Timed on a graph of its own, outside any saved-tensor hooks of the caller (activation checkpointing runs the
+    # layer under hooks that would take the timing graph's tensors for the model's, and stop it early).
+    with torch.enable_grad(), _without_saved_tensor_hooks():
+        return tuning.choose(key, {graph: forward_backward(graph) for graph in candidates}, x.device, MARGIN)
+
+
+@contextlib.contextmanager
+def _without_saved_tensor_hooks() -> Iterator[None]:
+    """Take every default saved-tensor hook (``torch.autograd.graph.saved_tensors_hooks``) off for the block and put
+    them back after, in order."""
+    autograd = torch._C._autograd
+    hooks = []
+    while (top := autograd._top_saved_tensors_default_hooks(True)) is not None:
+        hooks.append(top)
+        autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(hooks):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)

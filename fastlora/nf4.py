@@ -69,7 +69,8 @@ class NF4Weight:
         if torch.compiler.is_compiling():
             # A compiled graph cannot key a cache on ids and data pointers; resolving is one cheap op in the graph.
             return _read(weight, state)
-        key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
+        with torch._C.DisableTorchFunctionSubclass():  # Params4bit's __torch_function__ costs ~1 µs per read
+            key = cache_key(weight)
         return _CACHE.get(weight, key, lambda: _read(weight, state))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
@@ -80,9 +81,22 @@ class NF4Weight:
         return ops.nf4_dequantize(self.packed, self.absmax, self.blocksize, n, k, dtype, backend)
 
 
-# NF4Weight per Params4bit: the version counter, data pointer and quant state identity detect requantization
-# (merging into a 4-bit base rewrites both).
+# NF4Weight per Params4bit, valid while its cache_key holds.
 _CACHE: TensorCache[NF4Weight] = TensorCache()
+
+
+def cache_key(weight: torch.Tensor) -> tuple:
+    """What an :class:`NF4Weight` read from ``weight`` (a ``Params4bit`` with its quant state) depends on: the codes'
+    version counter and data pointer, and the quant state's tensors (identity and version counter): its absmax and,
+    with double quantization, the nested absmax, code table and offset. Requantizing (merging into a 4-bit base)
+    or rewriting any of them in place changes the key."""
+    state = weight.quant_state
+    key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
+    if state.nested:
+        nested, offset = state.state2, state.offset
+        key += (id(nested), id(nested.absmax), nested.absmax._version, id(nested.code), nested.code._version,
+                id(offset), getattr(offset, "_version", None))  # fmt: skip
+    return key
 
 
 def _read(weight: torch.Tensor, state) -> NF4Weight:

@@ -29,6 +29,9 @@ from fastlora import backends
 from fastlora import verify as verification
 from fastlora.autograd import lora_linear
 from fastlora.plan import call_plan, layer_device, lora_classes, structural_reason
+from fastlora.plan_memo import PlanMemo
+
+is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
 logger = logging.getLogger("fastlora")
 
@@ -118,6 +121,8 @@ class FusedForward:
         # Verify mode: call signatures already checked against PEFT; a failure sends every later call to PEFT.
         self._verified: Optional[set[tuple]] = set() if verify else None
         self._verify_failure: Optional[str] = None
+        # The last plan and the layer state it was read from (fastlora.plan_memo): reused while that state holds.
+        self._memo: Optional[PlanMemo] = None
 
     def original(self, *args, **kwargs):
         if self.previous is not None:
@@ -125,10 +130,19 @@ class FusedForward:
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plan = self._verify_failure or call_plan(self.layer, self.device_type, x, args, kwargs)
         # torch.compile guards on Python ints it reads, so counting inside a compiled region would recompile the
-        # graph on every call; calls there go uncounted (the plan above is still decided on every trace).
-        counting = not torch.compiler.is_compiling()
+        # graph on every call; calls there go uncounted (the plan below is still decided on every trace).
+        counting = not is_compiling()
+        autocast = torch.is_autocast_enabled(self.device_type)
+        memo = self._memo
+        if memo is not None and counting and not autocast and not args and not kwargs and memo.holds(x):
+            plan = memo.plan(x)
+        else:
+            plan = self._verify_failure or call_plan(self.layer, self.device_type, x, args, kwargs)
+            # Verify mode checks each new call signature, so it always plans; a compiled trace keeps no memo; under
+            # autocast the plan casts W per call.
+            reusable = counting and not autocast and not args and not kwargs and self._verified is None and not isinstance(plan, str)
+            self._memo = PlanMemo.capture(self.layer, self.device_type, x, plan) if reusable else None
         if isinstance(plan, str):
             if counting:
                 self._fall_back(plan)
@@ -138,7 +152,7 @@ class FusedForward:
             return self.original(x, *args, **kwargs)
         if counting:
             self.report.fused_calls += 1
-        return self._fused(plan)
+        return self._fused(plan, autocast)
 
     def _fall_back(self, reason: str) -> None:
         self.report.fallback_calls[reason] += 1
@@ -146,11 +160,11 @@ class FusedForward:
             self._warned.add(reason)
             logger.warning("fastlora: %s runs PEFT's forward: %s", self.name, reason)
 
-    def _fused(self, plan) -> torch.Tensor:
+    def _fused(self, plan, autocast: bool) -> torch.Tensor:
         x_compute, base, adapters, out_dtype = plan
-        if torch.is_autocast_enabled(x_compute.device.type):
+        if autocast:
             # The plan already applied autocast's dtype; the ops' internal matmuls must not be recast.
-            with torch.autocast(x_compute.device.type, enabled=False):
+            with torch.autocast(self.device_type, enabled=False):
                 y = lora_linear(x_compute, base, adapters, self.backend)
         else:
             y = lora_linear(x_compute, base, adapters, self.backend)
@@ -166,7 +180,7 @@ class FusedForward:
             plan = call_plan(self.layer, self.device_type, inputs, args, kwargs)
             if isinstance(plan, str):  # this call would run PEFT's forward anyway: nothing to compare
                 return self.original(inputs, *args, **kwargs)
-            return self._fused(plan)
+            return self._fused(plan, torch.is_autocast_enabled(self.device_type))
 
         mismatch = verification.compare_with_peft(self.layer, x, fused, lambda inputs: self.original(inputs, *args, **kwargs))
         if mismatch is None:

@@ -186,14 +186,15 @@ def structural_reason(layer: nn.Module) -> Optional[str]:
 
 def call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
     """Inputs for the fused path, or the reason (a string) to run PEFT's forward for this call."""
-    adapter_names = kwargs.get("adapter_names")
-    if args or any(v is not None for key, v in kwargs.items() if key != "adapter_names"):
+    adapter_names = kwargs.get("adapter_names") if kwargs else None
+    if args or (kwargs and any(v is not None for key, v in kwargs.items() if key != "adapter_names")):
         return "extra forward arguments"
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
         return "adapters merged"
-    if x.device.type != device_type:
+    # x.is_cpu reads a flag; x.device builds a torch.device object (this runs on every call)
+    if (not x.is_cpu) if device_type == "cpu" else x.device.type != device_type:
         return f"input on {x.device.type}, layer patched for {device_type}"
     if x.dtype not in _FLOAT_DTYPES:
         return f"input dtype {x.dtype}"
@@ -210,16 +211,16 @@ def call_plan(layer, device_type: str, x: torch.Tensor, args, kwargs):
     if weight.requires_grad:
         return "base weight requires grad"
     if type(base) is nn.Linear:  # the common dense case, without the 4-bit class checks
-        return _dense_plan(base, weight, x, adapters)
+        return _dense_plan(base, weight, x, adapters, device_type)
     if _is_params4bit(weight):
         return _nf4_plan(base, weight, x, adapters, sharded=False)
     if _is_sharded_4bit(base):
         return _nf4_plan(base, weight, x, adapters, sharded=True)
     if _is_int8_base(base):
-        return _int8_plan(base, weight, x, adapters)
+        return _int8_plan(base, weight, x, adapters, device_type)
     if type(base) is _conv1d_class():
         # Conv1D stores W as [K, N] (fan_in_fan_out): its transposed view is W [N, K], read through its strides.
-        return _dense_plan(base, weight.T, x, adapters)
+        return _dense_plan(base, weight.T, x, adapters, device_type)
     # patch() checked the base's type; it changed since (e.g. another adapter layer was put in between).
     return f"base layer type {type(base).__name__}"
 
@@ -295,11 +296,11 @@ def _dora(layer, name: str, variant, n_adapters: int, adapter_names, lora_bias):
     return DoRA(_param(dora_layer, "weight"), dora_layer._dora_cache if caching else None, f"weight-norm-{name}")
 
 
-def _dense_plan(base_layer: nn.Linear, weight: torch.Tensor, x: torch.Tensor, adapters):
+def _dense_plan(base_layer: nn.Linear, weight: torch.Tensor, x: torch.Tensor, adapters, device_type: str):
     bias = _param(base_layer, "bias")
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(device_type):
         # What autocast would do to F.linear: run it in the autocast dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     elif x.dtype != weight.dtype:
@@ -335,13 +336,13 @@ def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters, shard
     return (x if x.dtype == dtype else x.to(dtype)), base, adapters, x.dtype
 
 
-def _int8_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters):
+def _int8_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters, device_type: str):
     reason = _int8_reason(base_layer, weight)
     if reason is not None:
         return reason
     # bitsandbytes' 8-bit matmul computes in x's dtype (F.linear on the dequantized W: the autocast dtype under
     # autocast) and casts the bias to it.
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     bias = _param(base_layer, "bias")
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)

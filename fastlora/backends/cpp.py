@@ -31,8 +31,7 @@ from torch import Tensor
 from fastlora.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
-SOURCE_FILES = ("lora_ops.cpp",)
-HEADER_FILES = ("nf4_dequant.h", "nf4_gemv.h", "int8_dequant.h", "dropout_mask.h")
+SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -207,6 +206,28 @@ def lora_linear_grad_input(
     return _direct_ops().lora_linear_grad_input(
         grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, thresholds, keep_scales, PATH_CODES["auto"]
     )
+
+
+def lora_layer(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    weight: Tensor,
+    absmax: Tensor | None,
+    blocksize: int,
+    bias: Tensor | None,
+    seeds: Tensor,
+    dropout_p: float,
+    scale: float,
+) -> Tensor:
+    """One LoRA layer call with a single adapter as a C++ autograd node (``csrc/lora_layer.cpp``):
+    ``y = x·Wᵀ + b + s·drop(x)·Aᵀ·Bᵀ`` in x's dtype, with the backward of :class:`fastlora.autograd.LoRALinearFunction`
+    (gradients of x, A, B) run in C++. Not an op of the schema: a candidate of :mod:`fastlora.graph`.
+
+    Usage: ``y = cpp.lora_layer(x, a, b, w, None, 0, None, seeds, 0.0, 2.0)``
+    """
+    (threshold,), (keep_scale,) = _dropout_args((dropout_p,))
+    return _direct_ops().lora_layer(x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale)
 
 
 # ---- run-time candidates (fastlora.tuning) ------------------------------------------------------------------------

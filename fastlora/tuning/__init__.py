@@ -130,20 +130,23 @@ def _router(op: str, holder: list[dict], first_call: Callable[[tuple], object]) 
     return namespace[op]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as keys name it: "float32", "bfloat16", ..."""
     return str(dtype).removeprefix("torch.")
+
+
+def base_kind(weight_dtype: torch.dtype, dense: bool) -> str:
+    """A frozen W's kind as keys name it: its dtype when dense, else "int8" (bitsandbytes 8-bit) or "nf4"."""
+    if dense:
+        return dtype_name(weight_dtype)
+    return "int8" if weight_dtype == torch.int8 else "nf4"
 
 
 def shape_key(backend: str, op: str, args: tuple, device: str) -> ShapeKey:
     """The key a call of ``op`` with ``args`` is decided under. Usage: ``shape_key("cpp", "lora_linear", args, "cpu")``"""
     m, n, k, rank, dtype, weight_dtype, dense, dropout = _KEYS[op][2](_RAW_KEYS[op](*args))
-    if weight_dtype is None:
-        base = "-"
-    elif dense:
-        base = _dtype_name(weight_dtype)
-    else:
-        base = "int8" if weight_dtype == torch.int8 else "nf4"
-    return ShapeKey(backend, op, m_bucket(m), n, k, rank, _dtype_name(dtype), base, bool(dropout), device)
+    base = "-" if weight_dtype is None else base_kind(weight_dtype, dense)
+    return ShapeKey(backend, op, m_bucket(m), n, k, rank, dtype_name(dtype), base, bool(dropout), device)
 
 
 # ---- state: forcing, this process's decisions, the cache --------------------------------------------------------
@@ -315,21 +318,22 @@ class TunedOps:
         return output if output is not None else memo[raw](*args)
 
 
-def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.device) -> str:
+def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.device, margin: float = TIE_MARGIN) -> str:
     """The path for ``key`` among ``runs`` (name -> a call without arguments, timed as a whole), decided once per
-    key and forced state like the ops' paths: forced, else cache or shipped table, else measured now.
+    key and forced state like the ops' paths: forced, else cache or shipped table, else measured now. The first run
+    listed keeps the key unless another is faster by more than ``margin``.
 
     Usage: ``tuning.choose(key, {"function": run_a, "autograd": run_b}, x.device)``
     """
     decided = _STATE.decided.get((key, _STATE.forced_text))
     if decided is None:
-        decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(key.op, key, dict(runs), (), device)
+        decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(key.op, key, dict(runs), (), device, margin)
         decided[3] = None
         _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
     return decided[0]
 
 
-def _choose(op, key, applicable, args, device) -> list:
+def _choose(op, key, applicable, args, device, margin: float = TIE_MARGIN) -> list:
     """[path, source, times in µs, output of this call when it was measured now, else None]."""
     forced = _STATE.forced
     note = ""
@@ -344,13 +348,20 @@ def _choose(op, key, applicable, args, device) -> list:
     if len(applicable) == 1:
         return [next(iter(applicable)), "only candidate" + note, {}, None]
     stored = _cache().lookup(key)
-    if stored is not None and stored[0]["path"] in applicable:
+    if stored is not None and _still_valid(stored[0], applicable):
         return [stored[0]["path"], stored[1] + note, stored[0].get("times_us", {}), None]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return [next(iter(applicable)), "default (not timed while capturing a CUDA graph)" + note, {}, None]
-    chosen, times, output = _measure(applicable, args, device)
+    chosen, times, output = _measure(applicable, args, device, margin)
     _cache().store(key, chosen, times)
     return [chosen, "measured here" + note, times, output]
+
+
+def _still_valid(entry: dict, applicable: dict) -> bool:
+    """Whether a stored choice still answers: its path is a candidate now, and it was measured against every
+    candidate there is now (a candidate added since, e.g. by a newer build, is timed rather than never tried)."""
+    timed = entry.get("times_us") or {}
+    return entry["path"] in applicable and (not timed or set(applicable) <= set(timed))
 
 
 #: Most raw keys (exact shapes) an op remembers per state before starting over.
@@ -374,7 +385,9 @@ def _first_tensor(args: tuple) -> torch.Tensor:
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
-def _measure(applicable: dict[str, Callable], args: tuple, device: torch.device) -> tuple[str, dict[str, float], object]:
+def _measure(
+    applicable: dict[str, Callable], args: tuple, device: torch.device, margin: float = TIE_MARGIN
+) -> tuple[str, dict[str, float], object]:
     """Time every candidate on ``args``: one warm-up call (first-call compilation, autotuning, allocations), then
     :data:`MIN_ROUNDS` to :data:`ROUNDS` interleaved timed rounds (see the module docstring). Returns the winner, each candidate's
     fastest call in µs, and the winner's output. A candidate that raises is dropped with a warning."""
@@ -406,7 +419,7 @@ def _measure(applicable: dict[str, Callable], args: tuple, device: torch.device)
     best_times = {name: min(times) for name, times in samples.items()}
     fastest = min(best_times, key=best_times.get)
     default = next(iter(applicable))
-    chosen = default if best_times[default] <= (1 + TIE_MARGIN) * best_times[fastest] else fastest
+    chosen = default if best_times[default] <= (1 + margin) * best_times[fastest] else fastest
     _STATE.measure_seconds += time.perf_counter() - started
     return chosen, {name: round(t * 1e6, 2) for name, t in best_times.items()}, outputs[chosen]
 
