@@ -86,8 +86,9 @@ def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` ("native" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
     if path == "native":
         return _cpp_backend().lora_layer(
-            x, adapter.lora_a, adapter.lora_b, base.weight, base.absmax, base.blocksize, base.bias, seeds, adapter.dropout_p, adapter.scale
-        )
+            x, adapter.lora_a, adapter.lora_b, base.weight, base.absmax, base.blocksize, base.bias, seeds,
+            adapter.dropout_p, adapter.scale,
+        )  # fmt: skip
     return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
 
 
