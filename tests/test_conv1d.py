@@ -18,8 +18,8 @@ from tests.test_int8 import (
     assert_half_precision_no_worse_than_peft,
     assert_triton_paths_match_reference,
 )
-from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, run
-from tests.test_model_parity import STEPS, max_abs_diff, train
+from tests.test_layer_parity import CPU_BACKENDS, assert_patched_matches_peft_fp32, run
+from tests.test_model_parity import STEPS, assert_triton_trains_like_torch, max_abs_diff, train
 
 CASES = [(1, 33, 17), (7, 64, 45), (130, 70, 96)]  # (M, K, N): one token, odd sizes, more tokens than features
 
@@ -74,16 +74,7 @@ def test_fp32_parity_with_peft(m, k, n, n_adapters, backend):
     adapters = ((4, 8, 0.0, False), (3, 5, 0.0, True))[:n_adapters]
     model = conv1d_layer_model(k, n, adapters=adapters)
     model.base_model.model.lin.get_base_layer().bias.requires_grad_(True)
-    x, dy = torch.randn(m, k), torch.randn(m, n)
-    y_ref, g_ref = run(model, x, dy)
-    report = fastlora.patch(model, backend=backend)
-    assert report.patched == {"base_model.model.lin": backend} and not report.skipped
-    y, g = run(model, x, dy)
-    assert report.fused_calls == 1 and not report.fallback_calls
-    assert_close_fp32(y, y_ref)
-    assert g.keys() == g_ref.keys() and len(g) == 2 + 2 * n_adapters
-    for name in g:
-        assert_close_fp32(g[name], g_ref[name], name)
+    assert_patched_matches_peft_fp32(model, backend, torch.randn(m, k), torch.randn(m, n), 2 + 2 * n_adapters)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -167,19 +158,12 @@ def test_gpt2_training_matches_peft(backend_name):
 def test_gpt2_triton_training_matches_torch_backend():
     """The Triton kernels (under TRITON_INTERPRET=1) read the Conv1D weights through their strides and train the
     tiny GPT-2 like the torch reference backend: same dropout masks, fp32 IEEE dots: 1e-4 over 3 steps."""
-    if ops.backends.unavailable_reason("triton", "cpu") is not None:
-        pytest.skip("needs TRITON_INTERPRET=1")
-    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
-    losses = {}
-    for backend in ("torch", "triton"):
+
+    def patched(backend):
         model = tiny_gpt2_peft(dropout=0.1)
-        report = fastlora.patch(model, backend=backend)
-        torch.manual_seed(1234)  # the same dropout seeds for both backends
-        losses[backend] = train(model, batches)
-        assert report.fused_calls == GPT2_LORA_LAYERS * len(batches) and not report.fallback_calls
-    diff = max_abs_diff(losses["torch"], losses["triton"])
-    print(f"GPT-2 per-step losses: torch {losses['torch']}\n triton {losses['triton']}\n max |diff| {diff:.2e}")
-    assert diff < 1e-4
+        return model, fastlora.patch(model, backend=backend)
+
+    assert_triton_trains_like_torch(patched, GPT2_LORA_LAYERS, "GPT-2")
 
 
 def test_gpt2_adapter_files_merge_and_disable(tmp_path):

@@ -16,7 +16,7 @@ from fastlora import ops
 from fastlora.backends.reference import int8_dequantize
 from fastlora.dropout import draw_seeds, keep_mask
 from tests.conftest import Wrapper, peft_layer_model
-from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, run
+from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, assert_patched_matches_peft_fp32, run
 
 CASES = [(1, 33, 17), (7, 64, 45), (130, 70, 96)]  # (M, K, N): one token, odd sizes, more tokens than features
 
@@ -104,16 +104,7 @@ def test_fp32_parity_with_peft(m, k, n, bias, n_adapters, backend):
     model = int8_layer_model(k, n, bias=bias, adapters=adapters)
     if bias:
         model.base_model.model.lin.get_base_layer().bias.requires_grad_(True)
-    x, dy = torch.randn(m, k), torch.randn(m, n)
-    y_ref, g_ref = run(model, x, dy)
-    report = fastlora.patch(model, backend=backend)
-    assert report.patched == {"base_model.model.lin": backend} and not report.skipped
-    y, g = run(model, x, dy)
-    assert report.fused_calls == 1 and not report.fallback_calls
-    assert_close_fp32(y, y_ref)
-    assert g.keys() == g_ref.keys() and len(g) == 1 + 2 * n_adapters + bias
-    for name in g:
-        assert_close_fp32(g[name], g_ref[name], name)
+    assert_patched_matches_peft_fp32(model, backend, torch.randn(m, k), torch.randn(m, n), 1 + 2 * n_adapters + bias)
 
 
 @pytest.mark.parametrize("m,k,n", CASES[1:])

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 import fastlora
 from fastlora import ops
 from tests.conftest import TINY_LLAMA, randomize_lora
-from tests.test_model_parity import STEPS, max_abs_diff, train
+from tests.test_model_parity import STEPS, assert_triton_trains_like_torch, max_abs_diff, train
 
 LORA_LAYERS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
 
@@ -107,15 +107,4 @@ def test_8bit_adapter_files_identical_and_merge_and_unload(tmp_path):
 def test_8bit_triton_training_matches_torch_backend():
     """The Triton kernels (under TRITON_INTERPRET=1) train the 8-bit Llama like the torch reference backend:
     same dropout seeds and masks, fp32 compute (IEEE dots), so only summation order differs: 1e-4 over 3 steps."""
-    if ops.backends.unavailable_reason("triton", "cpu") is not None:
-        pytest.skip("needs TRITON_INTERPRET=1")
-    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
-    losses = {}
-    for backend in ("torch", "triton"):
-        model, report = _patched(backend, 0.1)
-        torch.manual_seed(1234)  # the same dropout seeds for both backends
-        losses[backend] = train(model, batches)
-        assert report.fused_calls == LORA_LAYERS * len(batches) and not report.fallback_calls
-    diff = max_abs_diff(losses["torch"], losses["triton"])
-    print(f"8-bit per-step losses: torch {losses['torch']}\n triton {losses['triton']}\n max |diff| {diff:.2e}")
-    assert diff < 1e-4
+    assert_triton_trains_like_torch(lambda backend: _patched(backend, 0.1), LORA_LAYERS, "8-bit")

@@ -50,6 +50,21 @@ def assert_close_fp32(actual, expected, name=""):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=lambda s: f"{name}: {s}")
 
 
+def assert_patched_matches_peft_fp32(model, backend, x, dy, n_grads):
+    """One forward+backward of ``model`` (a PEFT model around one layer "lin") before and after patching it with
+    ``backend``: the layer fused, one fused call and no fallback, and the output and every gradient (``n_grads`` of
+    them: x, trainable base parameters, A and B per adapter) equal to PEFT's within fp32 parity."""
+    y_ref, g_ref = run(model, x, dy)
+    report = fastlora.patch(model, backend=backend)
+    assert report.patched == {"base_model.model.lin": backend} and not report.skipped
+    y, g = run(model, x, dy)
+    assert report.fused_calls == 1 and not report.fallback_calls
+    assert_close_fp32(y, y_ref)
+    assert g.keys() == g_ref.keys() and len(g) == n_grads
+    for name in g:
+        assert_close_fp32(g[name], g_ref[name], name)
+
+
 def layer_of(model):
     return model.base_model.model.lin
 
@@ -97,17 +112,8 @@ def test_fp32_parity_with_peft(base, m, k, n, bias, n_adapters, backend):
     model = lora_layer_model(k, n, base=base, dtype=torch.float32, bias=bias, adapters=adapters)
     if bias:
         layer_of(model).get_base_layer().bias.requires_grad_(True)
-    x, dy = torch.randn(m, k), torch.randn(m, n)
-    y_ref, g_ref = run(model, x, dy)
-    report = fastlora.patch(model, backend=backend)
-    assert report.patched == {"base_model.model.lin": backend}
-    y, g = run(model, x, dy)
-    assert report.fused_calls == 1 and not report.fallback_calls
     # fp32 end to end: the only differences are summation order (K <= 130 terms): 1e-5 relative is ~100 ulps.
-    assert_close_fp32(y, y_ref)
-    assert g.keys() == g_ref.keys() and len(g) == 1 + 2 * n_adapters + bias
-    for name in g:
-        assert_close_fp32(g[name], g_ref[name], name)
+    assert_patched_matches_peft_fp32(model, backend, torch.randn(m, k), torch.randn(m, n), 1 + 2 * n_adapters + bias)
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
