@@ -158,14 +158,17 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     seeds = _seeds(adapters, x)
-    if len(adapters) == 1:
-        path = graph.path(x2d, base, adapters[0], backend, _function_call)
-        if path != "function":
-            y = graph.run(path, x2d, base, adapters[0], seeds)
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+    if len(adapters) == 1 and (path := graph.path(x2d, base, adapters[0], backend, _function_call)) != "function":
+        y = graph.run(path, x2d, base, adapters[0], seeds)
+    else:
+        y = _on_function(x2d, base, adapters, backend, seeds)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+
+
+def _on_function(x2d: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend: str, seeds: Tensor) -> Tensor:
+    """The call on :class:`LoRALinearFunction` (DoRA on its own Function), or its ops alone when no graph is needed."""
     if adapters[0].dora is not None:  # the plan fuses DoRA only as the one active adapter
-        y = dora_linear(x2d, base, adapters[0], seeds, backend)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+        return dora_linear(x2d, base, adapters[0], seeds, backend)
     if len(adapters) == 1:  # the common case without the generator expressions below: this runs on every call
         one = adapters[0]
         adapter_tensors = [one.lora_a, one.lora_b]
@@ -178,21 +181,15 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
         has_lora_bias = any(a.lora_bias is not None for a in adapters)
     bias = _with_lora_biases(base.bias, adapters) if has_lora_bias else base.bias
     row_mask = None if adapters[0].rows is None else _row_mask(adapters, x2d.shape[0])
-    if _needs_graph(x, bias, adapter_tensors):
-        y = LoRALinearFunction.apply(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, *adapter_tensors)
-    else:
-        # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for.
-        y = _forward(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, adapter_tensors)[0]
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+    if _needs_graph(x2d, bias, adapter_tensors):
+        return LoRALinearFunction.apply(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, *adapter_tensors)
+    # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for.
+    return _forward(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, adapter_tensors)[0]
 
 
-def _function_call(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str, training: bool) -> Tensor:
-    """One plain adapter's call on :class:`LoRALinearFunction` (``training``) or its ops alone: the "function"
-    candidate of :func:`fastlora.graph.path`, timed against the others."""
-    config = _Config(base.blocksize, (adapter.lora_a.shape[0],), (adapter.scale,), (adapter.dropout_p,), backend)
-    seeds = _seeds([adapter], x2d)
-    args = (x2d, base.weight, base.absmax, base.bias, seeds, None, config, adapter.lora_a, adapter.lora_b)
-    return LoRALinearFunction.apply(*args) if training else _forward(*args[:7], args[7:])[0]
+def _function_call(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str) -> Tensor:
+    """One plain adapter's call the fastlora way: the "function" candidate of :func:`fastlora.graph.path`."""
+    return _on_function(x2d, base, [adapter], backend, _seeds([adapter], x2d))
 
 
 def _with_lora_biases(bias: Optional[Tensor], adapters: Sequence[Adapter]) -> Tensor:

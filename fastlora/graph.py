@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlora import tuning
+from fastlora.backends import cpp  # its extension is built on first use, not on import
 
 _memo = tuning.memo_holder()
 #: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
@@ -44,7 +45,7 @@ _memo = tuning.memo_holder()
 MARGIN = 0.10
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
-#: ``function(x, base, adapter, backend, training)``: the call on fastlora's own Function (or its ops alone).
+#: ``function(x, base, adapter, backend)``: the call on fastlora's own Function (or its ops alone without grad).
 Function = Callable[..., Tensor]
 
 
@@ -85,22 +86,11 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
 def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` ("native" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
     if path == "native":
-        return _cpp_backend().lora_layer(
+        return cpp.lora_layer(
             x, adapter.lora_a, adapter.lora_b, base.weight, base.absmax, base.blocksize, base.bias, seeds,
             adapter.dropout_p, adapter.scale,
         )  # fmt: skip
     return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
-
-
-def _cpp_backend():
-    """:mod:`fastlora.backends.cpp`, imported on first use (an import statement costs on every call)."""
-    global _cpp
-    if _cpp is None:
-        from fastlora.backends import cpp as _cpp
-    return _cpp
-
-
-_cpp = None
 
 
 def _decide(candidates, x, base, adapter, backend, training, function: Function) -> str:
@@ -120,7 +110,7 @@ def _measured(candidates, x, base, adapter, backend, training, function: Functio
     seeds = torch.zeros(1, dtype=torch.int64, device=x.device)  # timing runs: any fixed seed will do
 
     def call(graph: str, x_: Tensor, adapter_) -> Tensor:
-        return function(x_, base, adapter_, backend, training) if graph == "function" else run(graph, x_, base, adapter_, seeds)
+        return function(x_, base, adapter_, backend) if graph == "function" else run(graph, x_, base, adapter_, seeds)
 
     if not training:
         with torch.no_grad():
