@@ -84,6 +84,25 @@ def all_configs(config_sets: dict[str, list]) -> list:
     return [cfg for configs in config_sets.values() for cfg in configs]
 
 
+def autotuned(config_sets: dict[str, list], pick, interpreter: triton.Config, key: list[str], restore_value=None):
+    """``triton.autotune`` over every config of ``config_sets``, narrowed per launch by :func:`config_pruner` to
+    the set ``pick`` names (the interpreter's one config under ``TRITON_INTERPRET=1``).
+
+    Usage: ``@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=["N", "K"])`` above ``@triton.jit``
+    """
+    return triton.autotune(
+        configs=all_configs(config_sets),
+        key=key,
+        prune_configs_by={"early_config_prune": config_pruner(config_sets, pick, interpreter)},
+        restore_value=restore_value,
+    )
+
+
+def by_generation(hopper: bool, args: dict) -> str:
+    """The config set of an elementwise kernel: the GPU generation's (its tiles do not depend on the dtype)."""
+    return "hopper" if hopper else "ampere"
+
+
 def generation(hopper: bool, fp32: bool) -> str:
     """Config set prefix: fp32 inputs (IEEE ``tl.dot`` is FMA-based, register hungry) get small tiles."""
     return "fp32" if fp32 else ("hopper" if hopper else "ampere")
@@ -110,6 +129,29 @@ def config_set_by_base(input_ptr: str, base_nf4: int):
         return gen if gen == "fp32" else f"{gen}-{'nf4' if args['BASE'] == base_nf4 else 'dense'}"
 
     return pick
+
+
+#: Most tokens the transposed few-token kernels take: the tokens are wgmma's N side there, and their split
+#: workspaces hold SPLIT x M x N fp32 partials.
+MAX_FEW_TOKENS = 64
+#: Key of the base-GEMM kernels' autotuning: the M bucket, the problem, the rank tile and the base kind.
+BASE_GEMM_KEY = ["M_BUCKET", "N", "K", "R_BLOCK", "BASE"]
+
+
+def base_gemm_constexprs(blocksize: int, k: int, dtype: torch.dtype) -> dict:
+    """The constexprs every base-GEMM kernel takes besides its own: the NF4 block layout along K and the dot
+    precisions for a model computing in ``dtype``.
+
+    Usage: ``common.launch(kernel, grid, key, *args, BASE=base, **common.base_gemm_constexprs(64, k, x.dtype))``
+    """
+    precision = dot_precision(dtype)
+    return dict(
+        BLOCKSIZE=blocksize,
+        EVEN_K=k % 2 == 0,
+        K_ALIGNED=blocksize > 0 and k % blocksize == 0,
+        PRECISION=precision,
+        LORA_PRECISION=precision,
+    )
 
 
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ CANDIDATES: dict[str, dict[str, tuple]] = {
 #: Where a candidate applies, named by the optional third element of its CANDIDATES entry (``key`` is a
 #: :class:`fastlora.tuning.ShapeKey`). The transposed kernels (yᵀ = W·xᵀ, wgmma with W from registers) serve at
 #: most 64 tokens (their M tile) of a dense or NF4 W.
-APPLIES = {"few_tokens_dense_or_nf4": lambda key: key.m_bucket <= 64 and key.base != "int8"}
+APPLIES = {"few_tokens_dense_or_nf4": lambda key: key.m_bucket <= common.MAX_FEW_TOKENS and key.base != "int8"}
 #: Forces a path for every call (see :mod:`fastlora.tuning`); a launcher's default honours "fused" and "split".
 ENV_VAR = "FASTLORA_PATH"
 #: Read when FASTLORA_PATH is unset: the variable of earlier versions, which scripts and tests still set.

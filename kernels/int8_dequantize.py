@@ -24,15 +24,7 @@ CONFIGS = {"hopper": [_config(8, 512, 4), _config(16, 512, 8)], "ampere": [_conf
 INTERPRETER_CONFIG = _config(8, 32, 4)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["N", "K"],
-    prune_configs_by={
-        "early_config_prune": common.config_pruner(
-            CONFIGS, lambda hopper, args: "hopper" if hopper else "ampere", INTERPRETER_CONFIG
-        )
-    },
-)
+@common.autotuned(CONFIGS, common.by_generation, INTERPRETER_CONFIG, key=["N", "K"])
 @triton.jit
 def int8_dequantize_kernel(codes_ptr, scb_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -38,11 +38,7 @@ CONFIGS = {
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["M_BUCKET", "K", "R_BLOCK"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, common.config_set_by_x_dtype, INTERPRETER_CONFIG)},
-)
+@common.autotuned(CONFIGS, common.config_set_by_x_dtype, INTERPRETER_CONFIG, key=["M_BUCKET", "K", "R_BLOCK"])
 @triton.jit
 def lora_down_kernel(
     x_ptr, a_ptr, groups_ptr, keep_scales_ptr, col_scales_ptr, seeds_ptr, s_ptr,

@@ -114,12 +114,10 @@ config_set = common.config_set_by_base("x_ptr", BASE_NF4)
 INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["M_BUCKET", "N", "K", "R_BLOCK", "BASE"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
+@common.autotuned(
+    CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY,
     restore_value=["y_ptr"],  # BASE=0 accumulates onto y: benchmarking must not compound it
-)
+)  # fmt: skip
 @triton.jit
 def lora_linear_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, bias_ptr, s_ptr, b_ptr, scale_ptr, y_ptr,
@@ -174,15 +172,14 @@ def _launch(x, weight, absmax, blocksize, bias, lora_s, lora_b, col_scale, y, ba
     m, k = x.shape
     n, r = lora_b.shape
     grid = lambda meta: (common.cdiv(m, meta["BLOCK_M"]) * common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    bucket, r_block, precision = common.m_bucket(m), common.rank_block(r), common.dot_precision(x.dtype)
+    bucket, r_block = common.m_bucket(m), common.rank_block(r)
     common.launch(
         lora_linear_kernel, grid, (x.device, x.dtype, weight.dtype, bucket, n, k, r_block, base),
         x, weight, absmax if absmax is not None else y, common.nf4_decode_table(x.device),
         bias if bias is not None else y, lora_s, lora_b, col_scale if col_scale is not None else y, y,
         m, n, k, r, bucket, *weight_strides(weight),
         BASE=base, HAS_BIAS=bias is not None, HAS_LORA=r > 0, HAS_COL_SCALE=col_scale is not None, R_BLOCK=r_block,
-        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=blocksize > 0 and k % blocksize == 0,
-        PRECISION=precision, LORA_PRECISION=precision,
+        **common.base_gemm_constexprs(blocksize, k, x.dtype),
     )  # fmt: skip
     return y
 

@@ -63,12 +63,10 @@ config_set = common.config_set_by_base("dy_ptr", BASE_NF4)
 INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["M_BUCKET", "N", "K", "R_BLOCK", "BASE"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
+@common.autotuned(
+    CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY,
     restore_value=["dx_ptr"],  # BASE=0 accumulates onto dx: benchmarking must not compound it
-)
+)  # fmt: skip
 @triton.jit
 def lora_linear_grad_input_kernel(
     dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, keep_scales_ptr, seeds_ptr, dx_ptr,
@@ -127,15 +125,13 @@ def _launch(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, d
     r = lora_a.shape[0]
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
     grid = lambda meta: (common.cdiv(m, meta["BLOCK_M"]) * common.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    bucket, r_block, precision = common.m_bucket(m), common.rank_block(widest), common.dot_precision(dx.dtype)
+    bucket, r_block = common.m_bucket(m), common.rank_block(widest)
     common.launch(
         lora_linear_grad_input_kernel, grid, (dx.device, dx.dtype, weight.dtype, bucket, n, k, r_block, base),
         grad_out, weight, absmax if absmax is not None else dx, common.nf4_decode_table(dx.device), grad_s, lora_a,
         groups if r else dx, keep_scales if r else dx, seeds, dx,
         m, n, k, r, groups.shape[0] if r else 0, bucket, *weight_strides(weight),
-        BASE=base, R_BLOCK=r_block,
-        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=blocksize > 0 and k % blocksize == 0,
-        PRECISION=precision, LORA_PRECISION=precision,
+        BASE=base, R_BLOCK=r_block, **common.base_gemm_constexprs(blocksize, k, dx.dtype),
     )  # fmt: skip
     return dx
 

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels import common, split_reduce
-from fastlora.kernels.lora_linear import BASE_DENSE, BASE_NF4
+from fastlora.kernels.lora_linear import BASE_NF4
+from fastlora.kernels.lora_linear_transposed import few_token_operands
 
 
 def _config(bk: int, bm: int, bn: int, warps: int, stages: int, split_n: int = 1) -> triton.Config:
@@ -46,8 +47,6 @@ CONFIGS = {
 }
 #: The launcher's workspace holds this many fp32 partials of dx.
 MAX_SPLIT_N = max(cfg.kwargs["SPLIT_N"] for configs in CONFIGS.values() for cfg in configs)
-#: Tokens this decode-sized kernel takes (its split workspace is MAX_SPLIT_N x M x K fp32).
-MAX_TOKENS = 64
 
 
 config_set = common.config_set_by_base("dy_ptr", BASE_NF4)
@@ -57,11 +56,7 @@ config_set = common.config_set_by_base("dy_ptr", BASE_NF4)
 INTERPRETER_CONFIG = _config(32, 16, 32, 4, 1, split_n=2)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["M_BUCKET", "N", "K", "R_BLOCK", "BASE"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
-)
+@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY)
 @triton.jit
 def lora_linear_grad_input_transposed_kernel(
     dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, keep_scales_ptr, seeds_ptr, dx_ptr,
@@ -128,34 +123,26 @@ def lora_linear_grad_input_transposed(
 ) -> torch.Tensor:
     """``dx[M, K] = dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)``, as
     :func:`fastlora.kernels.lora_linear_grad_input.lora_linear_grad_input` computes it, in one fused kernel tiled
-    for few tokens. A candidate for M <= 64 tokens (:data:`MAX_TOKENS`), dense or NF4 W (not 8-bit); ``path`` may
-    only be None or "fused".
+    for few tokens. A candidate for M <= 64 tokens (:data:`common.MAX_FEW_TOKENS`), dense or NF4 W (not 8-bit);
+    ``path`` may only be None or "fused".
 
     Usage: ``dx = lora_linear_grad_input_transposed(dy, packed, absmax, 64, ds, a, [16], seeds, [0.1])``
     """
-    if path not in (None, "fused"):
-        raise ValueError(f"lora_linear_grad_input_transposed is a fused kernel only, not path={path!r}")
-    if absmax is not None and weight.dtype == torch.int8:
-        raise ValueError("lora_linear_grad_input_transposed reads dense or NF4 W, not 8-bit codes")
     m, n = grad_out.shape
     r, k = lora_a.shape
-    if m > MAX_TOKENS:
-        raise ValueError(f"lora_linear_grad_input_transposed takes at most {MAX_TOKENS} tokens, not {m}")
+    weight, base = few_token_operands("lora_linear_grad_input_transposed", path, weight, absmax, m)
     grad_out, grad_s, lora_a = grad_out.contiguous(), grad_s.contiguous(), lora_a.contiguous()
-    weight = common.packed_bytes(weight) if absmax is not None else weight.contiguous()
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, dx.device) if r else (None, None, 0)
-    base = BASE_NF4 if absmax is not None else BASE_DENSE
     partials = torch.empty((MAX_SPLIT_N, m, k), dtype=torch.float32, device=dx.device)
     counters = split_reduce.tile_counters(common.cdiv(k, 16) * common.cdiv(m, 16), dx.device)  # the smallest tiles
     grid = lambda meta: (common.cdiv(k, meta["BLOCK_K"]), common.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_N"])  # noqa: E731
-    bucket, r_block, precision = common.m_bucket(m), common.rank_block(widest), common.dot_precision(dx.dtype)
+    bucket, r_block = common.m_bucket(m), common.rank_block(widest)
     common.launch(
         lora_linear_grad_input_transposed_kernel, grid, (dx.device, dx.dtype, weight.dtype, bucket, n, k, r_block, base),
         grad_out, weight, absmax if absmax is not None else dx, common.nf4_decode_table(dx.device),
         grad_s, lora_a, groups if r else dx, keep_scales if r else dx, seeds, dx, partials, counters,
         m, n, k, r, groups.shape[0] if r else 0, bucket,
-        BASE=base, R_BLOCK=r_block, BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0,
-        K_ALIGNED=blocksize > 0 and k % blocksize == 0, PRECISION=precision, LORA_PRECISION=precision,
+        BASE=base, R_BLOCK=r_block, **common.base_gemm_constexprs(blocksize, k, dx.dtype),
     )  # fmt: skip
     return dx

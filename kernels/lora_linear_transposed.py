@@ -52,8 +52,6 @@ CONFIGS = {
 }
 #: The launcher's workspace holds this many fp32 partials of y.
 MAX_SPLIT_K = max(cfg.kwargs["SPLIT_K"] for configs in CONFIGS.values() for cfg in configs)
-#: Tokens this decode-sized kernel takes (its split-K workspace is MAX_SPLIT_K x M x N fp32).
-MAX_TOKENS = 64
 
 
 config_set = common.config_set_by_base("x_ptr", BASE_NF4)
@@ -63,11 +61,7 @@ config_set = common.config_set_by_base("x_ptr", BASE_NF4)
 INTERPRETER_CONFIG = _config(32, 16, 32, 4, 1, split_k=2)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["M_BUCKET", "N", "K", "R_BLOCK", "BASE"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, config_set, INTERPRETER_CONFIG)},
-)
+@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY)
 @triton.jit
 def lora_linear_transposed_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, bias_ptr, s_ptr, b_ptr, scale_ptr, y_ptr,
@@ -118,6 +112,25 @@ def lora_linear_transposed_kernel(
         tl.store(y_ptr + yt_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
+def few_token_operands(
+    op: str, path: str | None, weight: torch.Tensor, absmax: torch.Tensor | None, m: int
+) -> tuple[torch.Tensor, int]:
+    """``(W as the transposed kernels index it, BASE)`` for a call of ``op`` on ``m`` tokens; a clear error for what
+    these kernels do not take: a path other than "fused", 8-bit W, more than :data:`common.MAX_FEW_TOKENS` tokens.
+
+    Usage: ``weight, base = few_token_operands("lora_linear_transposed", None, packed, absmax, 8)``
+    """
+    if path not in (None, "fused"):
+        raise ValueError(f"{op} is a fused kernel only, not path={path!r}")
+    if absmax is not None and weight.dtype == torch.int8:
+        raise ValueError(f"{op} reads dense or NF4 W, not 8-bit codes")
+    if m > common.MAX_FEW_TOKENS:
+        raise ValueError(f"{op} takes at most {common.MAX_FEW_TOKENS} tokens (a decode-size kernel), not {m}")
+    if absmax is not None:
+        return common.packed_bytes(weight), BASE_NF4
+    return weight.contiguous(), BASE_DENSE  # indexed with row stride K
+
+
 def lora_linear_transposed(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -132,27 +145,20 @@ def lora_linear_transposed(
     """``y[M, N] = x·Wᵀ + bias + S·Bᵀ`` (with ``col_scale``: ``col_scale ⊙ (x·Wᵀ + S·Bᵀ) + bias``), as
     :func:`fastlora.kernels.lora_linear.lora_linear` computes it, in one fused kernel tiled for few tokens.
 
-    A candidate for M <= 64 tokens (:data:`MAX_TOKENS`), dense or NF4 W (not 8-bit). It is one fused path:
-    ``path`` may only be None or "fused".
+    A candidate for M <= 64 tokens (:data:`common.MAX_FEW_TOKENS`), dense or NF4 W (not 8-bit). It is one fused
+    path: ``path`` may only be None or "fused".
 
     Usage: ``y = lora_linear_transposed(x, packed, absmax, 64, None, s, b)``
     """
-    if path not in (None, "fused"):
-        raise ValueError(f"lora_linear_transposed is a fused kernel only, not path={path!r}")
-    if absmax is not None and weight.dtype == torch.int8:
-        raise ValueError("lora_linear_transposed reads dense or NF4 W, not 8-bit codes")
     m, k = x.shape
     n, r = lora_b.shape
-    if m > MAX_TOKENS:
-        raise ValueError(f"lora_linear_transposed takes at most {MAX_TOKENS} tokens (a decode-size kernel), not {m}")
+    weight, base = few_token_operands("lora_linear_transposed", path, weight, absmax, m)
     x, lora_s, lora_b = x.contiguous(), lora_s.contiguous(), lora_b.contiguous()
-    weight = common.packed_bytes(weight) if absmax is not None else weight.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partials = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
     counters = split_reduce.tile_counters(common.cdiv(n, 16) * common.cdiv(m, 16), x.device)  # enough for the smallest tiles
-    base = BASE_NF4 if absmax is not None else BASE_DENSE
     grid = lambda meta: (common.cdiv(n, meta["BLOCK_N"]), common.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])  # noqa: E731
-    bucket, r_block, precision = common.m_bucket(m), common.rank_block(r), common.dot_precision(x.dtype)
+    bucket, r_block = common.m_bucket(m), common.rank_block(r)
     common.launch(
         lora_linear_transposed_kernel, grid, (x.device, x.dtype, weight.dtype, bucket, n, k, r_block, base),
         x, weight, absmax if absmax is not None else y, common.nf4_decode_table(x.device),
@@ -160,7 +166,6 @@ def lora_linear_transposed(
         partials, counters,
         m, n, k, r, bucket,
         BASE=base, HAS_BIAS=bias is not None, HAS_LORA=r > 0, HAS_COL_SCALE=col_scale is not None, R_BLOCK=r_block,
-        BLOCKSIZE=blocksize, EVEN_K=k % 2 == 0, K_ALIGNED=blocksize > 0 and k % blocksize == 0,
-        PRECISION=precision, LORA_PRECISION=precision,
+        **common.base_gemm_constexprs(blocksize, k, x.dtype),
     )  # fmt: skip
     return y

@@ -19,11 +19,7 @@ CONFIGS = {
 INTERPRETER_CONFIG = triton.Config({"BLOCK": 256}, num_warps=4)
 
 
-@triton.autotune(
-    configs=common.all_configs(CONFIGS),
-    key=["NUMEL", "BLOCKSIZE"],
-    prune_configs_by={"early_config_prune": common.config_pruner(CONFIGS, lambda hopper, args: "hopper" if hopper else "ampere", INTERPRETER_CONFIG)},
-)
+@common.autotuned(CONFIGS, common.by_generation, INTERPRETER_CONFIG, key=["NUMEL", "BLOCKSIZE"])
 @triton.jit
 def nf4_dequantize_kernel(packed_ptr, absmax_ptr, table_ptr, out_ptr, NUMEL, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
     # One program unpacks BLOCK flat elements from BLOCK // 2 bytes (element 2i: high nibble of byte i).

@@ -320,6 +320,38 @@ def test_lora_linear_grad_input_transposed(m, n, k, base, dtype):
     assert_bounded(got, exact.to(dtype), magnitude, dtype, max(n, 16))
 
 
+@pytest.mark.parametrize("op", ["forward", "grad_input"])
+def test_transposed_kernels_refuse_what_they_do_not_take(op):
+    """The few-token kernels are one fused path over dense or NF4 W for at most MAX_FEW_TOKENS tokens: anything
+    else is a clear ValueError before any launch (the chooser only offers them where they apply)."""
+    from fastlora.kernels import common
+    from fastlora.kernels.lora_linear_grad_input_transposed import lora_linear_grad_input_transposed
+    from fastlora.kernels.lora_linear_transposed import lora_linear_transposed
+
+    n, k, r = 40, 64, 4
+    dense, codes, scb = torch.randn(n, k), torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) + 1
+    a, b = torch.randn(r, k), torch.randn(n, r)
+
+    def call(m, weight, absmax=None, path=None):
+        """The op on fresh inputs, and its float64 formula (dense W)."""
+        if op == "forward":
+            x, s = torch.randn(m, k), torch.randn(m, r)
+            got = lora_linear_transposed(x, weight, absmax, 64, None, s, b, path=path)
+            return got, x.double() @ dense.double().T + s.double() @ b.double().T
+        ds, dy = torch.randn(m, r), torch.randn(m, n)
+        got = lora_linear_grad_input_transposed(dy, weight, absmax, 64, ds, a, [r], common.no_seeds(dy.device), [0.0], path)
+        return got, dy.double() @ dense.double() + ds.double() @ a.double()
+
+    with pytest.raises(ValueError, match="fused kernel only"):
+        call(4, dense, path="split")
+    with pytest.raises(ValueError, match="not 8-bit codes"):
+        call(4, codes, scb)
+    with pytest.raises(ValueError, match=f"at most {common.MAX_FEW_TOKENS} tokens"):
+        call(common.MAX_FEW_TOKENS + 1, dense)
+    got, exact = call(common.MAX_FEW_TOKENS, dense, path="fused")  # the largest M it takes is served
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)  # fp32 IEEE dots over 64 or 40 terms
+
+
 def test_nf4_decode_table_layout():
     """The table nf4_tile reads: (high nibble's value, low nibble's value) for each byte, as bitsandbytes packs
     them, then the 16 code values."""
