@@ -3,13 +3,14 @@
 :func:`fastlora.plan.call_plan` reads some thirty attributes across the LoRA layer, its adapter modules and the
 base (PEFT's properties, type checks, the NF4 quant state) and builds the op's arguments. At a few tokens, with the
 caches cold from the layers that ran before, that is a large part of a layer call: about 25 µs of 87 on the 2-core
-Xeon measured (dense 1536→512, one token, forward). A :class:`PlanMemo` records, for the common case (one plain
-adapter, no ``adapter_names``, no autocast), the objects and values the plan was built from; a later call re-reads
-only those, by identity and value, and reuses the plan when all hold. Anything else runs ``call_plan`` again.
+Xeon measured (dense 1536→512, one token, forward). A :class:`PlanMemo` records, for plain LoRA (one or several
+active adapters, each with or without ``lora_bias``; no DoRA, no ``adapter_names``, no autocast), the objects and
+values the plan was built from; a later call re-reads only those, by identity and value, and reuses the plan when all
+hold. Anything else runs ``call_plan`` again.
 
 Watched: the layer's adapter state (``_active_adapter``, ``_disable_adapters``, ``merged_adapters``, ``training``,
-``scaling``, ``lora_variant``, ``cast_input_dtype_enabled``) and submodules; the adapter's A, B and dropout modules,
-their parameters, the dropout's ``p`` and ``training``; the base module, its weight and bias (identity, dtype,
+``scaling``, ``lora_variant``, ``cast_input_dtype_enabled``) and submodules; each active adapter's A, B and dropout
+modules, their parameters, the dropout's ``p`` and ``training``; the base module, its weight and bias (identity, dtype,
 ``requires_grad``, version counter and data pointer, so ``.data`` swaps, ``.to()`` and in-place rewrites miss) and
 what the base kind adds (NF4: the quant state and :func:`fastlora.nf4.cache_key`, compute dtype; 8-bit: the SCB scales);
 x's dtype and device.
@@ -64,20 +65,18 @@ class PlanMemo:
     def capture(cls, layer: nn.Module, device_type: str, x: Tensor, plan) -> Optional["PlanMemo"]:
         """A memo of ``plan`` (just built by ``call_plan`` for ``x``), or None when it is not of the reusable kind."""
         x_compute, base, adapters, _ = plan
-        if len(adapters) != 1 or adapters[0].rows is not None or adapters[0].dora is not None:
+        if any(adapter.rows is not None or adapter.dora is not None for adapter in adapters):
             return None
         if torch.is_autocast_enabled(device_type) or device_type not in ("cpu", "cuda"):
             return None
         state, modules = layer.__dict__, layer._modules
-        name = _single_active(state.get("_active_adapter"))
-        if name is None:
-            return None
+        names = _active_names(state.get("_active_adapter"))
+        if names is None or len(names) != len(adapters):
+            return None  # an active adapter this layer lacks: the plan skipped it, and watching absence costs more
         base_module = modules["base_layer"]
         weight = base_module._parameters.get("weight")
         if not _holds_weight_itself(base, weight):
             return None  # e.g. a Conv1D's transposed view, an FSDP-gathered copy: cheap to rebuild, hard to watch
-        lora_a, lora_b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
-        dropout = modules["lora_dropout"]._modules[name]
         same = [
             (state, "_active_adapter", state["_active_adapter"]),
             (state, "scaling", state["scaling"]),
@@ -86,27 +85,35 @@ class PlanMemo:
             (modules, "lora_A", modules["lora_A"]),
             (modules, "lora_B", modules["lora_B"]),
             (modules, "lora_dropout", modules["lora_dropout"]),
-            (modules["lora_A"]._modules, name, lora_a),
-            (modules["lora_B"]._modules, name, lora_b),
-            (modules["lora_dropout"]._modules, name, dropout),
-            (lora_a._parameters, "weight", lora_a._parameters.get("weight")),
-            (lora_a._parameters, "bias", lora_a._parameters.get("bias")),
-            (lora_b._parameters, "weight", lora_b._parameters.get("weight")),
-            (lora_b._parameters, "bias", lora_b._parameters.get("bias")),
             (base_module._parameters, "weight", weight),
             (base_module._parameters, "bias", base_module._parameters.get("bias")),
         ]
         equal = [
+            (state, "_active_adapter", _copy(state["_active_adapter"])),  # a list may be changed in place
             (state, "_disable_adapters", state.get("_disable_adapters", _MISSING)),
             (state, "merged_adapters", _copy(state.get("merged_adapters", _MISSING))),
             (state, "training", state["training"]),
             (state, "cast_input_dtype_enabled", state.get("cast_input_dtype_enabled", _MISSING)),
-            (state["scaling"], name, state["scaling"][name]),
-            (state.get("lora_variant", {}), name, state.get("lora_variant", {}).get(name, _MISSING)),
-            (dropout.__dict__, "p", dropout.__dict__.get("p", _MISSING)),
-            (dropout.__dict__, "training", dropout.__dict__["training"]),
             (base_module.__dict__, "compute_dtype", base_module.__dict__.get("compute_dtype", _MISSING)),
         ]
+        for name in names:
+            lora_a, lora_b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+            dropout = modules["lora_dropout"]._modules[name]
+            same += [
+                (modules["lora_A"]._modules, name, lora_a),
+                (modules["lora_B"]._modules, name, lora_b),
+                (modules["lora_dropout"]._modules, name, dropout),
+                (lora_a._parameters, "weight", lora_a._parameters.get("weight")),
+                (lora_a._parameters, "bias", lora_a._parameters.get("bias")),
+                (lora_b._parameters, "weight", lora_b._parameters.get("weight")),
+                (lora_b._parameters, "bias", lora_b._parameters.get("bias")),
+            ]
+            equal += [
+                (state["scaling"], name, state["scaling"][name]),
+                (state.get("lora_variant", {}), name, state.get("lora_variant", {}).get(name, _MISSING)),
+                (dropout.__dict__, "p", dropout.__dict__.get("p", _MISSING)),
+                (dropout.__dict__, "training", dropout.__dict__["training"]),
+            ]
         bias = base_module._parameters.get("bias")
         tensors = [(weight, _tensor_state(weight)), (bias, _tensor_state(bias))]
         quant_state = weight.__dict__.get("quant_state")
@@ -147,12 +154,12 @@ def _copy(value):
     return list(value) if isinstance(value, list) else value
 
 
-def _single_active(active) -> Optional[str]:
-    """The one active adapter's name, or None when several (or none) are active."""
+def _active_names(active) -> Optional[list]:
+    """The active adapters' names as a list (PEFT keeps one name as a str), or None for anything else."""
     if isinstance(active, str):
-        return active
-    if isinstance(active, (list, tuple)) and len(active) == 1 and isinstance(active[0], str):
-        return active[0]
+        return [active]
+    if isinstance(active, (list, tuple)) and active and all(isinstance(name, str) for name in active):
+        return list(active)
     return None
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fastlora
-from tests.conftest import lora_layer_model
+from tests.conftest import Wrapper, lora_layer_model, peft_layer_model
 
 TOLERANCE = 1e-5
 
@@ -146,3 +146,48 @@ def test_autocast_calls_plan_every_time(planning):
     assert y.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())  # bf16 rounding
     assert len(planning) == 3
+
+
+def _both_active(**config):
+    model = peft_layer_model(Wrapper(nn.Linear(48, 40)), ((4, 8, 0.0, False), (2, 4, 0.0, False)), **config).eval()
+    report = fastlora.patch(model, backend="cpp")
+    layer = model.base_model.model.lin
+    assert layer.active_adapters == ["default", "extra1"]
+    return layer, report
+
+
+SECOND_ADAPTER_CHANGES = {
+    "its scaling entry": lambda layer: layer.scaling.__setitem__("extra1", 3.0),
+    "its lora_B module": lambda layer: layer.lora_B.__setitem__("extra1", nn.Linear(2, 40, bias=False)),
+    "active list shortened in place": lambda layer: layer._active_adapter.pop(),
+    "active list reordered": lambda layer: layer.set_adapter(["extra1", "default"]),
+}
+
+
+@pytest.mark.parametrize("change", list(SECOND_ADAPTER_CHANGES))
+def test_several_active_adapters_are_memoized_and_watched(planning, change):
+    """Two adapters summed in one call: memoized like one; a change to either (or to the active list, even in place)
+    plans again and still equals PEFT."""
+    layer, report = _both_active()
+    x = torch.randn(6, 48)
+    for _ in range(3):
+        _assert_peft(layer, x)
+    assert len(planning) == 1 and report.fused_calls == 3
+    SECOND_ADAPTER_CHANGES[change](layer)
+    _assert_peft(layer, x)
+    assert len(planning) == 2
+
+
+def test_memoized_plan_sees_in_place_parameter_updates(planning):
+    """What an optimizer step does (A, B and lora_bias of both adapters updated in place) needs no new plan: the plan
+    holds the parameters themselves, so the next call computes with the new values, as PEFT does."""
+    layer, _ = _both_active(lora_bias=True)
+    x = torch.randn(6, 48)
+    _assert_peft(layer, x)
+    with torch.no_grad():
+        for name in ("default", "extra1"):
+            layer.lora_A[name].weight.add_(torch.randn_like(layer.lora_A[name].weight))
+            layer.lora_B[name].weight.add_(torch.randn_like(layer.lora_B[name].weight))
+            layer.lora_B[name].bias.add_(torch.randn_like(layer.lora_B[name].bias))
+    _assert_peft(layer, x)
+    assert len(planning) == 1
