@@ -64,6 +64,7 @@ def assert_patched_matches_peft_fp32(model, backend, x, dy, n_grads):
     for name in g:
         assert_close_fp32(g[name], g_ref[name], name)
 
+
 BF16_ROUNDOFF = 2.0**-8  # unit roundoff: half the spacing of bf16 numbers at 1.0
 
 
