@@ -157,6 +157,19 @@ def peft_layer_model(wrapper: nn.Module, adapters: tuple, **config) -> nn.Module
     return model
 
 
+def patch_keeps_adapter_file(model: nn.Module, tmp_path, backend: str):
+    """Patch ``model`` with ``backend`` and assert its saved adapter file is PEFT's, byte for byte, from before
+    patching; returns the ``PatchReport``. Usage: ``report = patch_keeps_adapter_file(model, tmp_path, "torch")``"""
+    import fastlora
+
+    model.save_pretrained(tmp_path / "peft")
+    report = fastlora.patch(model, backend=backend)
+    model.save_pretrained(tmp_path / "patched")
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "peft" / name).read_bytes()
+    return report
+
+
 def tiny_llama_base(kind: str, *, seed: int = 0, dtype=torch.bfloat16):
     """A tiny Llama without adapters. kind: "qlora" (NF4 double quant through from_pretrained with
     BitsAndBytesConfig, compute ``dtype``) or "dense" (base in ``dtype``). The same seed gives the same weights."""

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import fastlora
 from fastlora import ops, plan
 from fastlora.dropout import keep_mask
-from tests.conftest import Wrapper, peft_layer_model, randomize_lora
+from tests.conftest import Wrapper, patch_keeps_adapter_file, peft_layer_model, randomize_lora
 from tests.test_int8 import (
     assert_dropout_matches_masked_reference,
     assert_half_precision_no_worse_than_peft,
@@ -171,11 +171,7 @@ def test_gpt2_adapter_files_merge_and_disable(tmp_path):
     merge_adapter/unmerge_adapter and merge_and_unload (PEFT transposes B·A for fan_in_fan_out) give the fused
     output."""
     model = tiny_gpt2_peft()
-    model.save_pretrained(tmp_path / "peft")
-    report = fastlora.patch(model, backend="torch")
-    model.save_pretrained(tmp_path / "patched")
-    name = "adapter_model.safetensors"
-    assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "peft" / name).read_bytes()
+    report = patch_keeps_adapter_file(model, tmp_path, "torch")
     model.eval()
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():

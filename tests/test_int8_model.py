@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 import fastlora
 from fastlora import ops
-from tests.conftest import TINY_LLAMA, randomize_lora
+from tests.conftest import TINY_LLAMA, patch_keeps_adapter_file, randomize_lora
 from tests.test_model_parity import STEPS, assert_triton_trains_like_torch, max_abs_diff, train
 
 LORA_LAYERS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
@@ -87,11 +87,7 @@ def test_8bit_adapter_files_identical_and_merge_and_unload(tmp_path):
     """The patched 8-bit model saves PEFT's adapter file byte for byte, and PEFT's merge_and_unload (dequantize,
     add B·A, requantize to int8) still works on it."""
     model = tiny_llama_8bit_peft()
-    model.save_pretrained(tmp_path / "peft")
-    report = fastlora.patch(model, backend="torch")
-    model.save_pretrained(tmp_path / "patched")
-    name = "adapter_model.safetensors"
-    assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "peft" / name).read_bytes()
+    report = patch_keeps_adapter_file(model, tmp_path, "torch")
     model.train()  # bitsandbytes' training-mode path on CPU: dequantize + F.linear, as fastlora computes
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():

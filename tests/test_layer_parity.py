@@ -158,8 +158,18 @@ def test_inference_forward(base, m, k, n, backend):
     assert_close_fp32(y_no_grad, y_peft)
 
 
-def _rel_err(a, ref):
+def relative_error(a, ref):
+    """‖a − ref‖ / ‖ref‖ over the whole tensor, with ``ref`` float64."""
     return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_half_output_no_worse_than_peft(y, gx, y_peft, gx_peft, y64, gx64, dtype):
+    """A half-precision layer's output and input gradient against float64 on the same inputs: fastlora's error no
+    larger than PEFT's by more than half an output ulp (one rounding of the result), and the output within 2 ulps."""
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert relative_error(y, y64) <= relative_error(y_peft, y64) + 0.5 * ulp
+    assert relative_error(y, y64) < 2 * ulp
+    assert relative_error(gx, gx64) <= relative_error(gx_peft, gx64) + 0.5 * ulp
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
@@ -178,10 +188,7 @@ def test_half_precision_no_worse_than_peft(base, dtype, m, k, n, backend):
     fastlora.patch(model, backend=backend)
     y, g = run(model, x, dy)
     assert y.dtype == y_peft.dtype == dtype and g["x"].dtype == dtype
-    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    assert _rel_err(y, y64) <= _rel_err(y_peft, y64) + 0.5 * ulp
-    assert _rel_err(y, y64) < 2 * ulp
-    assert _rel_err(g["x"], gx64) <= _rel_err(g_peft["x"], gx64) + 0.5 * ulp
+    assert_half_output_no_worse_than_peft(y, g["x"], y_peft, g_peft["x"], y64, gx64, dtype)
     # Adapter gradients are fp32 in both, computed from the same half-precision x and dy. The Triton kernels run the
     # LoRA branch of a half-precision model with TF32 dots (fastlora.kernels.common.dot_precision): operands keep
     # 11 significant bits, so a product carries up to 2**-10 relative error, and a sum that cancels carries it

@@ -75,6 +75,27 @@ def assert_bounded(actual, expected, magnitude, dtype, k):
     assert (err <= bound + 1e-30).all(), f"err {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
 
 
+def forward_float64(x, w32, s, b, bias, col_scale=None):
+    """(exact, magnitude) of ``(x·Wᵀ + S·Bᵀ) ⊙ col_scale + bias`` in float64: the formula, and the same sum over
+    absolute values (what :func:`assert_bounded` scales the accumulation error by)."""
+    x64, w64, s64, b64 = x.double(), w32.double(), s.double(), b.double()
+    exact, magnitude = x64 @ w64.T + s64 @ b64.T, x64.abs() @ w64.abs().T + s64.abs() @ b64.abs().T
+    if col_scale is not None:
+        exact, magnitude = exact * col_scale.double(), magnitude * col_scale.double()
+    return exact + bias.double(), magnitude + bias.double().abs()
+
+
+def grad_input_float64(dy, w32, ds, a, ranks, seeds, p):
+    """(exact, magnitude) of ``dy·W + Σ_a (dS_a·A_a) ⊙ keep_a / (1 - p_a)`` in float64, as :func:`forward_float64`."""
+    dy64 = dy.double()
+    magnitude, exact = dy64.abs() @ w32.double().abs(), dy64 @ w32.double()
+    for i, (ds_i, a_i) in enumerate(zip(ds.double().split(ranks, 1), a.double().split(ranks))):
+        keep = keep_mask(seeds[i], p[i], dy.shape[0], a.shape[1]).double() / (1 - p[i])
+        magnitude += (ds_i.abs() @ a_i.abs()) * keep
+        exact += (ds_i @ a_i) * keep
+    return exact, magnitude
+
+
 def nf4_weight(n, k, blocksize, nested):
     """(packed u8, fp32 absmax, fp32 W) of a random W[n, k] quantized by bitsandbytes on the CPU."""
     packed, state = bnbF.quantize_4bit(torch.randn(n, k) / k**0.5, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
@@ -192,11 +213,9 @@ def test_lora_linear(m, n, k, base, dtype, path):
     s, b = torch.randn(m, 24), torch.randn(n, 24) * 0.1
     got = kernels.lora_linear(x, weight, absmax, blocksize, bias, s, b, path=path)
     expected = ref.lora_linear(x, weight, absmax, blocksize, bias, s, b)
-    x64, w64, s64, b64 = x.double(), w32.double(), s.double(), b.double()
-    magnitude = x64.abs() @ w64.abs().T + s64.abs() @ b64.abs().T + bias.double().abs()
+    exact, magnitude = forward_float64(x, w32, s, b, bias)
     assert_bounded(got, expected, magnitude, dtype, k)
-    exact = (x64 @ w64.T + s64 @ b64.T + bias.double()).to(dtype)  # the float64 formula, rounded once
-    assert_bounded(got, exact, magnitude, dtype, k)
+    assert_bounded(got, exact.to(dtype), magnitude, dtype, k)  # the float64 formula, rounded once
 
 
 @pytest.mark.parametrize("m", MS)
@@ -212,12 +231,7 @@ def test_lora_linear_grad_input(m, n, k, base, dtype, path):
     dy, ds = torch.randn(m, n).to(dtype), torch.randn(m, sum(ranks))
     got = kernels.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, ranks, seeds, p, path=path)
     expected = ref.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, ranks, seeds, p)
-    dy64 = dy.double()
-    magnitude, exact = dy64.abs() @ w32.double().abs(), dy64 @ w32.double()
-    for i, (ds_i, a_i) in enumerate(zip(ds.double().split(ranks, 1), a.double().split(ranks))):
-        keep = keep_mask(seeds[i], p[i], m, k).double() / (1 - p[i])
-        magnitude += (ds_i.abs() @ a_i.abs()) * keep
-        exact += (ds_i @ a_i) * keep
+    exact, magnitude = grad_input_float64(dy, w32, ds, a, ranks, seeds, p)
     assert_bounded(got, expected, magnitude, dtype, max(n, 16))
     assert_bounded(got, exact.to(dtype), magnitude, dtype, max(n, 16))
 
@@ -291,11 +305,8 @@ def test_lora_linear_transposed(m, n, k, base, dtype):
     col_scale = torch.rand(n) + 0.5 if m % 2 else None
     got = lora_linear_transposed(x, weight, absmax, blocksize, bias, s, b, col_scale)
     assert torch.equal(lora_linear_transposed(x, weight, absmax, blocksize, bias, s, b, col_scale), got)
-    x64, w64, s64, b64 = x.double(), w32.double(), s.double(), b.double()
-    scale = col_scale.double() if col_scale is not None else torch.ones(n, dtype=torch.float64)
-    magnitude = (x64.abs() @ w64.abs().T + s64.abs() @ b64.abs().T) * scale + bias.double().abs()
-    exact = ((x64 @ w64.T + s64 @ b64.T) * scale + bias.double()).to(dtype)  # the float64 formula, rounded once
-    assert_bounded(got, exact, magnitude, dtype, k)
+    exact, magnitude = forward_float64(x, w32, s, b, bias, col_scale)
+    assert_bounded(got, exact.to(dtype), magnitude, dtype, k)  # the float64 formula, rounded once
 
 
 @pytest.mark.parametrize("m", MS[:3])
@@ -311,12 +322,7 @@ def test_lora_linear_grad_input_transposed(m, n, k, base, dtype):
     a, ranks, seeds, p = stacked_adapters(adapters, k)
     dy, ds = torch.randn(m, n).to(dtype), torch.randn(m, sum(ranks))
     got = lora_linear_grad_input_transposed(dy, weight, absmax, blocksize, ds, a, ranks, seeds, p)
-    dy64 = dy.double()
-    magnitude, exact = dy64.abs() @ w32.double().abs(), dy64 @ w32.double()
-    for i, (ds_i, a_i) in enumerate(zip(ds.double().split(ranks, 1), a.double().split(ranks))):
-        keep = keep_mask(seeds[i], p[i], m, k).double() / (1 - p[i])
-        magnitude += (ds_i.abs() @ a_i.abs()) * keep
-        exact += (ds_i @ a_i) * keep
+    exact, magnitude = grad_input_float64(dy, w32, ds, a, ranks, seeds, p)
     assert_bounded(got, exact.to(dtype), magnitude, dtype, max(n, 16))
 
 
