@@ -5,14 +5,17 @@ Nothing here launches a kernel. The ``@triton.jit`` helpers are inlined into the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from fastlora.dropout import dropout_threshold
+from fastlora.kernels import resources
 from fastlora.nf4 import nf4_table
 
 #: Smallest tile edge ``tl.dot`` accepts; thin operands (LoRA rank) are padded up to it.
@@ -62,19 +65,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def config_pruner(config_sets: dict[str, list], pick, interpreter: triton.Config):
-    """An ``early_config_prune`` hook: the interpreter's one small config, or the set ``pick`` names.
+def config_pruner(config_sets: dict[str, list], pick, interpreter: triton.Config, fn):
+    """An ``early_config_prune`` hook: the interpreter's one small config, or the configs of the set ``pick`` names
+    that fit the launch's GPU (:func:`fastlora.kernels.resources.fitting`).
 
-    ``pick(hopper: bool, args: dict) -> str`` chooses among ``config_sets`` from the GPU generation and the
-    launch arguments (base kind, dtype). With one config left, Triton's autotuner runs it without timing,
-    so interpreter runs never benchmark.
+    ``pick(hopper: bool, args: dict) -> str`` chooses among ``config_sets`` from the GPU generation and the launch
+    arguments (base kind, dtype). The generation, the capability check and the shared memory are those of the
+    device of the launch's tensors, not the current device. With one config left, Triton's autotuner runs it
+    without timing, so interpreter runs never benchmark.
     """
 
     def prune(configs, named_args, **kwargs):
         if interpreting():
             return [interpreter]
-        hopper = torch.cuda.get_device_capability()[0] >= 9
-        return config_sets[pick(hopper, {**named_args, **kwargs})]
+        args = {**named_args, **kwargs}
+        device = resources.tensor_device(args)
+        resources.check_capability(device)
+        chosen = config_sets[pick(resources.capability(device)[0] >= 9, args)]
+        return resources.fitting(fn, chosen, args, device)
 
     return prune
 
@@ -86,16 +94,20 @@ def all_configs(config_sets: dict[str, list]) -> list:
 
 def autotuned(config_sets: dict[str, list], pick, interpreter: triton.Config, key: list[str], restore_value=None):
     """``triton.autotune`` over every config of ``config_sets``, narrowed per launch by :func:`config_pruner` to
-    the set ``pick`` names (the interpreter's one config under ``TRITON_INTERPRET=1``).
+    the configs of the set ``pick`` names that fit the GPU (the interpreter's one config under ``TRITON_INTERPRET=1``).
 
     Usage: ``@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=["N", "K"])`` above ``@triton.jit``
     """
-    return triton.autotune(
-        configs=all_configs(config_sets),
-        key=key,
-        prune_configs_by={"early_config_prune": config_pruner(config_sets, pick, interpreter)},
-        restore_value=restore_value,
-    )
+
+    def decorate(fn):
+        return triton.autotune(
+            configs=all_configs(config_sets),
+            key=key,
+            prune_configs_by={"early_config_prune": config_pruner(config_sets, pick, interpreter, fn)},
+            restore_value=restore_value,
+        )(fn)
+
+    return decorate
 
 
 def by_generation(hopper: bool, args: dict) -> str:
@@ -219,24 +231,40 @@ def column_scales(ranks: list[int], scales: list[float], device: torch.device) -
 _TUNED: dict[tuple, dict] = {}
 
 
-def launch(kernel, grid, key: tuple, *args, **kwargs) -> None:
-    """Launch the autotuned ``kernel`` on ``grid``: the first launch per ``key`` through Triton's autotuner (it tunes,
-    or prunes to one config), later ones with the config it chose, straight to the JIT function.
+def device_guard(device: torch.device):
+    """The context a launch on ``device`` runs in: that CUDA device made current (Triton launches on the current
+    device and its current stream), nothing for other devices (the interpreter's CPU tensors).
 
+    Usage: ``with common.device_guard(x.device): kernel[grid](x, ...)``
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid, key: tuple, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``grid`` on the device ``key[0]`` (the device of its tensors), under :func:`device_guard`.
+
+    An autotuned kernel's first launch per ``key`` goes through Triton's autotuner (it prunes to the configs that fit
+    the device, then tunes or runs the one left); later ones take the config it chose, straight to the JIT function.
     Triton's ``Autotuner.run`` rebuilds argument dicts and its key (with ``str`` of every tensor's dtype) on every
     launch: on the 2-core test machine, with the jitted launch itself stubbed out, a launch through the autotuner
     cost 14.7 µs of host time and this direct call 2.5 µs. At decode-sized M a layer's forward and backward are six
     launches bound by host time.
-    ``key`` must determine the config: the launchers pass the autotune key's values, the device and the dtypes.
+    ``key`` must start with the device and determine the config: the launchers pass the device, the dtypes and the
+    autotune key's values. A kernel that cannot compile or launch raises (e.g.
+    :class:`~fastlora.kernels.resources.DoesNotFit`); nothing is remembered for its key then.
 
     Usage: ``common.launch(my_kernel, grid, (x.device, x.dtype, m_bucket, k), x, y, m, k, BLOCK_R=16)``
     """
-    config_kwargs = _TUNED.get((kernel, key))
-    if config_kwargs is None:
-        kernel[grid](*args, **kwargs)
-        _TUNED[(kernel, key)] = kernel.best_config.all_kwargs()
-        return
-    kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config_kwargs)
+    with device_guard(key[0]):
+        if not isinstance(kernel, Autotuner):
+            kernel[grid](*args, **kwargs)
+            return
+        config_kwargs = _TUNED.get((kernel, key))
+        if config_kwargs is None:
+            kernel[grid](*args, **kwargs)
+            _TUNED[(kernel, key)] = kernel.best_config.all_kwargs()
+            return
+        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config_kwargs)
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlora.kernels import common
+
 BLOCK = 1024
 
 
@@ -31,7 +33,8 @@ def nf4_resolve_absmax(
     out = torch.empty(absmax_q.shape, dtype=torch.float32, device=absmax_q.device)
     numel = absmax_q.numel()
     # No FMA contraction: bitsandbytes rounds the product before adding the offset.
-    nf4_absmax_kernel[(triton.cdiv(numel, BLOCK),)](
+    common.launch(
+        nf4_absmax_kernel, (common.cdiv(numel, BLOCK),), (out.device,),
         absmax_q.reshape(-1), code2.float(), absmax2.float(), out, numel, offset,
         BLOCKSIZE2=blocksize2, BLOCK=BLOCK, enable_fp_fusion=False,
     )  # fmt: skip

@@ -22,13 +22,11 @@ from fastlora.kernels import (  # noqa: F401 - the launchers have the ops' signa
     nf4_dequantize,
     nf4_resolve_absmax,
 )
+from fastlora.kernels import resources
 from fastlora.kernels.common import interpreting
 
 #: ``lora_linear`` with its per-column scale: one launcher serves both ops.
 lora_linear_scaled = lora_linear
-
-#: tl.dot on bf16 and the async copies the configs pipeline with need Ampere or newer.
-MIN_CAPABILITY = (8, 0)
 
 
 def _dequantize_into_buffer(packed, absmax, blocksize: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -67,11 +65,21 @@ def candidates(device_type: str = "cuda") -> dict:
     return found
 
 
-def unavailable_reason() -> str | None:
-    """Why these kernels cannot run here (a CUDA GPU older than Ampere), or None."""
+def unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why these kernels cannot run on ``device`` (default: on any visible CUDA device), or None. Each launch also
+    checks the device of its own tensors (:func:`fastlora.kernels.resources.check_capability`), so a machine that
+    mixes GPU generations falls back only on the old ones.
+
+    Usage: ``unavailable_reason(torch.device("cuda", 1))``
+    """
     if interpreting() or not torch.cuda.is_available():
         return None
-    capability = torch.cuda.get_device_capability()
-    if capability < MIN_CAPABILITY:
-        return f"needs compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, found {capability[0]}.{capability[1]}"
-    return None
+    devices = [device] if device is not None else [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    reasons = []
+    for each in devices:
+        try:
+            resources.check_capability(each)
+            return None
+        except resources.DoesNotFit as err:
+            reasons.append(str(err))
+    return "; ".join(reasons)

@@ -1,0 +1,104 @@
+"""What the GPU a launch runs on can take: its compute capability and shared memory per block, read from the
+launch's own tensors' device (cached per device, never the "current" device), and which autotune configs fit it.
+
+A config's shared-memory need is read from its compiled kernel (``metadata.shared``, the figure Triton itself
+checks before loading a kernel), so it is exact for the installed Triton: the shared memory a config needs grows
+with the LoRA rank tile (the epilogue stages S and B, [tile, R_BLOCK] fp32 each) and with the pipeline depth, and
+no formula tracks every Triton version's allocator. The compile is the one the autotuner would make anyway to
+benchmark or launch that config (the JIT cache keeps it). Configs that do not fit are dropped before Triton's
+autotuner sees them; when none fits, :class:`DoesNotFit` says so (a Python exception the caller can catch and fall
+back on, never a crash inside the launch).
+
+Usage::
+
+    resources.capability(x.device)                  # (9, 0)
+    resources.shared_memory_limit(x.device)         # 232448 on an H100 / H200
+    kept = resources.fitting(kernel_fn, configs, args, x.device)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: tl.dot on bf16 and the async copies the configs pipeline with need Ampere or newer.
+MIN_CAPABILITY = (8, 0)
+#: Largest dynamic shared memory one block may opt in to, per compute capability, where torch cannot tell
+#: (bytes; CUDA programming guide, "compute capabilities"): A100/A30 and Orin; RTX 30xx, A10, L4, RTX 40xx;
+#: H100/H200 and B200; RTX 50xx.
+SHARED_MEMORY_PER_BLOCK = {
+    (8, 0): 166912, (8, 7): 166912, (8, 6): 101376, (8, 9): 101376,
+    (9, 0): 232448, (10, 0): 232448, (12, 0): 101376,
+}  # fmt: skip
+
+
+class DoesNotFit(RuntimeError):
+    """No config of a kernel fits the GPU it would run on (shared memory), or the GPU is too old for the kernels."""
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of the CUDA ``device`` (cached per device).
+
+    Usage: ``capability(torch.device("cuda", 1))``
+    """
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on the CUDA ``device`` (opt-in maximum; cached per device).
+
+    Usage: ``shared_memory_limit(x.device)``
+    """
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    return limit or SHARED_MEMORY_PER_BLOCK.get(capability(device), 101376)
+
+
+def tensor_device(args: dict) -> torch.device:
+    """The device of the first tensor among a launch's arguments (every tensor argument shares it).
+
+    Usage: ``tensor_device({"x_ptr": x, "M": 7})``
+    """
+    return next(value.device for value in args.values() if isinstance(value, torch.Tensor))
+
+
+def check_capability(device: torch.device) -> None:
+    """Raise :class:`DoesNotFit` when ``device`` is older than :data:`MIN_CAPABILITY`.
+
+    Usage: ``check_capability(x.device)``
+    """
+    found = capability(device)
+    if found < MIN_CAPABILITY:
+        need = ".".join(map(str, MIN_CAPABILITY))
+        raise DoesNotFit(f"fastlora's Triton kernels need compute capability >= {need}; {device} has {found[0]}.{found[1]}")
+
+
+def compiled_shared(fn, config, args: dict) -> int:
+    """Bytes of shared memory the ``@triton.jit`` ``fn`` compiled with ``config`` for ``args`` needs on the current
+    device (compiled, not launched; the JIT cache keeps the kernel for the launch).
+
+    Usage: ``compiled_shared(kernel.fn, kernel.configs[0], {**named_args, **constexprs})``
+    """
+    return fn.warmup(grid=(1,), **args, **config.all_kwargs()).metadata.shared
+
+
+def fitting(fn, configs: list, args: dict, device: torch.device) -> list:
+    """The configs of ``configs`` whose compiled ``fn`` fits ``device``'s shared memory, in their order; raises
+    :class:`DoesNotFit` (naming the smallest need) when none does. Call under the launch's device guard.
+
+    Usage: ``kept = fitting(kernel.fn, configs, {**named_args, **kwargs}, x.device)``
+    """
+    limit = shared_memory_limit(device)
+    needs = [(compiled_shared(fn, config, args), config) for config in configs]
+    kept = [config for need, config in needs if need <= limit]
+    if not kept:
+        least, config = min(needs, key=lambda pair: pair[0])
+        rank = f" at R_BLOCK={args['R_BLOCK']}" if "R_BLOCK" in args else ""
+        raise DoesNotFit(
+            f"no config of {fn.__name__}{rank} fits {device}: the smallest needs {least} B of shared memory "
+            f"({config}), the GPU allows {limit} B per block"
+        )
+    return kept
