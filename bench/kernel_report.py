@@ -186,13 +186,15 @@ def thin_cases(capabilities: tuple[int, ...] = (90,)) -> Iterator[Case]:
         fn = getattr(module, f"{name}_kernel").fn
         pointers = {**pointers, "groups_ptr": "i64", "seeds_ptr": "i64"}
         for set_name, configs in module.CONFIGS.items():
-            dtype, cc = {"hopper": ("bf16", 90), "ampere": ("bf16", 80), "fp32": ("fp32", 90)}[set_name]
+            generation, _, wide = set_name.partition("-")  # "-wide": the sets for rank tiles of 256
+            dtype, cc = {"hopper": ("bf16", 90), "ampere": ("bf16", 80), "fp32": ("fp32", 90)}[generation]
             if cc not in capabilities:
                 continue
-            consts = dict(R_BLOCK=16, PRECISION="ieee" if dtype == "fp32" else "tf32")
+            r_block = mods["lora_down"].common.WIDE_RANK_BLOCK if wide else 16
+            consts = dict(R_BLOCK=r_block, PRECISION="ieee" if dtype == "fp32" else "tf32")
             for c in configs:
                 yield Case(
-                    f"{name}-{dtype}", config_id(c.kwargs, c.num_warps, c.num_stages), name, fn,
+                    f"{name}-{dtype}{'-r' + str(r_block) if wide else ''}", config_id(c.kwargs, c.num_warps, c.num_stages), name, fn,
                     {**pointers, "x_ptr": dtype}, {**consts, **c.kwargs}, ints, c.num_warps, c.num_stages, cc, dtype, False,
                     dot_type="TF32" if dtype == "bf16" else None,
                     dot_rows=consts["R_BLOCK"] if name == "lora_down_grad" else c.kwargs["BLOCK_M"],

@@ -127,9 +127,16 @@ def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int
     )
 
 
+#: Rank tile from which the thin GEMMs (lora_down, lora_down_grad) take their "-wide" config sets: their
+#: [BLOCK_K or BLOCK_M, R_BLOCK] fp32 operand, staged per pipeline stage, outgrows the other sets' shared memory.
+WIDE_RANK_BLOCK = 256
+
+
 def config_set_by_x_dtype(hopper: bool, args: dict) -> str:
-    """The config set of a thin-GEMM launch: fp32 x gets its own, else the GPU generation's."""
-    return generation(hopper, args["x_ptr"].dtype == torch.float32)
+    """The config set of a thin-GEMM launch: fp32 x gets its own, else the GPU generation's; "-wide" from a rank
+    tile of :data:`WIDE_RANK_BLOCK`."""
+    name = generation(hopper, args["x_ptr"].dtype == torch.float32)
+    return f"{name}-wide" if args["R_BLOCK"] >= WIDE_RANK_BLOCK else name
 
 
 def config_set_by_base(input_ptr: str, base_nf4: int):

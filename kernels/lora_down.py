@@ -32,6 +32,18 @@ CONFIGS = {
     ],
     # fp32 x: IEEE tl.dot runs on FMAs, so smaller tiles keep its operands in registers.
     "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)],
+    # Rank tiles of 256 (common.WIDE_RANK_BLOCK): A's [BLOCK_K, R_BLOCK] fp32 tile per stage outgrows shared memory
+    # (the sets above need >= 319 KB at rank 256), so narrow K tiles and two stages: 39-82 KB, fits sm_86/89 too.
+    "hopper-wide": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ],
+    "ampere-wide": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ],
+    "fp32-wide": [triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2)],
 }
 
 

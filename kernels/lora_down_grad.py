@@ -26,6 +26,14 @@ CONFIGS = {
     ],
     # fp32 x: IEEE tl.dot runs on FMAs, so smaller tiles keep its operands in registers.
     "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)],
+    # Rank tiles of 256 (common.WIDE_RANK_BLOCK): dS's [R_BLOCK, BLOCK_M] fp32 tile per stage outgrows shared memory
+    # (>= 303 KB at rank 256 above), so narrow M tiles and two stages; the 8 warps hold the [R_BLOCK, BLOCK_K] sum.
+    "hopper-wide": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    ],
+    "ampere-wide": [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2)],
+    "fp32-wide": [triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2)],
 }
 
 

@@ -159,18 +159,21 @@ def test_pruner_reads_the_tensors_device_and_keeps_fitting_configs(monkeypatch):
     monkeypatch.setattr(resources, "capability", lambda device: asked.append(device) or (9, 0))
     monkeypatch.setattr(resources, "shared_memory_limit", lambda device: 100_000)
     monkeypatch.setattr(resources, "compiled_shared", lambda fn, config, args: needs[config])
-    hopper = module.CONFIGS["hopper"]
-    for i, config in enumerate(hopper):
+    hopper, wide = module.CONFIGS["hopper"], module.CONFIGS["hopper-wide"]
+    for i, config in enumerate(hopper + wide):
         needs[config] = 150_000 if i % 2 else 50_000
     device = torch.device("cuda", 1)
     x = torch.empty(8, 64, dtype=torch.bfloat16, device=META)
     prune = module.lora_down_kernel.early_config_prune
     monkeypatch.setattr(resources, "tensor_device", lambda args: device if args["x_ptr"] is x else None)
-    kept = prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=256)
+    kept = prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=128)
     assert kept == hopper[::2] and set(asked) == {device}
+    assert prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=256) == [  # the wide-rank set
+        config for config in wide if needs[config] < 100_000
+    ]
     needs.update({config: 150_000 for config in hopper})
-    with pytest.raises(resources.DoesNotFit, match="R_BLOCK=256.*150000 B.*100000 B"):
-        prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=256)
+    with pytest.raises(resources.DoesNotFit, match="R_BLOCK=128.*150000 B.*100000 B"):
+        prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=128)
     monkeypatch.setattr(resources, "capability", lambda device: (7, 5))
     with pytest.raises(resources.DoesNotFit, match="compute capability >= 8.0; cuda:1 has 7.5"):
         prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=16)

@@ -326,6 +326,33 @@ def test_lora_linear_grad_input_transposed(m, n, k, base, dtype):
     assert_bounded(got, exact.to(dtype), magnitude, dtype, max(n, 16))
 
 
+@pytest.mark.parametrize("module", ["lora_linear_transposed", "lora_linear_grad_input_transposed"])
+def test_split_counters_left_by_an_aborted_launch_do_not_poison_the_next(module, monkeypatch):
+    """A launch that stops after some splits arrived leaves their tiles' counters non-zero. The next launch must
+    still find the last split of each tile and store every element (NaN-poisoned outputs catch a tile never
+    stored). Simulated by raising every counter a launch used after it returned."""
+    import importlib
+
+    from fastlora.kernels import split_reduce
+
+    launcher = getattr(importlib.import_module(f"fastlora.kernels.{module}"), module)
+    used, real = [], split_reduce.tile_counters
+    monkeypatch.setattr(split_reduce, "tile_counters", lambda *a: used.append(real(*a)) or used[-1])
+    m, n, k = 5, 72, 200
+    weight, absmax, w32 = base_weight("dense", n, k, torch.float32)
+    if module == "lora_linear_transposed":
+        x, s, b = torch.randn(m, k), torch.randn(m, 8), torch.randn(n, 8)
+        run = lambda: launcher(x, weight, absmax, 0, None, s, b)  # noqa: E731
+    else:
+        dy, ds, a = torch.randn(m, n), torch.randn(m, 8), torch.randn(8, k)
+        run = lambda: launcher(dy, weight, absmax, 0, ds, a, [8], draw_seeds(1, "cpu"), [0.0])  # noqa: E731
+    first = run()
+    used[-1].fill_(1)  # what an aborted launch of the old shared counters left behind
+    second = run()
+    assert not second.isnan().any(), "a tile was never stored"
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("op", ["forward", "grad_input"])
 def test_transposed_kernels_refuse_what_they_do_not_take(op):
     """The few-token kernels are one fused path over dense or NF4 W for at most MAX_FEW_TOKENS tokens: anything
