@@ -46,20 +46,49 @@ def draw_seeds(n: int, device: torch.device | str) -> torch.Tensor:
     return torch.randint(0, SEED_BOUND, (n,), dtype=torch.int64, device=device)
 
 
+#: Elements hashed at a time: bounds the int64 temporaries of :func:`keep_mask` and :func:`apply_dropout` (a few
+#: live at once, 8 bytes per element: ~100 MB) whatever the size of x; a 16k x 4k x would otherwise hold ~0.5 GB per
+#: temporary, a 70B model's layer several GB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _keep_flat(key: torch.Tensor, threshold: int, start: int, end: int) -> torch.Tensor:
+    """Bool [end - start]: the mask of flat elements ``start <= i < end`` for a mixed seed ``key``."""
+    idx = torch.arange(start, end, dtype=torch.int64, device=key.device) & MASK32
+    return mix32(idx ^ key) >= threshold
+
+
 def keep_mask(seed: torch.Tensor | int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Bool [rows, cols]: which elements dropout with probability ``p`` keeps (the definition all backends share)."""
+    """Bool [rows, cols]: which elements dropout with probability ``p`` keeps (the definition all backends share).
+
+    Usage: ``keep = keep_mask(seeds[0], 0.1, m, k)``
+    """
     if not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64, device=device)
-    device = seed.device
-    key = mix32(seed.to(torch.int64))
-    idx = torch.arange(rows * cols, dtype=torch.int64, device=device) & MASK32
-    h = mix32(idx ^ key)
-    return (h >= dropout_threshold(p)).reshape(rows, cols)
+    key, threshold = mix32(seed.to(torch.int64)), dropout_threshold(p)
+    keep = torch.empty(rows * cols, dtype=torch.bool, device=seed.device)
+    for start in range(0, rows * cols, CHUNK_ELEMENTS):
+        end = min(start + CHUNK_ELEMENTS, rows * cols)
+        keep[start:end] = _keep_flat(key, threshold, start, end)
+    return keep.reshape(rows, cols)
 
 
 def apply_dropout(x: torch.Tensor, seed: torch.Tensor | int, p: float) -> torch.Tensor:
-    """``x[M, K]`` with dropout applied under the shared mask definition (kept values scaled by 1/(1-p))."""
+    """``x[M, K]`` with dropout applied under the shared mask definition (kept values scaled by 1/(1-p)), computed
+    a few million elements at a time into the output (temporaries bounded by :data:`CHUNK_ELEMENTS`).
+
+    Usage: ``dropped = apply_dropout(x, seeds[0], 0.1)``
+    """
     if p == 0.0:
         return x
-    keep = keep_mask(seed, p, x.shape[0], x.shape[1], device=x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64, device=x.device)
+    key, threshold, scale = mix32(seed.to(torch.int64)), dropout_threshold(p), 1.0 / (1.0 - p)
+    rows, cols = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        keep = _keep_flat(key, threshold, r0 * cols, r1 * cols).view(r1 - r0, cols)
+        out[r0:r1] = x[r0:r1] * keep.to(x.dtype) * scale  # as nn.Dropout rounds: x·keep, then the scale
+    return out

@@ -24,6 +24,10 @@ import torch
 
 #: tl.dot on bf16 and the async copies the configs pipeline with need Ampere or newer.
 MIN_CAPABILITY = (8, 0)
+#: Triton releases the kernels support, [first, last]: every shipped config was compiled for sm_90 and sm_80 with
+#: both ends (``tests/test_triton_compile.py`` under each). pyproject.toml states the same range. Triton 3.2-3.5
+#: (torch 2.6-2.9) were not checked: those installs get the torch backend, with this module's reason.
+TRITON_RANGE = ((3, 6), (3, 9))
 #: Largest dynamic shared memory one block may opt in to, per compute capability, where torch cannot tell
 #: (bytes; CUDA programming guide, "compute capabilities"): A100/A30 and Orin; RTX 30xx, A10, L4, RTX 40xx;
 #: H100/H200 and B200; RTX 50xx.
@@ -31,6 +35,19 @@ SHARED_MEMORY_PER_BLOCK = {
     (8, 0): 166912, (8, 7): 166912, (8, 6): 101376, (8, 9): 101376,
     (9, 0): 232448, (10, 0): 232448, (12, 0): 101376,
 }  # fmt: skip
+
+
+def triton_version_problem(version: str) -> str | None:
+    """Why Triton ``version`` is outside :data:`TRITON_RANGE`, or None.
+
+    Usage: ``triton_version_problem(triton.__version__)``
+    """
+    found = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    (lo, hi) = TRITON_RANGE
+    if lo <= found <= hi:
+        return None
+    supported = f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+    return f"fastlora's Triton kernels support Triton {supported} (compile-checked); this is Triton {version}"
 
 
 class DoesNotFit(RuntimeError):

@@ -177,3 +177,17 @@ def test_pruner_reads_the_tensors_device_and_keeps_fitting_configs(monkeypatch):
     monkeypatch.setattr(resources, "capability", lambda device: (7, 5))
     with pytest.raises(resources.DoesNotFit, match="compute capability >= 8.0; cuda:1 has 7.5"):
         prune(module.lora_down_kernel.configs, {"x_ptr": x}, R_BLOCK=16)
+
+
+def test_triton_outside_the_supported_range_is_refused_with_a_reason():
+    """The range in resources.TRITON_RANGE is the one pyproject.toml states; versions outside it get a reason (the
+    triton backend then fails to import with it, and ``auto`` takes the torch backend)."""
+    from pathlib import Path
+
+    (lo, hi) = resources.TRITON_RANGE
+    stated = f"Supported Triton: {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+    assert stated in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    for inside in (f"{lo[0]}.{lo[1]}.0", f"{hi[0]}.{hi[1]}.1+git1234", triton.__version__):
+        assert resources.triton_version_problem(inside) is None, inside
+    for outside in ("3.2.0", f"{hi[0]}.{hi[1] + 1}.0"):
+        assert f"this is Triton {outside}" in resources.triton_version_problem(outside)

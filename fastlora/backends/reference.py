@@ -12,20 +12,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora.dropout import apply_dropout, keep_mask
+from fastlora.dropout import apply_dropout
 from fastlora.nf4 import nf4_table
 
 
 def nf4_resolve_absmax(absmax_q: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float) -> Tensor:
-    block = torch.arange(absmax_q.numel(), device=absmax_q.device) // blocksize2
-    # Same operation order as bitsandbytes: code lookup times block scale, then + offset, all in fp32.
-    return code2.float()[absmax_q.long()] * absmax2.float()[block] + offset
+    # Same operation order as bitsandbytes: code lookup times block scale, then + offset, all in fp32. The block
+    # scale is broadcast over a [blocks, blocksize2] view (no int64 index per element).
+    values = torch.index_select(code2.float(), 0, absmax_q.reshape(-1).int())
+    scales, whole = absmax2.float(), values.numel() // blocksize2 * blocksize2
+    values[:whole].view(-1, blocksize2).mul_(scales[: whole // blocksize2, None])
+    values[whole:].mul_(scales[whole // blocksize2 :][:1])  # a last, partial block
+    return values.add_(offset).view(absmax_q.shape)
+
+
+#: Flat elements dequantized at a time: bounds the int64 codes and block indices (8 bytes per element each) the
+#: reference path builds, whatever the size of W.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def nf4_dequantize_flat(packed: Tensor, absmax: Tensor, blocksize: int, start: int, end: int) -> Tensor:
+    """fp32 values of the flat elements ``start <= i < end`` of an NF4 weight (row-major W, two codes per byte).
+
+    Usage: ``rows = nf4_dequantize_flat(packed, absmax, 64, n0 * k, n1 * k).view(-1, k)``
+    """
+    first = start - start % 2
+    byte = packed[first // 2 : (end + 1) // 2]
+    codes = torch.stack((byte >> 4, byte & 0xF), dim=1).reshape(-1)[start - first : end - first].long()
+    block = torch.arange(start, end, device=packed.device) // blocksize
+    return nf4_table(packed.device)[codes] * absmax.float()[block]
 
 
 def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: n * k].long()
-    block = torch.arange(n * k, device=packed.device) // blocksize
-    return (nf4_table(packed.device)[codes] * absmax.float()[block]).to(dtype).reshape(n, k)
+    out = torch.empty(n * k, dtype=dtype, device=packed.device)
+    for start in range(0, n * k, CHUNK_ELEMENTS):
+        end = min(start + CHUNK_ELEMENTS, n * k)
+        out[start:end] = nf4_dequantize_flat(packed, absmax, blocksize, start, end)  # one rounding to dtype
+    return out.view(n, k)
 
 
 #: bitsandbytes' fp32 reciprocal of 127 (``int8_vectorwise_dequant``): multiplying by it is not dividing by 127.
@@ -114,12 +137,9 @@ def lora_linear_grad_input(
     seeds: Tensor,
     dropout_p: list[float],
 ) -> Tensor:
-    m, n, k = grad_out.shape[0], grad_out.shape[1], lora_a.shape[1]
+    n, k = grad_out.shape[1], lora_a.shape[1]
     dx = grad_out.float() @ _dense_weight(weight, absmax, blocksize, n, k)
     for i, cols in _adapter_slices(ranks):
         lora_dx = grad_s[:, cols].float() @ lora_a[cols].float()
-        p = dropout_p[i]
-        if p > 0.0:
-            lora_dx = lora_dx * keep_mask(seeds[i], p, m, k).float() * (1.0 / (1.0 - p))
-        dx = dx + lora_dx
+        dx = dx + apply_dropout(lora_dx, seeds[i], dropout_p[i])
     return dx.to(grad_out.dtype)

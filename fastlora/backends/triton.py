@@ -12,8 +12,15 @@ import functools
 import importlib
 
 import torch
+import triton
 
-from fastlora.kernels import (  # noqa: F401 - the launchers have the ops' signatures: re-exported as they are
+from fastlora.kernels import resources
+
+# Refused before the kernels load: an unsupported Triton gets the torch backend, with this reason in the report.
+if resources.triton_version_problem(triton.__version__) is not None:
+    raise ImportError(resources.triton_version_problem(triton.__version__))
+
+from fastlora.kernels import (  # noqa: E402, F401 - the launchers have the ops' signatures: re-exported as they are
     lora_down,
     lora_down_grad,
     lora_linear,
@@ -22,8 +29,7 @@ from fastlora.kernels import (  # noqa: F401 - the launchers have the ops' signa
     nf4_dequantize,
     nf4_resolve_absmax,
 )
-from fastlora.kernels import resources
-from fastlora.kernels.common import interpreting
+from fastlora.kernels.common import interpreting  # noqa: E402
 
 #: ``lora_linear`` with its per-column scale: one launcher serves both ops.
 lora_linear_scaled = lora_linear
