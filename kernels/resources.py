@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -102,20 +103,33 @@ def compiled_shared(fn, config, args: dict) -> int:
     return fn.warmup(grid=(1,), **args, **config.all_kwargs()).metadata.shared
 
 
+def _config_errors() -> tuple[type[BaseException], ...]:
+    # What Triton's own autotuner counts as "this config cannot run here" when it benchmarks (it times them as inf).
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources
+
+    ptxas = getattr(importlib.import_module("triton.runtime.errors"), "PTXASError", None)
+    return (OutOfResources, CompileTimeAssertionFailure) + ((ptxas,) if ptxas else ())
+
+
 def fitting(fn, configs: list, args: dict, device: torch.device) -> list:
     """The configs of ``configs`` whose compiled ``fn`` fits ``device``'s shared memory, in their order; raises
-    :class:`DoesNotFit` (naming the smallest need) when none does. Call under the launch's device guard.
+    :class:`DoesNotFit` (naming the smallest need, or the configs' compile errors) when none does. A config that
+    fails to compile with an error Triton's autotuner also skips (out of resources, ptxas) does not fit either. Call
+    under the launch's device guard.
 
     Usage: ``kept = fitting(kernel.fn, configs, {**named_args, **kwargs}, x.device)``
     """
-    limit = shared_memory_limit(device)
-    needs = [(compiled_shared(fn, config, args), config) for config in configs]
+    limit, needs, errors = shared_memory_limit(device), [], []
+    for config in configs:
+        try:
+            needs.append((compiled_shared(fn, config, args), config))
+        except _config_errors() as err:
+            errors.append(f"{config}: {type(err).__name__}: {err}")
     kept = [config for need, config in needs if need <= limit]
     if not kept:
-        least, config = min(needs, key=lambda pair: pair[0])
         rank = f" at R_BLOCK={args['R_BLOCK']}" if "R_BLOCK" in args else ""
-        raise DoesNotFit(
-            f"no config of {fn.__name__}{rank} fits {device}: the smallest needs {least} B of shared memory "
-            f"({config}), the GPU allows {limit} B per block"
-        )
+        least = min(needs, key=lambda pair: pair[0]) if needs else None
+        why = f"the smallest needs {least[0]} B of shared memory ({least[1]})" if least else "; ".join(errors)
+        raise DoesNotFit(f"no config of {fn.__name__}{rank} fits {device}: {why}, the GPU allows {limit} B per block")
     return kept

@@ -191,3 +191,23 @@ def test_triton_outside_the_supported_range_is_refused_with_a_reason():
         assert resources.triton_version_problem(inside) is None, inside
     for outside in ("3.2.0", f"{hi[0]}.{hi[1] + 1}.0"):
         assert f"this is Triton {outside}" in resources.triton_version_problem(outside)
+
+
+def test_a_config_that_cannot_compile_does_not_fit(monkeypatch):
+    """A config whose compile fails the way Triton's autotuner skips (out of resources) is dropped like one that
+    needs too much shared memory; when every config fails, DoesNotFit carries their errors."""
+    from triton.runtime.errors import OutOfResources
+
+    module = _module("lora_down")
+    configs = module.CONFIGS["hopper"]
+
+    def compiled_shared(fn, config, args):
+        if config is configs[0]:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return 1000
+
+    monkeypatch.setattr(resources, "compiled_shared", compiled_shared)
+    monkeypatch.setattr(resources, "shared_memory_limit", lambda device: 232_448)
+    assert resources.fitting(module.lora_down_kernel.fn, configs, {}, META) == configs[1:]
+    with pytest.raises(resources.DoesNotFit, match="OutOfResources.*shared memory"):
+        resources.fitting(module.lora_down_kernel.fn, configs[:1], {"R_BLOCK": 256}, META)
