@@ -100,7 +100,8 @@ def compiled_shared(fn, config, args: dict) -> int:
 
     Usage: ``compiled_shared(kernel.fn, kernel.configs[0], {**named_args, **constexprs})``
     """
-    return fn.warmup(grid=(1,), **args, **config.all_kwargs()).metadata.shared
+    kernel_args = {name: value for name, value in args.items() if name in fn.arg_names}  # not grid, warmup, ...
+    return fn.warmup(grid=(1,), **kernel_args, **config.all_kwargs()).metadata.shared
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:

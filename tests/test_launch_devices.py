@@ -211,3 +211,31 @@ def test_a_config_that_cannot_compile_does_not_fit(monkeypatch):
     assert resources.fitting(module.lora_down_kernel.fn, configs, {}, META) == configs[1:]
     with pytest.raises(resources.DoesNotFit, match="OutOfResources.*shared memory"):
         resources.fitting(module.lora_down_kernel.fn, configs[:1], {"R_BLOCK": 256}, META)
+
+
+def test_first_launch_prunes_through_triton_autotuner_to_the_fitting_config(monkeypatch):
+    """Through Triton's real ``Autotuner.run`` (only the JIT function's compile and launch stubbed): the pruner
+    compiles each config of the set for the launch's arguments (warm-up compiles, no launch), keeps the one that
+    fits, and the launch runs with it, without benchmarking."""
+    from types import SimpleNamespace
+
+    module = _module("lora_down")
+    configs = module.CONFIGS["hopper"]
+    fits = configs[2]
+    warmed, launched = [], []
+
+    def jit_run(self, *args, grid, warmup=False, **kwargs):
+        config = next(c for c in configs if all(kwargs.get(k) == v for k, v in c.all_kwargs().items()))
+        if warmup:
+            warmed.append(config)
+            return SimpleNamespace(metadata=SimpleNamespace(shared=1000 if config is fits else 10**6))
+        launched.append((config, {k: v.device for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
+
+    monkeypatch.setattr(JITFunction, "run", jit_run)
+    monkeypatch.setattr(common, "_TUNED", {})
+    monkeypatch.setattr(resources, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(resources, "shared_memory_limit", lambda device: 232_448)
+    monkeypatch.setattr(module.lora_down_kernel, "cache", {})
+    x, a = torch.empty(M, K, dtype=torch.bfloat16, device=META), torch.empty(16, K, device=META)
+    module.lora_down(x, a, [16], torch.empty(1, dtype=torch.int64, device=META), [0.0], [1.0])
+    assert warmed == configs and [config for config, _ in launched] == [fits]

@@ -149,3 +149,29 @@ def test_every_op_has_a_fitting_config(op, cc, r_block, odd):
 @pytest.mark.parametrize("cc,r_block,odd", FULL_SWEEP)
 def test_every_op_has_a_fitting_config_at_every_rank(op, cc, r_block, odd):
     assert_a_config_fits(op, cc, r_block, odd)
+
+
+# ---- the other end of the supported Triton range ------------------------------------------------------------------
+
+#: A directory holding another Triton (``pip install --no-deps --target DIR triton==3.6.0``): the checks above then
+#: also run with it, in a subprocess (the split ordering and the shared-memory fit: ~40 compiles; every shipped
+#: config's spill check too with FASTLORA_OTHER_TRITON_ALL=1, ~180 compiles).
+OTHER_TRITON = os.environ.get("FASTLORA_OTHER_TRITON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OTHER_TRITON, reason="set FASTLORA_OTHER_TRITON to a directory holding another Triton")
+def test_compile_checks_pass_with_the_other_triton():
+    import subprocess
+    import sys
+
+    selection = [] if os.environ.get("FASTLORA_OTHER_TRITON_ALL") == "1" else ["-k", "fenced or fitting_config"]
+    env = {**os.environ, "PYTHONPATH": OTHER_TRITON, "FASTLORA_OTHER_TRITON": ""}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, *selection],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert OTHER_TRITON in subprocess.run(
+        [sys.executable, "-c", "import triton; print(triton.__file__)"], env=env, capture_output=True, text=True
+    ).stdout
