@@ -158,12 +158,16 @@ class FusedForward:
     def _forward(self, x: torch.Tensor, args: tuple, kwargs: dict, counting: bool) -> torch.Tensor:
         device_type = "cpu" if x.is_cpu else x.device.type
         backend = self._backends.get(device_type) or self._backend_for(device_type)
+        if backend is None:
+            if counting:
+                self._fall_back(self._unavailable[device_type])
+            return self.original(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(device_type)
         memo = self._memo
         if memo is not None and counting and not autocast and not args and not kwargs and memo.holds(x):
             plan = memo.plan(x)
         else:
-            plan = self._disabled or self._unavailable.get(device_type) or call_plan(self.layer, device_type, x, args, kwargs)
+            plan = self._disabled or call_plan(self.layer, device_type, x, args, kwargs)
             # Verify mode checks each new call signature, so it always plans; a compiled trace keeps no memo; under
             # autocast the plan casts W per call.
             reusable = counting and not autocast and not args and not kwargs and self._verified is None and not isinstance(plan, str)
