@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fastlora import backends
@@ -35,6 +36,13 @@ from fastlora.plan_memo import PlanMemo
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
 logger = logging.getLogger("fastlora")
+
+#: Exceptions torch raises through a layer call as control flow, not errors: non-reentrant activation checkpointing
+#: stops a recomputation early by raising from a saved-tensor hook. The guard lets them through.
+_CONTROL_FLOW = tuple(
+    getattr(torch.utils.checkpoint, name) for name in ("_StopRecomputationError", "CheckpointError")
+    if hasattr(torch.utils.checkpoint, name)
+)  # fmt: skip
 
 
 @dataclass
@@ -152,6 +160,8 @@ class FusedForward:
         # raises on Python 3.11+).
         try:
             return self._forward(x, args, kwargs, True)
+        except _CONTROL_FLOW:
+            raise
         except Exception as err:  # noqa: BLE001 - anything from fastlora's code; PEFT's own errors re-raise below
             return self._after_internal_error(err, x, args, kwargs)
 
@@ -179,10 +189,17 @@ class FusedForward:
         if self._verified is not None and counting and not self._passes_verification(x, args, kwargs, device_type, backend):
             self._fall_back(self._disabled)
             return self.original(x, *args, **kwargs)
-        y = self._fused(plan, autocast, device_type, backend)
-        if counting:
-            self.report.fused_calls += 1
-        return y
+        if not counting:
+            return self._fused(plan, autocast, device_type, backend)
+        # Counted before the call: a recomputation that activation checkpointing stops early (by raising) was fused.
+        self.report.fused_calls += 1
+        try:
+            return self._fused(plan, autocast, device_type, backend)
+        except _CONTROL_FLOW:
+            raise
+        except Exception:
+            self.report.fused_calls -= 1  # the guard counts it as an internal error (or PEFT raises the caller's)
+            raise
 
     def _backend_for(self, device_type: str) -> Optional[str]:
         """The backend for calls on ``device_type``, resolved once per device type; None (the reason kept in
