@@ -136,29 +136,49 @@ def _after(target_of):
     return wrap
 
 
-def _injected_model(result, tuner, model, *args, **kwargs):
+def _instance(result, self, *args, **kwargs):
+    return self
+
+
+def _returned(result, *args, **kwargs):
+    return result
+
+
+def _injected_model(result, tuner, *args, **kwargs):
     # inject_adapter(model, adapter_name, ...): the tuner when it injects into its own model (its watch then
     # catches later adapters, as after a user's patch call), else the model it was given.
+    model = args[0] if args else kwargs["model"]
     return tuner if model is getattr(tuner, "model", None) else model
 
 
-def install() -> None:
-    """Wrap PEFT's entry points (idempotent)."""
+def _entry_points():
+    """(owner, attribute, which model to patch after it) for each PEFT entry point the hook wraps."""
     import peft
     import peft.mapping_func
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
-    if hasattr(PeftModel.__init__, "__fastlora_hook__"):
-        return
-    PeftModel.__init__ = _after(lambda result, self, *a, **k: self)(PeftModel.__init__)
-    BaseTuner.__init__ = _after(lambda result, self, *a, **k: self)(BaseTuner.__init__)
-    BaseTuner.inject_adapter = _after(_injected_model)(BaseTuner.inject_adapter)
-    hooked = _after(lambda result, *a, **k: result)(peft.mapping_func.get_peft_model)
-    # Tests import it from several places; rebind each name that holds the original.
-    for module in (peft, peft.mapping_func, getattr(peft, "mapping", None)):
-        if module is not None and getattr(module, "get_peft_model", None) is hooked.__fastlora_hook__:
-            module.get_peft_model = hooked
+    # get_peft_model: every module that holds the name (tests import it from several places).
+    holders = [m for m in (peft, peft.mapping_func, getattr(peft, "mapping", None)) if m is not None and hasattr(m, "get_peft_model")]
+    return [(PeftModel, "__init__", _instance), (BaseTuner, "__init__", _instance), (BaseTuner, "inject_adapter", _injected_model)] + [
+        (module, "get_peft_model", _returned) for module in holders
+    ]
+
+
+def install() -> None:
+    """Wrap PEFT's entry points (idempotent)."""
+    for owner, name, target_of in _entry_points():
+        current = getattr(owner, name)
+        if not hasattr(current, "__fastlora_hook__"):
+            setattr(owner, name, _after(target_of)(current))
+
+
+def uninstall() -> None:
+    """Put PEFT's entry points back."""
+    for owner, name, _ in _entry_points():
+        current = getattr(owner, name)
+        if hasattr(current, "__fastlora_hook__"):
+            setattr(owner, name, current.__fastlora_hook__)
 
 
 def pytest_addoption(parser):

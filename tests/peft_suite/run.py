@@ -79,13 +79,17 @@ def run_pytest(peft_dir: str, backend: str, options: list[str], workers: int, sc
         command[4:4] = ["-n", str(workers)]
     print(f"[{label}] {' '.join(command[3:])}", flush=True)
     start, cpu_start = time.monotonic(), _children_cpu()
-    process = subprocess.run(command, cwd=peft_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = summary + ".log"  # pytest's own output, to follow a run: tail -f
+    with open(log, "w") as out:
+        process = subprocess.run(command, cwd=peft_dir, env=env, stdout=out, stderr=subprocess.STDOUT)
     totals = _merge(sorted(glob.glob(summary + ".*.json")))
     totals.update(wall_s=time.monotonic() - start, cpu_s=_children_cpu() - cpu_start, exit_code=process.returncode)
-    tail = process.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    print(f"[{label}] {tail[0]}  ({totals['wall_s']:.0f} s wall, {totals['cpu_s']:.0f} s CPU)", flush=True)
+    with open(log) as f:
+        output = f.read()
+    tail = output.strip().splitlines()[-1:] or ["(no output)"]
+    print(f"[{label}] {tail[0]}  ({totals['wall_s']:.0f} s wall, {totals['cpu_s']:.0f} s CPU; log {log})", flush=True)
     if process.returncode not in (0, 1):  # 1: some tests failed; anything else: pytest itself could not run them
-        print(process.stdout[-6000:])
+        print(output[-6000:])
     return totals
 
 
