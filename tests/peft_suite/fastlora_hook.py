@@ -200,7 +200,8 @@ def pytest_collection_modifyitems(config, items):
     skip = set()
     for path in config.getoption("--fastlora-skip"):
         with open(path) as f:
-            skip.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+            # One test id a line, optionally followed by "  # comment"; lines starting with "#" are comments.
+            skip.update(line.split("  #", 1)[0].strip() for line in f if line.strip() and not line.startswith("#"))
     lora_only = config.getoption("--fastlora-lora-only")
     kept = [item for item in items if (not lora_only or is_lora_test(item.nodeid)) and item.nodeid not in skip]
     sample = config.getoption("--fastlora-sample")

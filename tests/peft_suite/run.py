@@ -145,10 +145,24 @@ def write_list(path: str, tests: dict, header: str) -> None:
             f.write(f"{test}\n")
 
 
+def write_slow_list(totals: dict, count: int) -> None:
+    """Rewrite slow_tests.txt: the ``count`` slowest of the tests that passed unpatched, each with its seconds."""
+    passed = {test: seconds for test, seconds in totals["durations"].items() if test not in totals["failed"]}
+    slowest = sorted(passed.items(), key=lambda item: -item[1])[:count]
+    share = sum(seconds for _, seconds in slowest) / max(sum(passed.values()), 1e-9)
+    with open(SLOW_TESTS, "w") as f:
+        f.write(f"# The {count} slowest LoRA tests (unpatched, `run.py --update-list --slow {count}`), "
+                f"{share:.0%} of the run's test time: CI leaves them out, `--full` runs them. Seconds as measured then.\n")  # fmt: skip
+        for test, seconds in slowest:
+            f.write(f"{test}  # {seconds:.1f} s\n")
+    print(f"wrote {SLOW_TESTS}: {count} tests, {share:.0%} of the test time")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peft-tests", required=True, help="the unpacked PEFT sdist (holding tests/)")
     parser.add_argument("--update-list", action="store_true", help="run unpatched and rewrite unpatched_failures.txt")
+    parser.add_argument("--slow", type=int, default=0, help="with --update-list: rewrite slow_tests.txt with the N slowest")
     parser.add_argument("--full", action="store_true", help="run the slow tests too, and every test with torch")
     parser.add_argument("--torch-sample", type=int, default=400, help="tests run with backend torch (default 400)")
     parser.add_argument("--seed", type=int, default=20, help="the torch sample's seed")
@@ -169,15 +183,18 @@ def main(argv=None) -> int:
         for reason, n in Counter(error for error in totals["failed"].values()).most_common(15):
             print(f"  {n:5d}  {reason}")
         print(f"wrote {UNPATCHED_FAILURES}: {len(totals['failed'])} tests")
+        if args.slow:
+            write_slow_list(totals, args.slow)
         return 0
 
-    skip = ["--fastlora-skip", UNPATCHED_FAILURES] + ([] if args.full else ["--fastlora-skip", SLOW_TESTS])
+    # "--option=value": pytest reads a value after a space as a path to test before the plugin's options exist.
+    skip = [f"--fastlora-skip={UNPATCHED_FAILURES}"] + ([] if args.full else [f"--fastlora-skip={SLOW_TESTS}"])
     runs = [("cpp", "cpp", skip)]
     if args.full:
         runs.append(("torch", "torch", skip))
     elif args.torch_sample:
         runs.append((f"torch sample {args.torch_sample} seed {args.seed}", "torch",
-                     skip + ["--fastlora-sample", str(args.torch_sample), "--fastlora-seed", str(args.seed)]))  # fmt: skip
+                     skip + [f"--fastlora-sample={args.torch_sample}", f"--fastlora-seed={args.seed}"]))  # fmt: skip
     problems = []
     for label, backend, options in runs:
         totals = run_pytest(args.peft_tests, backend, options, args.workers, scratch, label.split()[0])
