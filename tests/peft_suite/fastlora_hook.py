@@ -45,7 +45,7 @@ class Tally:
         self.current_test = "<collection>"
         self.patch_errors: dict[str, str] = {}  # test id -> exception fastlora.patch raised
         self.failed: dict[str, str] = {}  # test id -> phase and exception line
-        self.ran = 0
+        self.ran = 0  # tests that reached their call phase
         self.durations: dict[str, float] = {}  # test id -> seconds (set-up, call and tear-down)
         # LoRA layers a report already listed as left on PEFT: not offered to patch again (and not counted twice).
         self.skipped_layers: "weakref.WeakSet" = weakref.WeakSet()
@@ -237,10 +237,10 @@ def pytest_runtest_logreport(report):
     if "PYTEST_XDIST_WORKER" in os.environ:
         return
     TALLY.durations[report.nodeid] = TALLY.durations.get(report.nodeid, 0.0) + report.duration
+    if report.when == "call":
+        TALLY.ran += 1
     if report.failed:
         TALLY.failed.setdefault(report.nodeid, f"{report.when}: {_last_line(report)}")
-    elif report.when == "call":
-        TALLY.ran += 1
 
 
 def _last_line(report) -> str:

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
             print("unpatched run failed to run the tests; list left unchanged")
             return 1
         header = (f"# PEFT's LoRA tests that fail WITHOUT fastlora in this environment (offline, CPU), from "
-                  f"`python tests/peft_suite/run.py --update-list`: {len(totals['failed'])} of {totals['ran']}.\n")  # fmt: skip
+                  f"`python tests/peft_suite/run.py --update-list`: {len(totals['failed'])} of the {len(totals['durations'])} selected.\n")  # fmt: skip
         write_list(UNPATCHED_FAILURES, totals["failed"], header)
         for reason, n in Counter(error for error in totals["failed"].values()).most_common(15):
             print(f"  {n:5d}  {reason}")
