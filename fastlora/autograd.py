@@ -19,6 +19,7 @@ from torch import Tensor
 from fastlora import graph, ops
 from fastlora.dora import DoRA, dora_linear
 from fastlora.dropout import draw_seeds
+from fastlora.tensor_cache import lasting
 
 
 # NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
@@ -143,7 +144,7 @@ def _seeds(adapters: Sequence[Adapter], x: Tensor) -> Tensor:
     key = ("cpu" if x.is_cpu else x.device, len(adapters))
     seeds = _UNUSED_SEEDS.get(key)
     if seeds is None:
-        seeds = _UNUSED_SEEDS[key] = torch.zeros(len(adapters), dtype=torch.int64, device=x.device)
+        seeds = _UNUSED_SEEDS[key] = lasting(lambda: torch.zeros(len(adapters), dtype=torch.int64, device=x.device))
     return seeds
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fastlora import ops
 from fastlora.dropout import apply_dropout
-from fastlora.tensor_cache import TensorCache
+from fastlora.tensor_cache import TensorCache, lasting
 
 
 class DoRA(NamedTuple):
@@ -47,6 +47,14 @@ def weight_norm(base, adapter, backend: str) -> Tensor:
         cached = cache.get(adapter.dora.cache_key)
         if cached is not None:
             return cached.float()
+    if cache is None:
+        return _weight_norm(base, adapter, backend)
+    # Kept in PEFT's cache for later calls, which may run with autograd on: never an inference tensor.
+    norm = cache[adapter.dora.cache_key] = lasting(lambda: _weight_norm(base, adapter, backend))
+    return norm
+
+
+def _weight_norm(base, adapter, backend: str) -> Tensor:
     with torch.no_grad():
         a, b, s = adapter.lora_a.float(), adapter.lora_b.float(), adapter.scale
         n, r = b.shape
@@ -57,10 +65,7 @@ def weight_norm(base, adapter, backend: str) -> Tensor:
                                 b.new_zeros(n, 0)).float()  # fmt: skip
         cross = (b * a_wt.T).sum(1)
         quadratic = ((b @ (a @ a.T)) * b).sum(1)
-        norm = (squared_row_norms(base, a.shape[1]) + 2.0 * s * cross + s * s * quadratic).clamp_min(0.0).sqrt()
-    if cache is not None:
-        cache[adapter.dora.cache_key] = norm
-    return norm
+        return (squared_row_norms(base, a.shape[1]) + 2.0 * s * cross + s * s * quadratic).clamp_min(0.0).sqrt()
 
 
 def squared_row_norms(base, in_features: int) -> Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlora.tensor_cache import TensorCache
+from fastlora.tensor_cache import TensorCache, lasting
 
 #: The 16 NF4 code values (QLoRA paper, as bitsandbytes ships them), index = 4-bit code.
 NF4_TABLE: tuple[float, ...] = (
@@ -36,7 +36,7 @@ def nf4_table(device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     table = _TABLE_CACHE.get(device)
     if table is None:
-        table = _TABLE_CACHE[device] = torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
+        table = _TABLE_CACHE[device] = lasting(lambda: torch.tensor(NF4_TABLE, dtype=torch.float32, device=device))
     return table
 
 

@@ -73,6 +73,14 @@ def _conv1d_class() -> type | None:
     return Conv1D
 
 
+@functools.lru_cache(maxsize=1)
+def _dora_variant_class() -> type:
+    """PEFT's DoRA variant of ``lora.Linear``, the one LoRA variant fused (looked up once: every call asks)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return DoraLinearVariant
+
+
 def _is_int8_base(base: nn.Module) -> bool:
     classes = _bnb_8bit_classes()
     return classes is not None and type(base) is classes[0]
@@ -247,6 +255,9 @@ def _adapters(layer, submodules, x: torch.Tensor, adapter_names: Optional[list])
     adapters = []
     for name in names:
         variant = variants.get(name)
+        # First: a variant's lora_A/lora_B may not be nn.Linear at all (BD-LoRA's BlockDiagonalLinear has no bias).
+        if variant is not None and type(variant) is not _dora_variant_class():
+            return f"LoRA variant {type(variant).__name__}"
         lora_a, lora_b = lora_A._modules[name], lora_B._modules[name]
         lora_bias = _param(lora_b, "bias")
         if _param(lora_a, "bias") is not None:
@@ -280,10 +291,7 @@ def _adapters(layer, submodules, x: torch.Tensor, adapter_names: Optional[list])
 def _dora(layer, name: str, variant, n_adapters: int, adapter_names, lora_bias):
     """The :class:`~fastlora.dora.DoRA` part of adapter ``name``, or the reason it runs on PEFT."""
     from peft.tuners.lora import dora as peft_dora
-    from peft.tuners.lora.variants import DoraLinearVariant
 
-    if type(variant) is not DoraLinearVariant:
-        return f"LoRA variant {type(variant).__name__}"
     if adapter_names is not None:
         return "adapter_names with DoRA (PEFT raises)"
     if n_adapters > 1:

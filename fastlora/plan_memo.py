@@ -13,7 +13,7 @@ Watched: the layer's adapter state (``_active_adapter``, ``_disable_adapters``, 
 modules, their parameters, the dropout's ``p`` and ``training``; the base module, its weight and bias (identity, dtype,
 ``requires_grad``, version counter and data pointer, so ``.data`` swaps, ``.to()`` and in-place rewrites miss) and
 what the base kind adds (NF4: the quant state and :func:`fastlora.nf4.cache_key`, compute dtype; 8-bit: the SCB scales);
-x's dtype and device.
+x's dtype and device; and, for a plan holding a tensor made under inference mode, that inference mode is on.
 
 Usage::
 
@@ -45,7 +45,7 @@ class PlanMemo:
 
     __slots__ = (
         "_same", "_equal", "_tensors", "_nf4_weight", "_nf4_key", "_x_dtype", "_on_device", "_base", "_adapters",
-        "_compute_dtype", "_out_dtype",
+        "_compute_dtype", "_out_dtype", "_inference_only",
     )  # fmt: skip
 
     def __init__(self, same, equal, tensors, nf4_weight: Optional[Tensor], x: Tensor, device_type: str, plan) -> None:
@@ -60,6 +60,12 @@ class PlanMemo:
         self._on_device = {"cpu": "is_cpu", "cuda": "is_cuda"}.get(device_type)
         x_compute, self._base, self._adapters, self._out_dtype = plan
         self._compute_dtype = x_compute.dtype
+        # A tensor the plan made under inference mode (e.g. the bias cast to the compute dtype) serves only calls in
+        # inference mode: a call with autograd on could not save it for backward.
+        base = self._base
+        self._inference_only = torch.is_inference_mode_enabled() and any(
+            t is not None and t.is_inference() for t in (base.weight, base.bias, base.absmax)
+        )
 
     @classmethod
     def capture(cls, layer: nn.Module, device_type: str, x: Tensor, plan) -> Optional["PlanMemo"]:
@@ -129,6 +135,8 @@ class PlanMemo:
     def holds(self, x: Tensor) -> bool:
         """Whether the plan still answers a call on ``x`` (no other arguments and autocast off: the caller checks)."""
         if x.dtype is not self._x_dtype or not getattr(x, self._on_device):
+            return False
+        if self._inference_only and not torch.is_inference_mode_enabled():
             return False
         for owner, key, obj in self._same:
             if owner.get(key, _MISSING) is not obj:

@@ -4,6 +4,9 @@ An entry is found by the tensor's identity and holds while the caller's ``key`` 
 is unchanged, so a tensor rewritten in place or requantized misses; a freed tensor frees its entry. (Tensors compare
 elementwise, so a ``WeakKeyDictionary`` cannot hold them: entries are keyed on ``id()`` with a weakref to evict.)
 
+Values are built with inference mode off (:func:`lasting`): a cache outlives the call that filled it, and a tensor
+made under ``torch.inference_mode()`` could never be saved for backward by a later training call.
+
 Usage::
 
     _NORMS = TensorCache()
@@ -20,6 +23,19 @@ import torch
 T = TypeVar("T")
 
 
+def lasting(compute: Callable[[], T]) -> T:
+    """``compute()`` run with inference mode and grad mode off, for a tensor kept across calls (a cache entry, a
+    constant): under ``torch.inference_mode()`` it would be an inference tensor, which every later call with autograd
+    on would fail to save for backward ("Inference tensors cannot be saved for backward").
+
+    Usage: ``_ZEROS[device] = lasting(lambda: torch.zeros((), device=device))``
+    """
+    if not torch.is_inference_mode_enabled():
+        return compute()
+    with torch.inference_mode(False), torch.no_grad():
+        return compute()
+
+
 class TensorCache(Generic[T]):
     """Values computed from tensors, one per tensor, recomputed when the tensor's key changes."""
 
@@ -32,7 +48,7 @@ class TensorCache(Generic[T]):
         hit = self._entries.get(owner_id)
         if hit is not None and hit[0]() is owner and hit[1] == key:
             return hit[2]
-        value = compute()
+        value = lasting(compute)
         entries = self._entries
         self._entries[owner_id] = (weakref.ref(owner, lambda _: entries.pop(owner_id, None)), key, value)
         return value

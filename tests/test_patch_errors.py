@@ -140,3 +140,25 @@ def test_dora_beside_another_active_adapter_falls_back_with_its_reason():
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # PEFT's own forward
     assert report.fallback_calls == {"DoRA with other active adapters": 1} and report.fused_calls == 0
+
+
+@pytest.mark.parametrize("which", ["a", "b", "both"])
+def test_bdlora_layer_runs_peft_forward_with_its_reason(which):
+    """Issue 20 item 1: BD-LoRA's block-diagonal lora_A/lora_B (no ``bias`` attribute) made every call raise."""
+    import copy
+
+    from peft import BdLoraConfig, LoraConfig, get_peft_model
+
+    bd = {"a": dict(target_modules_bd_a=["0"]), "b": dict(target_modules_bd_b=["0"])}.get(which)
+    bd = bd or dict(target_modules_bd_a=["0"], target_modules_bd_b=["2"])  # PEFT refuses both on one module
+    base = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
+    targets = ["0", "2"] if which == "both" else ["0"]
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, use_bdlora=BdLoraConfig(nblocks=2, **bd)))
+    reference = copy.deepcopy(model)
+    report = fastlora.patch(model, backend="torch")
+    x = torch.randn(3, 10, requires_grad=True)
+    y = model(x)
+    y.square().sum().backward()
+    assert torch.equal(y, reference(x))  # PEFT's own forward ran
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert list(report.fallback_calls) == ["LoRA variant BdLoraLinearVariant"], report

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastlora.backends.reference import int8_dequantize
+from fastlora.tensor_cache import lasting
 
 #: ``dequantize(packed, absmax, blocksize, n, k, dtype) -> W[n, k]``: the NF4 dequantizer of the backend.
 Dequantize = Callable[[Tensor, Tensor, int, int, int, torch.dtype], Tensor]
@@ -34,7 +35,7 @@ def _scaled_mm(left: Tensor, right: Tensor, ranks, scales) -> Tensor:
     if len(ranks) == 1:
         zero = _ZERO.get(left.device)
         if zero is None:
-            zero = _ZERO[left.device] = torch.zeros((), device=left.device)
+            zero = _ZERO[left.device] = lasting(lambda: torch.zeros((), device=left.device))
         return torch.addmm(zero, left, right, beta=0, alpha=scales[0])
     out, start = torch.mm(left, right), 0
     for r, s in zip(ranks, scales):
