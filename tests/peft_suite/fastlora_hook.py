@@ -19,6 +19,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -30,7 +31,7 @@ from collections import Counter
 import pytest
 
 import fastlora
-from fastlora.patch import is_patched
+from fastlora.patch import PatchReport, is_patched
 
 BACKEND = os.environ.get("FASTLORA_PEFT_BACKEND", "")
 SUMMARY_PATH = os.environ.get("FASTLORA_PEFT_SUMMARY", "")
@@ -165,8 +166,19 @@ def _entry_points():
     ]
 
 
+def _tracked_deepcopy(report: PatchReport, memo: dict) -> PatchReport:
+    """A deep copy of a patched model carries a copy of its report (PEFT's tests copy models often): count it too."""
+    clone = object.__new__(type(report))
+    memo[id(report)] = clone
+    for key, value in report.__dict__.items():
+        setattr(clone, key, copy.deepcopy(value, memo))
+    TALLY.reports.setdefault(TALLY.current_test, []).append(clone)
+    return clone
+
+
 def install() -> None:
-    """Wrap PEFT's entry points (idempotent)."""
+    """Wrap PEFT's entry points (idempotent), and count the reports of deep-copied models."""
+    PatchReport.__deepcopy__ = _tracked_deepcopy
     for owner, name, target_of in _entry_points():
         current = getattr(owner, name)
         if not hasattr(current, "__fastlora_hook__"):
@@ -175,6 +187,8 @@ def install() -> None:
 
 def uninstall() -> None:
     """Put PEFT's entry points back."""
+    if PatchReport.__dict__.get("__deepcopy__") is _tracked_deepcopy:
+        del PatchReport.__deepcopy__
     for owner, name, _ in _entry_points():
         current = getattr(owner, name)
         if hasattr(current, "__fastlora_hook__"):
@@ -244,10 +258,10 @@ def pytest_runtest_logreport(report):
 
 
 def _last_line(report) -> str:
-    """The exception line of a failure (``E   ...``), for the summary."""
-    text = str(report.longrepr)
-    errors = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
-    return (errors[-1] if errors else text.strip().splitlines()[-1] if text.strip() else "?")[:300]
+    """The failure's exception message (pytest's crash line), on one line, for the summary."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    return " ".join(text.split())[:300]
 
 
 def pytest_sessionfinish(session):
