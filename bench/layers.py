@@ -390,7 +390,7 @@ def _graph_host_seconds(
     from fastlora.plan import call_plan
 
     layer = contender.forward
-    plan = call_plan(layer, layer.forward.device_type, x, (), {})
+    plan = call_plan(layer, x.device.type, x, (), {})  # FusedForward resolves the device per call, from x
     if isinstance(plan, str) or len(plan[2]) != 1:
         return None
     x_compute, base, adapters, _ = plan

@@ -90,13 +90,23 @@ def cache_key(weight: torch.Tensor) -> tuple:
     version counter and data pointer, and the quant state's tensors (identity and version counter): its absmax and,
     with double quantization, the nested absmax, code table and offset. Requantizing (merging into a 4-bit base)
     or rewriting any of them in place changes the key."""
-    state = weight.quant_state
-    key = (weight._version, weight.data_ptr(), id(state), id(state.absmax), state.absmax._version)
+    return (weight._version, weight.data_ptr()) + _state_key(weight.quant_state)
+
+
+def _state_key(state) -> tuple:
+    """What the resolved absmax of a quant state depends on (identity and version counter of its tensors)."""
+    key = (id(state), id(state.absmax), state.absmax._version)
     if state.nested:
         nested, offset = state.state2, state.offset
         key += (id(nested), id(nested.absmax), nested.absmax._version, id(nested.code), nested.code._version,
                 id(offset), getattr(offset, "_version", None))  # fmt: skip
     return key
+
+
+# The resolved fp32 absmax per quant state, keyed weakly on its absmax tensor: FSDP2 gathers the packed weight into
+# a new Params4bit on every forward (bitsandbytes' fix_4bit_weight_quant_state_from_module), which misses the
+# per-weight cache above, but the module's quant state stays the same object, so the absmax is resolved once.
+_ABSMAX: TensorCache[torch.Tensor] = TensorCache()
 
 
 def _read(weight: torch.Tensor, state) -> NF4Weight:
@@ -111,22 +121,26 @@ def _read(weight: torch.Tensor, state) -> NF4Weight:
     n, k = shape
     if packed.numel() != (n * k + 1) // 2:
         raise UnsupportedQuantization(f"packed size {packed.numel()} does not match shape {shape}")
-    return NF4Weight(packed, resolve_absmax(state), int(state.blocksize), (n, k))
+    return NF4Weight(packed, _absmax(state), int(state.blocksize), (n, k))
+
+
+def _absmax(state) -> torch.Tensor:
+    """The resolved absmax of ``state``, from :data:`_ABSMAX` when double-quantized (a plain fp32 absmax is used as
+    it is: caching it would keep its own key alive)."""
+    if not state.nested or torch.compiler.is_compiling():
+        return resolve_absmax(state)
+    with torch._C.DisableTorchFunctionSubclass():
+        key = _state_key(state)
+    return _ABSMAX.get(state.absmax, key, lambda: resolve_absmax(state))
 
 
 def resolve_absmax(state) -> torch.Tensor:
     """fp32 absmax of a bitsandbytes ``QuantState``, resolving double quantization exactly as bitsandbytes does."""
     if not state.nested:
         return state.absmax.float()
-    from fastlora import ops
+    from fastlora.backends.reference import nf4_resolve_absmax
 
     s2 = state.state2
-    if torch.compiler.is_compiling():
-        # float() of the 0-d offset would break the graph (a data-dependent scalar): trace the reference's fp32
-        # ops with the offset tensor itself.
-        from fastlora.backends.reference import nf4_resolve_absmax
-
-        return nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, int(s2.blocksize), state.offset)
-    # bitsandbytes adds the offset as a 0-d tensor in fp32; a Python float rounds the same way once cast.
-    offset = float(state.offset)
-    return ops.nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, int(s2.blocksize), offset, "torch")
+    # The offset stays a tensor, as bitsandbytes adds it (fp32): float() of it would sync the host with the GPU, and
+    # break a compiled graph (a data-dependent scalar).
+    return nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, int(s2.blocksize), state.offset)

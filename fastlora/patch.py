@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 import weakref
 from collections import Counter
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fastlora import backends
@@ -34,6 +36,13 @@ from fastlora.plan_memo import PlanMemo
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
 logger = logging.getLogger("fastlora")
+
+#: Exceptions torch raises through a layer call as control flow, not errors: non-reentrant activation checkpointing
+#: stops a recomputation early by raising from a saved-tensor hook. The guard lets them through.
+_CONTROL_FLOW = tuple(
+    getattr(torch.utils.checkpoint, name) for name in ("_StopRecomputationError", "CheckpointError")
+    if hasattr(torch.utils.checkpoint, name)
+)  # fmt: skip
 
 
 @dataclass
@@ -61,6 +70,9 @@ class PatchReport:
     verify: bool = False
     verified: Counter = field(default_factory=Counter)
     verify_failures: dict[str, str] = field(default_factory=dict)
+    #: Layers whose fastlora code raised unexpectedly (``internal error: <type>: <message>``): the call ran PEFT's
+    #: forward, and so does every later call of the layer. A bug in fastlora: please report it.
+    internal_errors: dict[str, str] = field(default_factory=dict)
     #: The fused linear cross-entropy (``fused_cross_entropy=True``): what was installed, or "PEFT's loss (not
     #: fused: <why>)"; None when not asked for.
     fused_loss: Optional[str] = None
@@ -95,6 +107,8 @@ class PatchReport:
             parts.append(f"verify: {sum(self.verified.values())} call signatures agreed with PEFT, {len(self.verify_failures)} layers failed")
         if self.fused_loss:
             parts.append(f"loss: {self.fused_loss}")
+        if self.internal_errors:
+            parts.append(f"{len(self.internal_errors)} layers hit an internal error (run by PEFT since)")
         if self.fallback_calls:
             parts.append(f"calls run by PEFT since: {_counts(self.fallback_calls)}")
         return "fastlora: " + ("; ".join(parts) if parts else "no LoRA layers")
@@ -108,19 +122,26 @@ class FusedForward:
     """The forward installed on one LoRA layer instance. Holds what ``unpatch`` needs to restore it."""
 
     def __init__(
-        self, layer: nn.Module, name: str, backend: str, report: PatchReport, previous: Optional[Callable], verify: bool
-    ):
+        self, layer: nn.Module, name: str, requested: str, backend: str, report: PatchReport,
+        previous: Optional[Callable], verify: bool,
+    ):  # fmt: skip
         self.layer = layer
         self.name = name
+        # What patch() was asked for ("auto": FASTLORA_BACKEND as set now, else the best per device) and what it
+        # reported; each call resolves the backend for its input's device (a model patched on the CPU or on meta
+        # and moved to CUDA afterwards runs fused there), remembered per device type.
+        self.requested = (os.environ.get(backends.ENV_VAR) or "auto") if requested == "auto" else requested
         self.backend = backend
-        self.device_type = layer_device(layer).type
+        self._backends: dict[str, str] = {}
+        self._unavailable: dict[str, str] = {}
         self.report = report
         # An instance-level forward that was there before (e.g. an accelerate hook); None means the class's.
         self.previous = previous
         self._warned: set[str] = set()
-        # Verify mode: call signatures already checked against PEFT; a failure sends every later call to PEFT.
+        # Verify mode: call signatures already checked against PEFT.
         self._verified: Optional[set[tuple]] = set() if verify else None
-        self._verify_failure: Optional[str] = None
+        # Why every call of this layer runs PEFT's forward for good (a verify failure, an internal error), or None.
+        self._disabled: Optional[str] = None
         # The last plan and the layer state it was read from (fastlora.plan_memo): reused while that state holds.
         self._memo: Optional[PlanMemo] = None
 
@@ -131,28 +152,82 @@ class FusedForward:
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # torch.compile guards on Python ints it reads, so counting inside a compiled region would recompile the
-        # graph on every call; calls there go uncounted (the plan below is still decided on every trace).
-        counting = not is_compiling()
-        autocast = torch.is_autocast_enabled(self.device_type)
+        # graph on every call; calls there go uncounted (the plan below is still decided on every trace), and
+        # unguarded (an exception there is the compiler's to report).
+        if is_compiling():
+            return self._forward(x, args, kwargs, False)
+        # The guard: nothing fastlora does per call may break a forward PEFT runs (a try costs nothing unless it
+        # raises on Python 3.11+).
+        try:
+            return self._forward(x, args, kwargs, True)
+        except _CONTROL_FLOW:
+            raise
+        except Exception as err:  # noqa: BLE001 - anything from fastlora's code; PEFT's own errors re-raise below
+            return self._after_internal_error(err, x, args, kwargs)
+
+    def _forward(self, x: torch.Tensor, args: tuple, kwargs: dict, counting: bool) -> torch.Tensor:
+        device_type = "cpu" if x.is_cpu else x.device.type
+        backend = self._backends.get(device_type) or self._backend_for(device_type)
+        if backend is None:
+            if counting:
+                self._fall_back(self._unavailable[device_type])
+            return self.original(x, *args, **kwargs)
+        autocast = torch.is_autocast_enabled(device_type)
         memo = self._memo
         if memo is not None and counting and not autocast and not args and not kwargs and memo.holds(x):
             plan = memo.plan(x)
         else:
-            plan = self._verify_failure or call_plan(self.layer, self.device_type, x, args, kwargs)
+            plan = self._disabled or call_plan(self.layer, device_type, x, args, kwargs)
             # Verify mode checks each new call signature, so it always plans; a compiled trace keeps no memo; under
             # autocast the plan casts W per call.
             reusable = counting and not autocast and not args and not kwargs and self._verified is None and not isinstance(plan, str)
-            self._memo = PlanMemo.capture(self.layer, self.device_type, x, plan) if reusable else None
+            self._memo = PlanMemo.capture(self.layer, device_type, x, plan) if reusable else None
         if isinstance(plan, str):
             if counting:
                 self._fall_back(plan)
             return self.original(x, *args, **kwargs)
-        if self._verified is not None and counting and not self._passes_verification(x, args, kwargs):
-            self._fall_back(self._verify_failure)
+        if self._verified is not None and counting and not self._passes_verification(x, args, kwargs, device_type, backend):
+            self._fall_back(self._disabled)
             return self.original(x, *args, **kwargs)
-        if counting:
-            self.report.fused_calls += 1
-        return self._fused(plan, autocast)
+        if not counting:
+            return self._fused(plan, autocast, device_type, backend)
+        # Counted before the call: a recomputation that activation checkpointing stops early (by raising) was fused.
+        self.report.fused_calls += 1
+        try:
+            return self._fused(plan, autocast, device_type, backend)
+        except _CONTROL_FLOW:
+            raise
+        except Exception:
+            self.report.fused_calls -= 1  # the guard counts it as an internal error (or PEFT raises the caller's)
+            raise
+
+    def _backend_for(self, device_type: str) -> Optional[str]:
+        """The backend for calls on ``device_type``, resolved once per device type; None (the reason kept in
+        ``_unavailable``) when the requested backend cannot serve it."""
+        try:
+            if device_type == "meta":
+                raise backends.BackendUnavailable("input on the meta device (nothing to compute)")
+            backend = self._backends[device_type] = backends.resolve(self.requested, device_type)
+            return backend
+        except backends.BackendUnavailable as err:
+            self._unavailable[device_type] = str(err)
+            return None
+
+    def _after_internal_error(self, err: Exception, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """PEFT's forward for a call on which fastlora's code raised. When PEFT raises too, the error was the
+        caller's (a wrong shape or dtype): PEFT's exception propagates, as without fastlora. Otherwise the layer runs
+        PEFT from now on, and the report, the log (with the traceback, once) and a RuntimeWarning say so."""
+        y = self.original(x, *args, **kwargs)
+        message = str(err).strip().splitlines()
+        reason = f"internal error: {type(err).__name__}: {message[0][:200] if message else ''}".rstrip(": ")
+        self._disabled, self._memo = reason, None
+        self.report.internal_errors[self.name] = reason
+        self.report.fallback_calls[reason] += 1
+        self._warned.add(reason)
+        text = f"fastlora: {self.name} {reason}; this layer runs PEFT's forward from now on (a fastlora bug: please report it)"
+        logger.error(text, exc_info=err, extra={"fastlora_internal_error": reason})
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
+        return y
 
     def _fall_back(self, reason: str) -> None:
         self.report.fallback_calls[reason] += 1
@@ -160,34 +235,34 @@ class FusedForward:
             self._warned.add(reason)
             logger.warning("fastlora: %s runs PEFT's forward: %s", self.name, reason)
 
-    def _fused(self, plan, autocast: bool) -> torch.Tensor:
+    def _fused(self, plan, autocast: bool, device_type: str, backend: str) -> torch.Tensor:
         x_compute, base, adapters, out_dtype = plan
         if autocast:
             # The plan already applied autocast's dtype; the ops' internal matmuls must not be recast.
-            with torch.autocast(self.device_type, enabled=False):
-                y = lora_linear(x_compute, base, adapters, self.backend)
+            with torch.autocast(device_type, enabled=False):
+                y = lora_linear(x_compute, base, adapters, backend)
         else:
-            y = lora_linear(x_compute, base, adapters, self.backend)
+            y = lora_linear(x_compute, base, adapters, backend)
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
-    def _passes_verification(self, x: torch.Tensor, args, kwargs) -> bool:
+    def _passes_verification(self, x: torch.Tensor, args, kwargs, device_type: str, backend: str) -> bool:
         """Verify mode: on a new call signature, compare with PEFT; a mismatch disables the fused path for good."""
         key = verification.signature(self.layer, x, kwargs.get("adapter_names"))
         if key in self._verified:
             return True
 
         def fused(inputs):
-            plan = call_plan(self.layer, self.device_type, inputs, args, kwargs)
+            plan = call_plan(self.layer, device_type, inputs, args, kwargs)
             if isinstance(plan, str):  # this call would run PEFT's forward anyway: nothing to compare
                 return self.original(inputs, *args, **kwargs)
-            return self._fused(plan, torch.is_autocast_enabled(self.device_type))
+            return self._fused(plan, torch.is_autocast_enabled(device_type), device_type, backend)
 
         mismatch = verification.compare_with_peft(self.layer, x, fused, lambda inputs: self.original(inputs, *args, **kwargs))
         if mismatch is None:
             self._verified.add(key)
             self.report.verified[self.name] += 1
             return True
-        self._verify_failure = f"verify: {mismatch}"
+        self._disabled = f"verify: {mismatch}"
         self.report.verify_failures[self.name] = str(mismatch)
         message = f"fastlora verify: {self.name} {mismatch}; this layer runs PEFT's forward from now on"
         logger.error(message)
@@ -293,14 +368,13 @@ def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -
         if reason is not None:
             report.skipped[name] = reason
             continue
-        # Raises BackendUnavailable for an explicit backend that cannot serve this layer's device.
-        plan.append((name, layer, backends.resolve(backend, layer_device(layer)), current))
+        plan.append((name, layer, _backend_at_patch_time(backend, layer_device(layer)), current))
     # Availability of "auto" picks can fail late (e.g. the C++ build); resolve() already checked them all.
 
     applied = []
     try:
         for name, layer, chosen, previous in plan:
-            layer.forward = FusedForward(layer, name, chosen, report, previous, report.verify)
+            layer.forward = FusedForward(layer, name, backend, chosen, report, previous, report.verify)
             applied.append(layer)
             report.patched[name] = chosen
     except BaseException:
@@ -308,6 +382,19 @@ def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -
             _restore(layer)
         raise
     return applied
+
+
+def _backend_at_patch_time(requested: str, device: torch.device) -> str:
+    """The backend named in the report for a layer now on ``device`` (calls resolve theirs per input device; on
+    meta, the requested name). Raises BackendUnavailable for an explicit backend that can serve no device here."""
+    if device.type == "meta":
+        return requested
+    try:
+        return backends.resolve(requested, device)
+    except backends.BackendUnavailable:
+        if requested != "auto" and any(backends.unavailable_reason(requested, t) is None for t in ("cuda", "cpu")):
+            return requested  # e.g. triton on a CPU model of a CUDA machine: the model may move there
+        raise
 
 
 # Per patched model: how to take its fused loss out again (unpatch). Weak keys: a freed model frees its entry.

@@ -187,8 +187,6 @@ def structural_reason(layer: nn.Module) -> Optional[str]:
         return f"8-bit base layer type {type(base).__name__}"
     elif type(base) is not nn.Linear and type(base) is not _conv1d_class():
         return f"base layer type {type(base).__name__}"
-    if base.weight.device.type == "meta":
-        return "weights on the meta device"
     return None
 
 

@@ -41,6 +41,8 @@ class TensorCache(Generic[T]):
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, Hashable, T]] = {}
+        #: How many lookups computed their value (first sight of a tensor, or a changed key): what tests count.
+        self.misses = 0
 
     def get(self, owner: torch.Tensor, key: Hashable, compute: Callable[[], T]) -> T:
         """The cached value for ``owner`` under ``key``, else ``compute()`` (stored for the next call)."""
@@ -48,6 +50,7 @@ class TensorCache(Generic[T]):
         hit = self._entries.get(owner_id)
         if hit is not None and hit[0]() is owner and hit[1] == key:
             return hit[2]
+        self.misses += 1
         value = lasting(compute)
         entries = self._entries
         self._entries[owner_id] = (weakref.ref(owner, lambda _: entries.pop(owner_id, None)), key, value)

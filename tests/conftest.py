@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -73,6 +74,27 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"torch seed {seed}")  # shown with a failure's captured output
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_internal_errors(request):
+    """An internal error in fastlora falls back to PEFT's forward for the user (patch.FusedForward's guard), but
+    must fail the test that sees it, so bugs stay loud in CI. Tests that inject one are marked
+    ``internal_error_expected``."""
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, "fastlora_internal_error"):
+                seen.append(record.getMessage())
+
+    handler = Catch(logging.ERROR)
+    logger = logging.getLogger("fastlora")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    if seen and "internal_error_expected" not in request.keywords:
+        pytest.fail("fastlora internal error fallback: " + "; ".join(seen), pytrace=False)
 
 
 def without_bnb_cpu_repack(model: nn.Module) -> nn.Module:

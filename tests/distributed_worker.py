@@ -34,6 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastlora  # noqa: E402
+from fastlora import nf4  # noqa: E402
 from tests.conftest import TINY_LLAMA, randomize_lora, tiny_llama_peft  # noqa: E402
 
 STEPS = 3
@@ -158,6 +159,10 @@ def main() -> None:
         "skipped": dict(report.skipped),
         "fused_calls": report.fused_calls,
         "fallback_calls": dict(report.fallback_calls),
+        # nested NF4 absmax resolutions over the whole run (fastlora.nf4._ABSMAX): once per quant state, not per call
+        "absmax_misses": nf4._ABSMAX.misses,
+        "weight_misses": nf4._CACHE.misses,  # the per-Params4bit cache, which FSDP2's re-wrap defeats
+        "nf4_layers": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
     }
     torch.save(result, args.out / f"rank{rank}.pt")
     dist.barrier()

@@ -235,3 +235,58 @@ def test_deep_copy_of_a_patched_model_patches_its_own_new_adapters():
     reports = [f.report for f in (m.__dict__.get("forward") for m in clone.modules()) if isinstance(f, FusedForward)]
     assert len(reports) == 2 and reports[0] is reports[1] is not report
     assert reports[0].patched_after == ["base_model.model.lin1"]
+
+
+def _ill_conditioned_model(seed: int):
+    """LoRA-GA-like: max|W| ~ 2e7 that s·B·A cancels down to O(1) (W + s·B·A = a random O(1) matrix), so both PEFT's
+    and fastlora's fp32 rounding errors exceed the exact input gradient (issue 20 item 3)."""
+    from tests.conftest import lora_layer_model
+
+    g = torch.Generator().manual_seed(seed)
+    model = lora_layer_model(32, 32, bias=False, adapters=((32, 32, 0.0, False),))  # s = 1, full rank
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        w = torch.randn(32, 32, generator=g, dtype=torch.float64) * 2e7
+        a = torch.randn(32, 32, generator=g, dtype=torch.float64)
+        b = (torch.randn(32, 32, generator=g, dtype=torch.float64) - w) @ torch.linalg.inv(a)
+        layer.base_layer.weight.copy_(w)
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+    return model
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_verify_judges_an_ill_conditioned_layer_against_float64(seed):
+    """A fused path as exact as float64 differs from PEFT's fp32 result by far more than the tolerance here (PEFT's
+    own rounding error exceeds the result); judged against float64 it passes."""
+    from fastlora import verify
+
+    model = _ill_conditioned_model(seed)
+    layer = model.base_model.model.lin
+    w, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def exact_fused(inputs):
+        merged = w.double() + layer.scaling["default"] * (b.double() @ a.double())
+        return (inputs.double() @ merged.T).float()
+
+    x = torch.randn(6, 32)
+    peft = lambda inputs: type(layer).forward(layer, inputs)  # noqa: E731
+    assert verify.compare_with_peft(layer, x, exact_fused, peft) is None
+    # the previous criterion (PEFT as the reference) flags it: the float64 judgement is what passes it
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(verify, "_float64_run", lambda *args: None)
+        assert verify.compare_with_peft(layer, x, exact_fused, peft) is not None
+
+
+def test_verify_still_catches_a_broken_fused_path_on_an_ill_conditioned_layer(monkeypatch):
+    """The same layer with the fused path dropping the adapter: off by ~2e7, caught."""
+    import importlib
+
+    patch_module = importlib.import_module("fastlora.patch")
+    model = _ill_conditioned_model(0)
+    report = fastlora.patch(model, backend="torch", verify=True)
+    real = patch_module.lora_linear
+    monkeypatch.setattr(patch_module, "lora_linear", lambda x, base, adapters, backend: real(x, base, [a._replace(scale=0.0) for a in adapters], backend))
+    with pytest.warns(RuntimeWarning, match="verify"):
+        model(torch.randn(6, 32))
+    assert "output" in report.verify_failures["base_model.model.lin"]
