@@ -2,7 +2,8 @@
 # The whole test suite on this machine (set-up included). Extra arguments go to pytest.
 #   1. everything but the Triton interpreter tests (and the full differential matrix, sampled instead), on 2 workers;
 #   2. the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (read when Triton loads, so its own process);
-#   3. the pytest-benchmark layer cases, each checked and run once (--benchmark-disable).
+#   3. the pytest-benchmark layer cases, each checked and run once (--benchmark-disable);
+#   4. PEFT's own LoRA tests with fastlora patched in (scripts/peft_tests.sh; FASTLORA_SKIP_PEFT_SUITE=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,3 +11,6 @@ PY=${PYTHON:-python3}
 "$PY" -m pytest -n 2 -q -p no:cacheprovider tests -m "not interpreter and not full_matrix" "$@"
 TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests -m interpreter "$@"
 "$PY" -m pytest -q -p no:cacheprovider bench --benchmark-disable
+if [ "${FASTLORA_SKIP_PEFT_SUITE:-0}" != 1 ]; then
+  bash scripts/peft_tests.sh
+fi
