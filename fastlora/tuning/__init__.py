@@ -44,6 +44,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from fastlora.tuning import guard
+from fastlora.tuning.guard import LaunchFallback, LaunchFallbackWarning, launch_fallbacks  # noqa: F401 - interface
 from fastlora.tuning.store import (  # noqa: F401 - part of this module's interface
     CACHE_ENV, Decision, ShapeKey, Store, cache_path, device_name, shipped_table_path, versions,
 )
@@ -63,6 +65,8 @@ MAX_M_BUCKET = 16384
 TUNED_OPS = ("lora_down", "lora_linear", "lora_up_grad", "lora_down_grad", "lora_linear_grad_input")
 #: What FASTLORA_PATH can name per op: the tuned ops and the autograd graph of a layer call (fastlora.graph).
 FORCEABLE = TUNED_OPS + ("lora_layer", "lora_layer_inference")
+#: A kernel backend's ops without candidates, served by its module with the first launch guarded.
+UNTUNED_OPS = ("nf4_resolve_absmax", "nf4_dequantize", "lora_linear_scaled")
 
 
 def m_bucket(m: int) -> int:
@@ -199,6 +203,7 @@ def reset() -> None:
     _STATE.decided.clear()
     _STATE.cache = None
     _STATE.measure_seconds = 0.0
+    guard.reset()
     for _, per_state in _STATE.memos:
         per_state.clear()
     _STATE.switch()
@@ -289,8 +294,11 @@ class TunedOps:
             setattr(self, op, self._routed(op))
 
     def __getattr__(self, name: str):
-        # Only reached for names not set in __init__: the backend's untuned ops, looked up once.
+        # Only reached for names not set in __init__: the backend's untuned ops, looked up once (their first launch
+        # per argument key guarded, see fastlora.tuning.guard), and its other functions.
         fn = getattr(self.__dict__["module"], name)
+        if name in UNTUNED_OPS:
+            fn = guard.guarded(self.backend, name, fn)
         setattr(self, name, fn)
         return fn
 
@@ -310,12 +318,18 @@ class TunedOps:
         if decided is None:
             decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(op, key, applicable, args, device)
             _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
-        chosen, output = applicable[decided[0]], decided[3]
+        chosen, output = guard.path_function(op, decided[0], applicable), decided[3]
         decided[3] = None  # a measured output answers only the call that was timed
+        if output is None:  # the first launch of this exact key: guarded
+            fallbacks = guard.fallbacks(op, applicable, decided[0])
+            output, used, chosen = guard.first_launch(self.backend, op, key.text, decided[0], chosen, args, fallbacks)
+            if used != decided[0]:  # the whole bucket takes the fallback: its other shapes need not fail again
+                decided[:3] = used, guard.source(self.backend, op, key.text), {}
+                _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
         if len(memo) >= _MEMO_LIMIT:
             memo.clear()  # many distinct M (varying sequence lengths): start over rather than grow without bound
         memo[raw] = _timed(chosen) if _STATE.op_seconds is not None else chosen
-        return output if output is not None else memo[raw](*args)
+        return output
 
 
 def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.device, margin: float = TIE_MARGIN) -> str:
@@ -329,6 +343,9 @@ def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.d
     if decided is None:
         decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(key.op, key, dict(runs), (), device, margin)
         decided[3] = None
+        if decided[0] not in runs:
+            del _STATE.decided[(key, _STATE.forced_text)]
+            raise RuntimeError(f"fastlora: every candidate of {key.text} failed ({', '.join(runs)})")
         _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
     return decided[0]
 
@@ -353,6 +370,9 @@ def _choose(op, key, applicable, args, device, margin: float = TIE_MARGIN) -> li
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return [next(iter(applicable)), "default (not timed while capturing a CUDA graph)" + note, {}, None]
     chosen, times, output = _measure(applicable, args, device, margin)
+    if chosen is None:  # every candidate failed while timed (each warned): the reference op answers the key
+        guard.record(guard.LaunchFallback(key.backend, op, key.text, "every candidate", guard.REFERENCE, "failed while timed"))
+        return [guard.REFERENCE, guard.source(key.backend, op, key.text), {}, None]
     _cache().store(key, chosen, times)
     return [chosen, "measured here" + note, times, output]
 
@@ -390,7 +410,8 @@ def _measure(
 ) -> tuple[str, dict[str, float], object]:
     """Time every candidate on ``args``: one warm-up call (first-call compilation, autotuning, allocations), then
     :data:`MIN_ROUNDS` to :data:`ROUNDS` interleaved timed rounds (see the module docstring). Returns the winner, each candidate's
-    fastest call in µs, and the winner's output. A candidate that raises is dropped with a warning."""
+    fastest call in µs, and the winner's output. A candidate that raises is dropped with a warning (logged, and a
+    :class:`LaunchFallbackWarning`); when every one does, the winner is None."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     started = time.perf_counter()
     outputs, samples = {}, {}
@@ -400,8 +421,12 @@ def _measure(
             t0 = time.perf_counter()
             try:
                 out = fn(*args)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as err:  # noqa: BLE001 - a failing candidate loses; the others still compete
-                warnings.warn(f"fastlora: candidate {name!r} failed while being timed ({type(err).__name__}: {err}); left out", stacklevel=6)
+                message = f"fastlora: candidate {name!r} failed while being timed ({guard.reason_of(err)}); left out"
+                guard.logger.warning(message)
+                warnings.warn(message, guard.LaunchFallbackWarning, stacklevel=6)
                 del applicable[name]
                 outputs.pop(name, None)
                 samples.pop(name, None)
@@ -413,7 +438,7 @@ def _measure(
             else:
                 samples.setdefault(name, []).append(elapsed)
         if not applicable:
-            raise RuntimeError("fastlora: every candidate failed")
+            return None, {}, None
         if round_index >= MIN_ROUNDS and time.perf_counter() - started > BUDGET_S:
             break
     best_times = {name: min(times) for name, times in samples.items()}
