@@ -195,3 +195,35 @@ def test_a_triton_kernel_that_cannot_compile_falls_back(monkeypatch):
     (fallback,) = tuning.launch_fallbacks()
     assert (fallback.op, fallback.failed, fallback.fallback) == ("lora_down", "triton", "reference")
     assert "InterpreterError" in fallback.reason
+
+
+@needs_cpp
+def test_a_layer_graph_that_raises_falls_back_to_the_function(monkeypatch):
+    """The C++ layer node ("native", FusedForward's graph on cpp) raises at launch: the layer's calls run on
+    fastlora's Function (the tuned ops), training matches the reference backend, and the fallback is reported."""
+    from fastlora import graph
+
+    monkeypatch.setattr(graph.cpp, "lora_layer", _raising)
+    monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native")
+    tuning.reset()
+    losses = {}
+    for backend in ("cpp", "torch"):
+        torch.manual_seed(0)
+        model = lora_layer_model(70, 45, base="nf4", adapters=((8, 16, 0.0, False),))
+        randomize_lora(model)
+        report = fastlora.patch(model, backend=backend)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        losses[backend] = []
+        with pytest.warns(tuning.LaunchFallbackWarning, match="native") if backend == "cpp" else _nothing():
+            for _ in range(3):
+                loss = model(torch.randn(2, 9, 70)).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses[backend].append(loss.item())
+        assert report.fused_calls == 3 and not report.fallback_calls
+    for got, want in zip(losses["cpp"], losses["torch"]):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    (fallback,) = report.launch_fallbacks
+    assert (fallback.op, fallback.failed, fallback.fallback) == ("lora_layer", "native", "function")
+    assert "failed to launch" in str(report) and "injected launch failure" in str(report)

@@ -61,14 +61,20 @@ class LaunchFallback(NamedTuple):
 
 
 _fallbacks: dict[tuple[str, str, str], LaunchFallback] = {}
-_untuned_memos: list[dict] = []
+_memos: list = []  # every memo of guarded keys (dicts, sets): emptied by reset()
+
+
+def forgotten_on_reset(memo):
+    """Register ``memo`` (a dict or set of keys that launched or fell back) to be emptied by :func:`reset`; returns it."""
+    _memos.append(memo)
+    return memo
 
 
 def reset() -> None:
     """Forget the fallbacks and the keys seen (with :func:`fastlora.tuning.reset`)."""
     _fallbacks.clear()
-    for seen in _untuned_memos:
-        seen.clear()
+    for memo in _memos:
+        memo.clear()
 
 
 def launch_fallbacks() -> list[LaunchFallback]:
@@ -150,8 +156,7 @@ def guarded(backend: str, op: str, fn: Callable) -> Callable:
 
     Usage: ``dequantize = guarded("triton", "nf4_dequantize", triton_backend.nf4_dequantize)``
     """
-    seen: dict[tuple, Callable] = {}
-    _untuned_memos.append(seen)
+    seen: dict[tuple, Callable] = forgotten_on_reset({})
 
     def call(*args):
         key = _argument_key(args)
