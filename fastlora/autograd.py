@@ -164,7 +164,7 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
         else:
             try:  # free when nothing raises (Python 3.11 exception tables)
                 y = graph.run(path, x2d, base, adapters[0], seeds)
-            except torch.OutOfMemoryError:
+            except tuning.guard.NOT_LAUNCH_ERRORS:
                 raise
             except Exception as err:  # noqa: BLE001 - a graph that cannot launch: fastlora's Function takes over
                 y = _graph_failed(err, path, x2d, base, adapters, backend, seeds)
@@ -187,6 +187,8 @@ def _graph_failed(err: Exception, path: str, x2d: Tensor, base: BaseWeight, adap
     as a :class:`fastlora.tuning.LaunchFallback`). An error the Function raises too propagates as the graph's."""
     try:
         y = _on_function(x2d, base, adapters, backend, seeds)
+    except tuning.guard.NOT_LAUNCH_ERRORS:
+        raise
     except Exception:  # noqa: BLE001 - the input is at fault, not the graph
         raise err from None
     key = _graph_key(path, x2d, base, backend)

@@ -11,8 +11,8 @@ included, the same masks). The key keeps the fallback, the reason is logged once
 :class:`LaunchFallbackWarning`, listed by :func:`launch_fallbacks`, and shows in :func:`fastlora.tuning.decisions`
 (so in the report ``patch`` returns: ``report.paths``).
 
-Not guarded: a CUDA out-of-memory error (it is not a launch error, and callers such as a batch-size finder act on
-it), and an error the fallback raises too (bad input: it propagates as the kernel raised it). Later calls of a key
+Not guarded (:data:`NOT_LAUNCH_ERRORS`): a CUDA out-of-memory error (callers such as a batch-size finder act on
+it), the exception by which activation checkpointing stops a recomputation, and an error the fallback raises too (bad input: it propagates as the kernel raised it). Later calls of a key
 that launched once are not wrapped (no cost on the hot path).
 
 Tests make :class:`LaunchFallbackWarning` an error (pyproject's ``filterwarnings``), so a kernel that fails in the
@@ -31,6 +31,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 logger = logging.getLogger("fastlora")
 
@@ -40,6 +41,17 @@ REFERENCE = "reference"
 COMPOSITE = "torch"
 #: Most argument keys an untuned op remembers before starting over (many distinct shapes).
 _SEEN_LIMIT = 4096
+
+
+def _not_launch_errors() -> tuple[type[BaseException], ...]:
+    # CUDA out of memory; and the exception non-reentrant activation checkpointing raises from its saved-tensor hook
+    # to stop a recomputation early (control flow that must reach torch.utils.checkpoint).
+    stop = getattr(torch.utils.checkpoint, "_StopRecomputationError", None)
+    return (torch.OutOfMemoryError,) + ((stop,) if isinstance(stop, type) else ())
+
+
+#: Exceptions that pass through every guard: they are not launch errors.
+NOT_LAUNCH_ERRORS = _not_launch_errors()
 
 
 class LaunchFallbackWarning(RuntimeWarning):
@@ -125,13 +137,13 @@ def first_launch(
     """
     try:
         return fn(*args), path, fn
-    except torch.OutOfMemoryError:
+    except NOT_LAUNCH_ERRORS:
         raise
     except Exception as err:  # noqa: BLE001 - any launch error: the fallback answers, or the error propagates
         for name, fallback in fallbacks_:
             try:
                 out = fallback(*args)
-            except torch.OutOfMemoryError:
+            except NOT_LAUNCH_ERRORS:
                 raise
             except Exception:  # noqa: BLE001 - the fallback cannot answer either: try the next, else raise err
                 continue
