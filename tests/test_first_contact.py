@@ -94,3 +94,28 @@ def test_timing_holds_one_output_at_a_time():
     want = ref.lora_linear(x, w, None, 0, None, s, b)
     assert (y - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert tuning.decisions()[-1].source == "measured here" and len(alive) >= 3 * (1 + tuning.MIN_ROUNDS) + 1
+
+
+@pytest.mark.interpreter
+def test_triton_autotuner_runs_per_step_under_the_interpreter():
+    """One QLoRA layer (fp32 compute, dropout) on the Triton kernels: a step autotunes each kernel key once (at most
+    5: lora_linear, its grad_input, lora_down for x·Aᵀ and for dy·B, lora_down_grad); a second step with the same
+    M autotunes nothing; an M in the next power-of-2 Triton bucket autotunes its keys again."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from tests.conftest import lora_layer_model
+
+    model = lora_layer_model(70, 45, base="nf4", adapters=((8, 16, 0.05, False),))
+    fastlora.patch(model, backend="triton")
+
+    def step(m: int) -> int:
+        before = tuning.first_contact().autotune_runs
+        model(torch.randn(1, m, 70)).sum().backward()
+        return tuning.first_contact().autotune_runs - before
+
+    first = step(20)
+    assert 0 < first <= 5
+    assert step(20) == 0 and step(31) == 0  # the same Triton bucket (32)
+    assert 0 < step(40) <= 5  # bucket 64: autotuned again (fastlora's own choice buckets are powers of 4)
