@@ -19,6 +19,7 @@ from fastlora import tuning
 from fastlora.backends import cpp
 from fastlora.backends import reference as ref
 from tests.conftest import tiny_llama_peft
+from tests.test_tuning import fresh_tuning  # noqa: F401 - autouse: a cache file and fresh choices per test
 
 pytestmark = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason="C++ backend unavailable")
 
@@ -27,16 +28,6 @@ BATCH, SEQ = 2, 16
 SHAPES = [(64, 64), (32, 64), (96, 64), (64, 96)]
 #: Keys one step can time: a layer graph per shape, and per shape its five tuned ops (fewer are distinct).
 MAX_KEYS_PER_BUCKET = len(SHAPES) * (1 + len(tuning.TUNED_OPS))
-
-
-@pytest.fixture(autouse=True)
-def fresh_tuning(tmp_path, monkeypatch):
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
-    monkeypatch.delenv(tuning.PATH_ENV, raising=False)
-    tuning.reset()
-    yield
-    monkeypatch.undo()
-    tuning.reset()
 
 
 def _model():
@@ -107,12 +98,12 @@ def test_triton_autotuner_runs_per_step_under_the_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1")
     from tests.conftest import lora_layer_model
 
-    model = lora_layer_model(70, 45, base="nf4", adapters=((8, 16, 0.05, False),))
+    model = lora_layer_model(77, 51, base="nf4", adapters=((8, 16, 0.05, False),))  # shapes no other test launches
     fastlora.patch(model, backend="triton")
 
     def step(m: int) -> int:
         before = tuning.first_contact().autotune_runs
-        model(torch.randn(1, m, 70)).sum().backward()
+        model(torch.randn(1, m, 77)).sum().backward()
         return tuning.first_contact().autotune_runs - before
 
     first = step(20)

@@ -10,6 +10,7 @@ the fallback matches training on the reference backend step for step within that
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -23,18 +24,9 @@ from fastlora import backends, tuning
 from fastlora.backends import cpp
 from fastlora.backends import reference as ref
 from tests.conftest import lora_layer_model, randomize_lora
+from tests.test_tuning import fresh_tuning  # noqa: F401 - autouse: a cache file and fresh choices per test
 
 needs_cpp = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason="C++ backend unavailable")
-
-
-@pytest.fixture(autouse=True)
-def fresh_tuning(tmp_path, monkeypatch):
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
-    monkeypatch.delenv(tuning.PATH_ENV, raising=False)
-    tuning.reset()
-    yield tmp_path / "tuning.json"
-    monkeypatch.undo()
-    tuning.reset()
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -62,24 +54,8 @@ def test_training_goes_on_when_a_single_candidate_op_raises(monkeypatch, caplog)
     monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=function")  # the layer on the tuned ops, not the C++ node
     tuning.reset()
 
-    losses = {}
-    for backend in ("cpp", "torch"):
-        torch.manual_seed(0)
-        model = lora_layer_model(70, 45, adapters=((8, 16, 0.25, False),))
-        randomize_lora(model)
-        report = fastlora.patch(model, backend=backend)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        losses[backend] = []
-        with caplog.at_level(logging.WARNING, logger="fastlora"), pytest.warns(tuning.LaunchFallbackWarning) if backend == "cpp" else _nothing():
-            for _ in range(3):
-                loss = model(torch.randn(3, 5, 70)).pow(2).mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                losses[backend].append(loss.item())
-        assert report.fused_calls == 3 and not report.fallback_calls
-    for got, want in zip(losses["cpp"], losses["torch"]):
-        assert abs(got - want) <= 1e-5 * abs(want)
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        _trains_like_the_reference(lambda: lora_layer_model(70, 45, adapters=((8, 16, 0.25, False),)), (3, 5, 70), "lora_down")
     fallen = {f.op: f for f in tuning.launch_fallbacks()}
     assert set(fallen) == {"lora_down", "lora_down_grad"}
     assert all(f.failed == "cpp" and f.fallback == "reference" and "injected launch failure" in f.reason for f in fallen.values())
@@ -88,12 +64,29 @@ def test_training_goes_on_when_a_single_candidate_op_raises(monkeypatch, caplog)
     assert sum("failed at its first launch" in r.message for r in caplog.records) == 2  # logged once per key
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _trains_like_the_reference(make_model, x_shape: tuple, warning: str):
+    """Three SGD steps of ``make_model()`` patched with cpp (where a launch fails: a LaunchFallbackWarning matching
+    ``warning``) and with the reference backend, from the same seed: every call fused, the losses within 1e-5
+    relative (fp32, the paths differ in summation order only). Returns the cpp model's report."""
+    losses, reports = {}, {}
+    for backend in ("cpp", "torch"):
+        torch.manual_seed(0)
+        model = make_model()
+        randomize_lora(model)
+        reports[backend] = fastlora.patch(model, backend=backend)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        losses[backend] = []
+        with pytest.warns(tuning.LaunchFallbackWarning, match=warning) if backend == "cpp" else contextlib.nullcontext():
+            for _ in range(3):
+                loss = model(torch.randn(*x_shape)).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses[backend].append(loss.item())
+        assert reports[backend].fused_calls == 3 and not reports[backend].fallback_calls
+    for got, want in zip(losses["cpp"], losses["torch"]):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    return reports["cpp"]
 
 
 def _key(op: str) -> tuning.ShapeKey:
@@ -206,24 +199,8 @@ def test_a_layer_graph_that_raises_falls_back_to_the_function(monkeypatch):
     monkeypatch.setattr(graph.cpp, "lora_layer", _raising)
     monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native")
     tuning.reset()
-    losses = {}
-    for backend in ("cpp", "torch"):
-        torch.manual_seed(0)
-        model = lora_layer_model(70, 45, base="nf4", adapters=((8, 16, 0.0, False),))
-        randomize_lora(model)
-        report = fastlora.patch(model, backend=backend)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        losses[backend] = []
-        with pytest.warns(tuning.LaunchFallbackWarning, match="native") if backend == "cpp" else _nothing():
-            for _ in range(3):
-                loss = model(torch.randn(2, 9, 70)).pow(2).mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                losses[backend].append(loss.item())
-        assert report.fused_calls == 3 and not report.fallback_calls
-    for got, want in zip(losses["cpp"], losses["torch"]):
-        assert abs(got - want) <= 1e-5 * abs(want)
+    make_model = lambda: lora_layer_model(70, 45, base="nf4", adapters=((8, 16, 0.0, False),))  # noqa: E731
+    report = _trains_like_the_reference(make_model, (2, 9, 70), "native")
     (fallback,) = report.launch_fallbacks
     assert (fallback.op, fallback.failed, fallback.fallback) == ("lora_layer", "native", "function")
     assert "failed to launch" in str(report) and "injected launch failure" in str(report)
