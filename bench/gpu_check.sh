@@ -13,8 +13,9 @@
 #
 # Usage: bench/gpu_check.sh STEP [OUT_DIR] [extra `fastlora bench` options...]      STEP: 1 or 2
 #   OUT_DIR defaults to $OUT (the GPU machine's output folder), else bench/results/<date>-step<STEP>.
-#   Everything lands in OUT_DIR: log.txt (all output), junit-gpu.xml (step 1), report.md, results.json, the plots,
-#   tuning-cache.json (the path choices made), dispatch_table.json (step 2).
+#   Everything lands in OUT_DIR: log.txt (all output), junit-gpu.xml (step 1), report.md, results.json, the plots
+#   (as plots.tar when more than 8 files would come back: the GPU machine returns 8), tuning-cache.json (the path
+#   choices made), dispatch_table.json (step 2).
 #   Time limits (seconds; defaults keep each step under 8 minutes, setup included):
 #     FASTLORA_TEST_TIMEOUT (200) the GPU tests in all, FASTLORA_TEST_TIMEOUT_EACH (60) one test (pytest-timeout when
 #     installed, else a traceback dump only), FASTLORA_CORE_BUDGET (150) the core benchmark, FASTLORA_DISPATCH_TIMEOUT
@@ -42,6 +43,16 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
 margin=30
 
 stage() { echo "== $1 ($(date -u +%FT%TZ))"; }
+
+# The GPU machine returns at most 8 files from OUT: past that, the plots travel as one plots.tar.
+pack_for_return() {
+  local count
+  count=$(find "$out" -maxdepth 1 -type f | wc -l)
+  if (( count > 8 )) && compgen -G "$out/*.png" > /dev/null; then
+    tar -C "$out" -cf "$out/plots.tar" $(cd "$out" && ls *.png) && rm -f "$out"/*.png
+    echo "packed the plots into plots.tar ($count files were in $out; 8 come back)"
+  fi
+}
 
 {
   stage "setup, step $step"
@@ -91,5 +102,6 @@ stage() { echo "== $1 ($(date -u +%FT%TZ))"; }
       --out "$out" "$@"
     echo "benchmark exit status: $?"
   fi
+  pack_for_return
   stage "done, step $step"
 } 2>&1 | tee "$log"
