@@ -22,9 +22,15 @@ inputs, and keeps the fastest; later calls of the key go straight to it (one dic
 - Not timed: the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``, tests) keeps its launchers' own
   choice per call (:func:`fastlora.kernels.dispatch.choice`); calls made while a CUDA graph is captured take the
   first candidate.
+- Guarded first launch: the first call of every key runs under :mod:`fastlora.tuning.guard`; a kernel that cannot
+  compile or launch there falls back to the composite or the reference op, reported (:func:`launch_fallbacks`).
+- Memory while timing: each candidate's output is dropped before the next runs (one alive at a time); the winner
+  runs once more for the call's own output.
 - Visibility: :func:`decisions` lists this process's choices with their source ("measured here", "cache",
-  "shipped table", "forced by FASTLORA_PATH", "only candidate"); :func:`stored_decisions` lists the cache and the
-  shipped table for this device (``fastlora info``); :func:`tune` tunes ahead of time (``fastlora tune``).
+  "shipped table", "forced by FASTLORA_PATH", "only candidate", "fallback: ..."); :func:`stored_decisions` lists
+  the cache and the shipped table for this device (``fastlora info``); :func:`first_contact` counts keys and calls
+  timed and Triton autotuner runs; :func:`tune` tunes ahead of time (``fastlora tune``,
+  :mod:`fastlora.tuning.ahead`), so that a training process started afterwards times nothing.
 
 Usage::
 
