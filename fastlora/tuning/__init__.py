@@ -326,6 +326,8 @@ class TunedOps:
         decided = _STATE.decided.get((key, _STATE.forced_text))
         if decided is None:
             decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(op, key, applicable, args, device)
+            if decided[0] == guard.REFERENCE:  # every candidate failed while timed (each warned)
+                guard.record(guard.LaunchFallback(self.backend, op, key.text, "every candidate", guard.REFERENCE, "failed while timed"))
             _STATE.decisions[(key.device, key.text)] = Decision(key, *decided)
         # The first launch of this exact key, guarded (the timing, if any, kept no output: see _measure).
         fallbacks = guard.fallbacks(op, applicable, decided[0])
@@ -377,9 +379,8 @@ def _choose(op, key, applicable, args, device, margin: float = TIE_MARGIN) -> li
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return [next(iter(applicable)), "default (not timed while capturing a CUDA graph)" + note, {}]
     chosen, times = _measure(applicable, args, device, margin)
-    if chosen is None:  # every candidate failed while timed (each warned): the reference op answers the key
-        guard.record(guard.LaunchFallback(key.backend, op, key.text, "every candidate", guard.REFERENCE, "failed while timed"))
-        return [guard.REFERENCE, guard.source(key.backend, op, key.text), {}]
+    if chosen is None:  # every candidate failed while timed: an op's key runs the reference op (see _first_call)
+        return [guard.REFERENCE, "fallback: every candidate failed while timed", {}]
     _cache().store(key, chosen, times)
     return [chosen, "measured here" + note, times]
 
