@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastlora import graph, ops
+from fastlora import graph, ops, tuning
 from fastlora.dora import DoRA, dora_linear
 from fastlora.dropout import draw_seeds
 from fastlora.tensor_cache import lasting
@@ -160,10 +160,43 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
         x2d = x2d.contiguous()
     seeds = _seeds(adapters, x)
     if len(adapters) == 1 and (path := graph.path(x2d, base, adapters[0], backend, _function_call)) != "function":
-        y = graph.run(path, x2d, base, adapters[0], seeds)
+        if _GRAPH_FALLBACKS and _graph_key(path, x2d, base, backend) in _GRAPH_FALLBACKS:
+            y = _on_function(x2d, base, adapters, backend, seeds)
+        else:
+            try:  # free when nothing raises (Python 3.11 exception tables)
+                y = graph.run(path, x2d, base, adapters[0], seeds)
+            except tuning.guard.NOT_LAUNCH_ERRORS:
+                raise
+            except Exception as err:  # noqa: BLE001 - a graph that cannot launch: fastlora's Function takes over
+                y = _graph_failed(err, path, x2d, base, adapters, backend, seeds)
     else:
         y = _on_function(x2d, base, adapters, backend, seeds)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+
+
+#: Layer graphs (fastlora.graph) that failed to launch, per (graph, backend, dtypes, K, N): fastlora's Function
+#: (the tuned ops, each with its own guarded first launch) runs those calls instead.
+_GRAPH_FALLBACKS: set[tuple] = tuning.guard.forgotten_on_reset(set())
+
+
+def _graph_key(path: str, x2d: Tensor, base: BaseWeight, backend: str) -> tuple:
+    return path, backend, x2d.dtype, base.weight.dtype, x2d.shape[1], base.out_features
+
+
+def _graph_failed(err: Exception, path: str, x2d: Tensor, base: BaseWeight, adapters, backend: str, seeds: Tensor) -> Tensor:
+    """The call of a layer graph that raised, on fastlora's Function instead; the graph is left for that key (reported
+    as a :class:`fastlora.tuning.LaunchFallback`). An error the Function raises too propagates as the graph's."""
+    try:
+        y = _on_function(x2d, base, adapters, backend, seeds)
+    except tuning.guard.NOT_LAUNCH_ERRORS:
+        raise
+    except Exception:  # noqa: BLE001 - the input is at fault, not the graph
+        raise err from None
+    key = _graph_key(path, x2d, base, backend)
+    _GRAPH_FALLBACKS.add(key)
+    text = f"m{x2d.shape[0]}|n{key[5]}|k{key[4]}|{tuning.dtype_name(x2d.dtype)}|{tuning.dtype_name(base.weight.dtype)}"
+    tuning.guard.record(tuning.LaunchFallback(backend, "lora_layer", text, path, "function", tuning.guard.reason_of(err)))
+    return y
 
 
 def _on_function(x2d: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend: str, seeds: Tensor) -> Tensor:

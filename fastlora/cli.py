@@ -216,6 +216,8 @@ def _tune_parser(subparsers) -> None:
     p.add_argument("--bases", default=("nf4", "dense"), type=_split(), help="nf4, dense")
     p.add_argument("--rank", default=16, type=int, help="LoRA rank")
     p.add_argument("--dtype", type=_dtype, help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dropout", default=(0.0,), type=lambda text: tuple(float(v) for v in text.split(",")),
+                   help="LoRA dropout probabilities the training uses, e.g. 0.05 (dropout > 0 has keys of its own)")
     p.add_argument("--threads", type=int, help="torch CPU threads (choices are keyed by the thread count)")
 
 
@@ -247,7 +249,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     shapes = _model_shapes(args.model)
     with tqdm(total=len(shapes) * len(args.tokens) * len(args.bases), desc="tune", unit="shape") as bar:
         for base in args.bases:
-            tuning.tune(backend, device, shapes, list(args.tokens), base=base, rank=args.rank, dtype=dtype, progress=bar)
+            tuning.tune(backend, device, shapes, list(args.tokens), base=base, rank=args.rank, dtype=dtype, progress=bar,
+                        dropout=args.dropout)
     decisions = tuning.decisions()
     print(f"{backend} on {tuning.device_name(device)}: {len(decisions)} choices, {tuning.measurement_seconds():.2f} s of timing; "
           f"cache {tuning.cache_path() or 'off'}")

@@ -86,6 +86,14 @@ class PatchReport:
         return tuning.decisions()
 
     @property
+    def launch_fallbacks(self) -> list:
+        """Op keys whose kernel failed at its first launch and that run a fallback path since, each with the reason
+        (:func:`fastlora.tuning.launch_fallbacks`): a kernel that cannot launch never crashes a step."""
+        from fastlora import tuning
+
+        return tuning.launch_fallbacks()
+
+    @property
     def changed(self) -> bool:
         """Whether this call patched anything (False for a repeated ``patch``)."""
         return bool(self.patched)
@@ -111,6 +119,8 @@ class PatchReport:
             parts.append(f"{len(self.internal_errors)} layers hit an internal error (run by PEFT since)")
         if self.fallback_calls:
             parts.append(f"calls run by PEFT since: {_counts(self.fallback_calls)}")
+        if self.launch_fallbacks:
+            parts.append(f"kernels that failed to launch, on a fallback path: {'; '.join(map(str, self.launch_fallbacks))}")
         return "fastlora: " + ("; ".join(parts) if parts else "no LoRA layers")
 
 

@@ -22,9 +22,15 @@ inputs, and keeps the fastest; later calls of the key go straight to it (one dic
 - Not timed: the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``, tests) keeps its launchers' own
   choice per call (:func:`fastlora.kernels.dispatch.choice`); calls made while a CUDA graph is captured take the
   first candidate.
+- Guarded first launch: the first call of every key runs under :mod:`fastlora.tuning.guard`; a kernel that cannot
+  compile or launch there falls back to the composite or the reference op, reported (:func:`launch_fallbacks`).
+- Memory while timing: each candidate's output is dropped before the next runs (one alive at a time); the winner
+  runs once more for the call's own output.
 - Visibility: :func:`decisions` lists this process's choices with their source ("measured here", "cache",
-  "shipped table", "forced by FASTLORA_PATH", "only candidate"); :func:`stored_decisions` lists the cache and the
-  shipped table for this device (``fastlora info``); :func:`tune` tunes ahead of time (``fastlora tune``).
+  "shipped table", "forced by FASTLORA_PATH", "only candidate", "fallback: ..."); :func:`stored_decisions` lists
+  the cache and the shipped table for this device (``fastlora info``); :func:`first_contact` counts keys and calls
+  timed and Triton autotuner runs; :func:`tune` tunes ahead of time (``fastlora tune``,
+  :mod:`fastlora.tuning.ahead`), so that a training process started afterwards times nothing.
 
 Usage::
 
@@ -38,12 +44,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from fastlora.tuning import guard
+from fastlora.tuning.guard import LaunchFallback, LaunchFallbackWarning, launch_fallbacks  # noqa: F401 - interface
 from fastlora.tuning.store import (  # noqa: F401 - part of this module's interface
     CACHE_ENV, Decision, ShapeKey, Store, cache_path, device_name, shipped_table_path, versions,
 )
@@ -63,6 +72,8 @@ MAX_M_BUCKET = 16384
 TUNED_OPS = ("lora_down", "lora_linear", "lora_up_grad", "lora_down_grad", "lora_linear_grad_input")
 #: What FASTLORA_PATH can name per op: the tuned ops and the autograd graph of a layer call (fastlora.graph).
 FORCEABLE = TUNED_OPS + ("lora_layer", "lora_layer_inference")
+#: A kernel backend's ops without candidates, served by its module with the first launch guarded.
+UNTUNED_OPS = ("nf4_resolve_absmax", "nf4_dequantize", "lora_linear_scaled")
 
 
 def m_bucket(m: int) -> int:
@@ -164,6 +175,8 @@ class _State:
         self.decided: dict[tuple[ShapeKey, str], list] = {}  # per bucketed key and forced state: see _choose
         self.cache: Store | None = None
         self.measure_seconds = 0.0
+        self.measured_keys = 0  # keys timed in this process (see first_contact)
+        self.timed_calls = 0  # candidate calls made while timing them
 
     def load_env(self) -> None:
         name = PATH_ENV if os.environ.get(PATH_ENV) else LEGACY_PATH_ENV
@@ -198,7 +211,8 @@ def reset() -> None:
     _STATE.decisions.clear()
     _STATE.decided.clear()
     _STATE.cache = None
-    _STATE.measure_seconds = 0.0
+    _STATE.measure_seconds = _STATE.measured_keys = _STATE.timed_calls = 0
+    guard.reset()
     for _, per_state in _STATE.memos:
         per_state.clear()
     _STATE.switch()
@@ -289,8 +303,11 @@ class TunedOps:
             setattr(self, op, self._routed(op))
 
     def __getattr__(self, name: str):
-        # Only reached for names not set in __init__: the backend's untuned ops, looked up once.
+        # Only reached for names not set in __init__: the backend's untuned ops, looked up once (their first launch
+        # per argument key guarded, see fastlora.tuning.guard), and its other functions.
         fn = getattr(self.__dict__["module"], name)
+        if name in UNTUNED_OPS:
+            fn = guard.guarded(self.backend, name, fn)
         setattr(self, name, fn)
         return fn
 
@@ -309,13 +326,20 @@ class TunedOps:
         decided = _STATE.decided.get((key, _STATE.forced_text))
         if decided is None:
             decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(op, key, applicable, args, device)
-            _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
-        chosen, output = applicable[decided[0]], decided[3]
-        decided[3] = None  # a measured output answers only the call that was timed
+            if decided[0] == guard.REFERENCE:  # every candidate failed while timed (each warned)
+                guard.record(guard.LaunchFallback(self.backend, op, key.text, "every candidate", guard.REFERENCE, "failed while timed"))
+            _STATE.decisions[(key.device, key.text)] = Decision(key, *decided)
+        # The first launch of this exact key, guarded (the timing, if any, kept no output: see _measure).
+        fallbacks = guard.fallbacks(op, applicable, decided[0])
+        chosen = guard.path_function(op, decided[0], applicable)
+        output, used, chosen = guard.first_launch(self.backend, op, key.text, decided[0], chosen, args, fallbacks)
+        if used != decided[0]:  # the whole bucket takes the fallback: its other shapes need not fail again
+            decided[:] = used, guard.source(self.backend, op, key.text), {}
+            _STATE.decisions[(key.device, key.text)] = Decision(key, *decided)
         if len(memo) >= _MEMO_LIMIT:
             memo.clear()  # many distinct M (varying sequence lengths): start over rather than grow without bound
         memo[raw] = _timed(chosen) if _STATE.op_seconds is not None else chosen
-        return output if output is not None else memo[raw](*args)
+        return output
 
 
 def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.device, margin: float = TIE_MARGIN) -> str:
@@ -328,33 +352,37 @@ def choose(key: ShapeKey, runs: dict[str, Callable[[], object]], device: torch.d
     decided = _STATE.decided.get((key, _STATE.forced_text))
     if decided is None:
         decided = _STATE.decided[(key, _STATE.forced_text)] = _choose(key.op, key, dict(runs), (), device, margin)
-        decided[3] = None
-        _STATE.decisions[(key.device, key.text)] = Decision(key, *decided[:3])
+        if decided[0] not in runs:
+            del _STATE.decided[(key, _STATE.forced_text)]
+            raise RuntimeError(f"fastlora: every candidate of {key.text} failed ({', '.join(runs)})")
+        _STATE.decisions[(key.device, key.text)] = Decision(key, *decided)
     return decided[0]
 
 
 def _choose(op, key, applicable, args, device, margin: float = TIE_MARGIN) -> list:
-    """[path, source, times in µs, output of this call when it was measured now, else None]."""
+    """[path, source, times in µs]."""
     forced = _STATE.forced
     note = ""
     if forced:
         wanted = forced.get(op) or forced.get("*")
         if wanted in applicable:
-            return [wanted, _STATE.forced_source, {}, None]
+            return [wanted, _STATE.forced_source, {}]
         if op in forced:
             raise ValueError(f"fastlora: {_STATE.forced_source} {op}={wanted}, but {key.text} has only {sorted(applicable)}")
         if wanted is not None:
             note = f"; {wanted!r} does not apply here"
     if len(applicable) == 1:
-        return [next(iter(applicable)), "only candidate" + note, {}, None]
+        return [next(iter(applicable)), "only candidate" + note, {}]
     stored = _cache().lookup(key)
     if stored is not None and _still_valid(stored[0], applicable):
-        return [stored[0]["path"], stored[1] + note, stored[0].get("times_us", {}), None]
+        return [stored[0]["path"], stored[1] + note, stored[0].get("times_us", {})]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return [next(iter(applicable)), "default (not timed while capturing a CUDA graph)" + note, {}, None]
-    chosen, times, output = _measure(applicable, args, device, margin)
+        return [next(iter(applicable)), "default (not timed while capturing a CUDA graph)" + note, {}]
+    chosen, times = _measure(applicable, args, device, margin)
+    if chosen is None:  # every candidate failed while timed: an op's key runs the reference op (see _first_call)
+        return [guard.REFERENCE, "fallback: every candidate failed while timed", {}]
     _cache().store(key, chosen, times)
-    return [chosen, "measured here" + note, times, output]
+    return [chosen, "measured here" + note, times]
 
 
 def _still_valid(entry: dict, applicable: dict) -> bool:
@@ -387,33 +415,41 @@ def _first_tensor(args: tuple) -> torch.Tensor:
 
 def _measure(
     applicable: dict[str, Callable], args: tuple, device: torch.device, margin: float = TIE_MARGIN
-) -> tuple[str, dict[str, float], object]:
+) -> tuple[str | None, dict[str, float]]:
     """Time every candidate on ``args``: one warm-up call (first-call compilation, autotuning, allocations), then
-    :data:`MIN_ROUNDS` to :data:`ROUNDS` interleaved timed rounds (see the module docstring). Returns the winner, each candidate's
-    fastest call in µs, and the winner's output. A candidate that raises is dropped with a warning."""
+    :data:`MIN_ROUNDS` to :data:`ROUNDS` interleaved timed rounds (see the module docstring). Returns the winner and
+    each candidate's fastest call in µs. Each output is dropped as soon as its call is timed, so the timing holds one
+    candidate's output at a time (the caller runs the winner once more for the call's own output). A candidate that
+    raises is dropped with a warning (logged, and a :class:`LaunchFallbackWarning`); when every one does, the
+    winner is None."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     started = time.perf_counter()
-    outputs, samples = {}, {}
+    samples = {}
+    _STATE.measured_keys += 1
     for round_index in range(ROUNDS + 1):
         for name, fn in list(applicable.items()):
             sync()
             t0 = time.perf_counter()
+            _STATE.timed_calls += 1
             try:
                 out = fn(*args)
+            except guard.NOT_LAUNCH_ERRORS:
+                raise
             except Exception as err:  # noqa: BLE001 - a failing candidate loses; the others still compete
-                warnings.warn(f"fastlora: candidate {name!r} failed while being timed ({type(err).__name__}: {err}); left out", stacklevel=6)
+                message = f"fastlora: candidate {name!r} failed while being timed ({guard.reason_of(err)}); left out"
+                guard.logger.warning(message)
+                warnings.warn(message, guard.LaunchFallbackWarning, stacklevel=6)
                 del applicable[name]
-                outputs.pop(name, None)
                 samples.pop(name, None)
                 continue
             sync()
             elapsed = time.perf_counter() - t0
-            if round_index == 0:
-                outputs[name] = out
-            else:
+            del out  # before the next candidate runs: one output alive at a time
+            if round_index > 0:
                 samples.setdefault(name, []).append(elapsed)
         if not applicable:
-            raise RuntimeError("fastlora: every candidate failed")
+            _STATE.measure_seconds += time.perf_counter() - started
+            return None, {}
         if round_index >= MIN_ROUNDS and time.perf_counter() - started > BUDGET_S:
             break
     best_times = {name: min(times) for name, times in samples.items()}
@@ -421,52 +457,29 @@ def _measure(
     default = next(iter(applicable))
     chosen = default if best_times[default] <= (1 + margin) * best_times[fastest] else fastest
     _STATE.measure_seconds += time.perf_counter() - started
-    return chosen, {name: round(t * 1e6, 2) for name, t in best_times.items()}, outputs[chosen]
+    return chosen, {name: round(t * 1e6, 2) for name, t in best_times.items()}
 
 
-def tune(
-    backend: str,
-    device: torch.device | str,
-    shapes: list[tuple[int, int]],
-    tokens: list[int],
-    base: str = "nf4",
-    rank: int = 16,
-    dtype: torch.dtype = torch.float32,
-    progress=None,
-) -> list[Decision]:
-    """Tune ahead of time: run every tuned op (forward and backward) once per (N, K) shape and M bucket of
-    ``tokens`` on random inputs, so the choices land in the cache. Returns the decisions made or looked up.
+class FirstContact(NamedTuple):
+    """What the run-time choice has cost this process so far (:func:`first_contact`)."""
 
-    Usage: ``tuning.tune("cpp", "cpu", [(512, 1536)], [1, 16, 512], base="nf4")``
-    """
-    from fastlora import backends
-
-    device = torch.device(device)
-    impl = backends.implementation(backend, device.type)
-    buckets = sorted({m_bucket(m): m for m in tokens}.values())  # one M per bucket
-    seeds = torch.zeros(1, dtype=torch.int64, device=device)
-    for n, k in shapes:
-        weight, absmax, blocksize = _random_base(base, n, k, dtype, device)
-        lora_a, lora_b = torch.randn(rank, k, device=device) / k**0.5, torch.randn(n, rank, device=device)
-        for m in buckets:
-            x, dy = torch.randn(m, k, dtype=dtype, device=device), torch.randn(m, n, dtype=dtype, device=device)
-            s = impl.lora_down(x, lora_a, [rank], seeds, [0.0], [2.0])
-            impl.lora_linear(x, weight, absmax, blocksize, None, s, lora_b)
-            ds, _ = impl.lora_up_grad(dy, lora_b, s, [rank], [2.0])
-            impl.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, lora_a, [rank], seeds, [0.0])
-            impl.lora_down_grad(ds, x, [rank], seeds, [0.0])
-            if progress is not None:
-                progress.update(1)
-    return [d for d in _STATE.decisions.values() if d.key.backend == backend]
+    #: Shape keys timed here (each key is timed once per process, then read from memory or the cache).
+    measured_keys: int
+    #: Candidate calls made while timing: per key at most (1 + :data:`ROUNDS`) per candidate.
+    timed_calls: int
+    #: Wall seconds of that timing (compiles and Triton autotuning inside the warm-up calls included).
+    seconds: float
+    #: Triton autotuner runs (each compiles, where not cached, and benchmarks the pruned configs of one kernel key;
+    #: the interpreter prunes to one config and times nothing). Counted since the kernels were imported.
+    autotune_runs: int
 
 
-def _random_base(base: str, n: int, k: int, dtype: torch.dtype, device: torch.device):
-    """A random frozen W of ``base`` kind: "nf4" (packed codes, fp32 absmax, blocksize 64) or "dense"."""
-    if base == "nf4":
-        blocksize = 64
-        packed = torch.randint(0, 256, ((n * k + 1) // 2,), dtype=torch.uint8, device=device)
-        absmax = torch.rand((n * k + blocksize - 1) // blocksize, device=device)
-        return packed, absmax, blocksize
-    if base != "dense":
-        raise ValueError(f"base {base!r}: choose nf4 or dense")
-    return torch.randn(n, k, dtype=dtype, device=device) / k**0.5, None, 0
+def first_contact() -> FirstContact:
+    """The cost of first contact so far: keys and calls timed, seconds, Triton autotuner runs. Take differences
+    around a training step to count what it cost. Usage: ``before = tuning.first_contact(); step(); ...``"""
+    common = sys.modules.get("fastlora.kernels.common")
+    autotune_runs = len(common._TUNED) if common is not None else 0
+    return FirstContact(_STATE.measured_keys, _STATE.timed_calls, _STATE.measure_seconds, autotune_runs)
+
+
+from fastlora.tuning.ahead import tune  # noqa: E402, F401 - part of this module's interface; needs the names above

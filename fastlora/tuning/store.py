@@ -2,8 +2,11 @@
 
 The cache (``$FASTLORA_TUNING_CACHE``, default ``~/.cache/fastlora/tuning.json``; ``off`` keeps choices in memory)
 holds ``{"format", "versions": {fastlora, torch, triton}, "devices": {device name: {key text: {"path",
-"times_us"}}}}``; a file that is unreadable or from other versions is ignored with a warning and rewritten. The
-shipped table (``kernels/dispatch_table.json``) has the same ``devices`` layout.
+"times_us"}}}}``; a file that is unreadable or from other versions is ignored with a warning and rewritten. Several
+processes (the ranks of a distributed run) share it: each write reads the file, adds the keys other processes wrote
+since, and replaces it atomically, under a lock (``<cache>.lock``). A home directory that cannot be found or
+written leaves the choices in memory, with a warning. The shipped table (``kernels/dispatch_table.json``) has the
+same ``devices`` layout.
 
 Usage::
 
@@ -77,11 +80,15 @@ def versions() -> dict[str, str]:
 
 
 def cache_path() -> Path | None:
-    """Where choices persist (None when ``FASTLORA_TUNING_CACHE=off``)."""
+    """Where choices persist (None when ``FASTLORA_TUNING_CACHE=off``, or when there is no home directory to find)."""
     override = os.environ.get(CACHE_ENV)
     if override:
         return None if override == "off" else Path(override)
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (RuntimeError, KeyError, OSError) as err:  # no HOME and no passwd entry (some containers)
+        warnings.warn(f"fastlora: no home directory ({err}): path choices stay in memory; set {CACHE_ENV}", stacklevel=3)
+        return None
     return root / "fastlora" / "tuning.json"
 
 
@@ -99,18 +106,19 @@ class Store:
         self.devices: dict[str, dict] = self._read_cache()
         self.shipped: dict[str, dict] = read_json(shipped_table_path(), "shipped table").get("devices", {})
 
-    def _read_cache(self) -> dict[str, dict]:
-        if self.path is None or not self.path.exists():
+    def _read_cache(self, quiet: bool = False) -> dict[str, dict]:
+        if self.path is None:
             return {}
-        payload = read_json(self.path, "tuning cache")
+        payload = read_json(self.path, "tuning cache", quiet)
         if not payload:
             return {}
         if payload.get("format") != CACHE_FORMAT or payload.get("versions") != versions():
-            warnings.warn(
-                f"fastlora: tuning cache {self.path} is from other versions ({payload.get('versions')}, now "
-                f"{versions()}): ignored, choices are measured again and the file rewritten",
-                stacklevel=4,
-            )
+            if not quiet:
+                warnings.warn(
+                    f"fastlora: tuning cache {self.path} is from other versions ({payload.get('versions')}, now "
+                    f"{versions()}): ignored, choices are measured again and the file rewritten",
+                    stacklevel=4,
+                )
             return {}
         devices = payload.get("devices")
         return devices if isinstance(devices, dict) else {}
@@ -123,30 +131,57 @@ class Store:
         return None
 
     def store(self, key: ShapeKey, path: str, times_us: dict[str, float]) -> None:
-        self.devices.setdefault(key.device, {})[key.text] = {"path": path, "times_us": times_us}
+        """Keep ``key``'s choice, and write it to the cache file merged with what other processes wrote there since
+        (several ranks tune at once): read, merge, atomic replace, under an exclusive lock of ``<cache>.lock``."""
+        entry = {"path": path, "times_us": times_us}
+        self.devices.setdefault(key.device, {})[key.text] = entry
         if self.path is None:
             return
-        payload = {"format": CACHE_FORMAT, "versions": versions(), "devices": self.devices}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
-            os.replace(partial, self.path)  # atomic: a reader never sees half a file
+            with _locked(self.path.with_name(self.path.name + ".lock")):
+                for device, entries in self._read_cache(quiet=True).items():  # others' keys; ours stay as measured
+                    if isinstance(entries, dict):
+                        mine = self.devices.setdefault(device, {})
+                        mine.update({text: e for text, e in entries.items() if text not in mine})
+                payload = {"format": CACHE_FORMAT, "versions": versions(), "devices": self.devices}
+                partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
+                os.replace(partial, self.path)  # atomic: a reader never sees half a file
         except OSError as err:
             warnings.warn(f"fastlora: cannot write tuning cache {self.path}: {err}; choices stay in memory", stacklevel=4)
             self.path = None
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.exists():
-        return {}
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    """An exclusive advisory lock on ``lock_path`` for the block (POSIX ``flock``; without fcntl, no lock: the
+    replace stays atomic, and only a key written by two processes in the same instant can be lost)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_json(path: Path, what: str, quiet: bool = False) -> dict:
+    """The JSON object in ``path``; {} when the file is missing, or unreadable (with a warning unless ``quiet``)."""
     try:
         payload = json.loads(path.read_text())
         if not isinstance(payload, dict):
             raise ValueError(f"top level is a {type(payload).__name__}, not an object")
         return payload
+    except FileNotFoundError:
+        return {}
     except (OSError, ValueError) as err:
-        warnings.warn(f"fastlora: {what} {path} is unreadable ({err}): ignored", stacklevel=5)
+        if not quiet:
+            warnings.warn(f"fastlora: {what} {path} is unreadable ({err}): ignored", stacklevel=5)
         return {}
 
 
