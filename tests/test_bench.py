@@ -328,6 +328,7 @@ def test_bench_end_to_end_on_cpu(tmp_path):
     assert code == 0
     results = Results.load(out / "results.json")
     assert results.layers and results.train and results.memory
+    assert {r.dtype for r in results.layers} == {"float32", "bfloat16"}  # the default layer suite runs both
     assert all(r.status in ("ok", "skipped") for r in results.layers), [r for r in results.layers if r.status not in ("ok", "skipped")]
     assert all(r.status == "ok" for r in results.train + results.memory)
     fastlora_runs = [r for r in results.train if r.contender.startswith("fastlora")]

@@ -15,6 +15,7 @@ import fastlora
 from fastlora import backends, tuning
 from fastlora.backends import cpp
 from tests.conftest import lora_layer_model
+from tests.test_cpp_ops import isa  # noqa: F401 - the fixture: once per code path (AVX2, portable)
 from tests.test_layer_parity import assert_half_output_no_worse_than_peft, float64_reference, run
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None, reason="needs the C++ backend")
@@ -42,15 +43,6 @@ def layout(request):
     yield request.param
     cpp.set_whole_weight_bytes(previous[0])
     cpp.set_panel_bytes(previous[1])
-
-
-@pytest.fixture(params=["avx2", "portable"])
-def isa(request):
-    if request.param == "avx2" and not cpp.has_avx2():
-        pytest.skip("CPU without AVX2")
-    previous = cpp.set_avx2_enabled(request.param == "avx2")
-    yield request.param
-    cpp.set_avx2_enabled(previous)
 
 
 def _base(kind: str, n: int, k: int):
