@@ -533,21 +533,35 @@ def selected_shapes(model: str, settings) -> list[LinearShape]:
 def count_cases(settings) -> int:
     """How many cases :func:`run_layer_suite` runs (for the progress bar)."""
     shapes = sum(len(selected_shapes(model, settings)) for model in settings.layer_models)
-    return shapes * len(settings.bases) * len(settings.ranks) * len(settings.modes) * len(settings.tokens)
+    per_dtype = shapes * len(settings.bases) * len(settings.ranks) * len(settings.modes) * len(settings.tokens)
+    return per_dtype * len(settings.layer_suite_dtypes())
 
 
 def run_layer_suite(
     settings, device: torch.device, peaks: Peaks | None, progress=None, budget: RunBudget = UNLIMITED, checkpoint=None
 ) -> list[LayerRecord]:
-    """Every (model shape, base, rank, mode, M) case of ``settings``; one record per contender and case. Stops
-    before the next case once ``budget`` is spent; calls ``checkpoint(records)`` after each base layer."""
+    """Every (compute dtype, model shape, base, rank, mode, M) case of ``settings``; one record per contender and
+    case. Stops before the next case once ``budget`` is spent; calls ``checkpoint(records)`` after each base layer.
+    ``peaks`` are those of one dtype: cases in another get no fraction of peak."""
+    records: list[LayerRecord] = []
+    for dtype in settings.layer_suite_dtypes():
+        dtype_peaks = peaks if peaks is not None and peaks.dtype == str(dtype).removeprefix("torch.") else None
+        records += _dtype_cases(settings, dtype, device, dtype_peaks, progress, budget, checkpoint, records)
+        if budget.spent():
+            break
+    return records
+
+
+def _dtype_cases(settings, dtype, device, peaks, progress, budget, checkpoint, done: list[LayerRecord]) -> list[LayerRecord]:
+    """The cases of one compute dtype (see :func:`run_layer_suite`); ``done``: the records of earlier dtypes, for
+    the checkpoints."""
     records: list[LayerRecord] = []
     for model in settings.layer_models:
         for shape_index, shape in enumerate(selected_shapes(model, settings)):
             for base in settings.bases:
                 if budget.spent():
                     return records
-                base_layer = make_base(shape, base_kind(base), settings.dtype, device, seed=settings.seed + shape_index)
+                base_layer = make_base(shape, base_kind(base), dtype, device, seed=settings.seed + shape_index)
                 for rank in settings.ranks:
                     fixture = add_adapter(base_layer, rank, seed=settings.seed + rank)
                     contenders, unavailable = contenders_for(fixture, settings, device, dora=base.endswith(DORA))
@@ -555,9 +569,10 @@ def run_layer_suite(
                         for tokens in settings.tokens:
                             if budget.spent():
                                 return records
-                            case = LayerCase(model, shape, tokens, base, mode, rank, settings.dtype)
+                            case = LayerCase(model, shape, tokens, base, mode, rank, dtype)
                             if progress is not None:
-                                progress.set_postfix_str(f"{model} {shape.projections} {base} r{rank} {mode} M={tokens}")
+                                name = str(dtype).removeprefix("torch.")
+                                progress.set_postfix_str(f"{name} {model} {shape.projections} {base} r{rank} {mode} M={tokens}")
                             records += run_case(case, fixture, contenders, unavailable, device, peaks, settings.timing)
                             if progress is not None:
                                 progress.update(1)
@@ -566,10 +581,10 @@ def run_layer_suite(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if checkpoint is not None:
-                    checkpoint(records)
+                    checkpoint(done + records)
     return records
 
 
 def cases_done(records: list[LayerRecord]) -> int:
     """How many cases ``records`` covers (each case has one record per contender)."""
-    return len({(r.model, r.projections, r.base, r.rank, r.mode, r.tokens) for r in records})
+    return len({(r.model, r.projections, r.base, r.rank, r.mode, r.tokens, r.dtype) for r in records})

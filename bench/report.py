@@ -118,15 +118,48 @@ def layer_detail_table(records: list[LayerRecord]) -> str:
 
 
 def layer_summary_rows(records: list[LayerRecord]) -> list[list[object]]:
-    """Per (base, mode, contender): geometric mean, min and max speedup vs PEFT over the cases measured."""
+    """Per (dtype, base, mode, contender): geometric mean, min and max speedup vs PEFT over the cases measured."""
     speedups: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
         if r.contender != PEFT and r.status == "ok" and r.speedup_vs_peft:
-            speedups[(r.base, r.mode, r.contender)].append(r.speedup_vs_peft)
+            speedups[(r.dtype, r.base, r.mode, r.contender)].append(r.speedup_vs_peft)
     return [
-        [base, mode, contender, len(values), _ratio(geometric_mean(values)), _ratio(min(values)), _ratio(max(values))]
-        for (base, mode, contender), values in speedups.items()
+        [dtype, base, mode, contender, len(values), _ratio(geometric_mean(values)), _ratio(min(values)), _ratio(max(values))]
+        for (dtype, base, mode, contender), values in speedups.items()
     ]
+
+
+#: The floors every default case must hold: fastlora at least as fast as PEFT, and at most 3% behind the split practice.
+PEFT_FLOOR, SPLIT_FLOOR = 1.0, 0.97
+
+
+def floor_rows(records: list[LayerRecord]) -> list[list[object]]:
+    """Per compute dtype and fastlora contender: the cases measured, how many fall below each floor (speed of
+    fastlora / PEFT < 1, fastlora / split < 0.97) and the lowest of each ratio, with its case."""
+    by_case: dict[tuple, dict[str, LayerRecord]] = defaultdict(dict)
+    for r in records:
+        if r.status == "ok" and r.median_s:
+            by_case[(r.dtype, r.model, r.in_features, r.out_features, r.base, r.mode, r.rank, r.tokens)][r.contender] = r
+    worst: dict[tuple, dict] = {}
+    for case, by_name in by_case.items():
+        for name, r in by_name.items():
+            if not name.startswith("fastlora"):
+                continue
+            entry = worst.setdefault((case[0], name), {"cases": 0, "peft": [], "split": []})
+            entry["cases"] += 1
+            label = f"{case[4]} {case[5]} {case[2]}→{case[3]} M={case[7]}"
+            for other in ("peft", "split"):
+                if other in by_name:
+                    entry[other].append((by_name[other].median_s / r.median_s, label))
+    rows = []
+    for (dtype, name), entry in worst.items():
+        row = [dtype, name, entry["cases"]]
+        for other, floor in (("peft", PEFT_FLOOR), ("split", SPLIT_FLOOR)):
+            ratios = entry[other]
+            lowest = min(ratios) if ratios else None
+            row += [sum(ratio < floor for ratio, _ in ratios), "-" if lowest is None else f"{_ratio(lowest[0])} ({lowest[1]})"]
+        rows.append(row)
+    return rows
 
 
 # ---- training and memory ------------------------------------------------------------------------------------------
@@ -225,7 +258,12 @@ def summary_table(results: Results) -> str:
     parts = []
     if results.layers:
         parts.append("Layers: speedup vs PEFT (geometric mean over shapes and M; min; max)\n\n" + markdown_table(
-            ["base", "mode", "contender", "cases", "geo mean", "min", "max"], layer_summary_rows(results.layers)))
+            ["dtype", "base", "mode", "contender", "cases", "geo mean", "min", "max"], layer_summary_rows(results.layers)))
+        parts.append(
+            f"Layer floors per compute dtype: cases where fastlora is slower than PEFT (speed ratio < {PEFT_FLOOR:g}) or "
+            f"more than 3% behind the split practice (< {SPLIT_FLOOR:g}), and the lowest ratio of each\n\n"
+            + markdown_table(["dtype", "contender", "cases", "< PEFT", "lowest vs PEFT", "< split −3%", "lowest vs split"],
+                             floor_rows(results.layers)))  # fmt: skip
     if results.train:
         parts.append("Training\n\n" + markdown_table(TRAIN_HEADERS, train_rows(results.train)))
     if results.memory:

@@ -1,8 +1,9 @@
 """Benchmark settings: one dataclass, with defaults per device that keep a full run short.
 
 CPU defaults finish in a few minutes on 2 cores: a 17M-parameter Llama ("tiny") for every suite, fp32 compute
-(bf16 matmuls are several times slower than fp32 on CPUs without AMX/AVX512-BF16, so QLoRA on CPU computes in
-fp32; ``--dtype bfloat16`` measures bf16 instead). GPU defaults are the full suite of the issue: Llama-3-8B,
+for training (bf16 matmuls are several times slower than fp32 on CPUs without AMX/AVX512-BF16, so QLoRA on CPU
+computes in fp32), and the layer suite in fp32 and again in bf16 (``layer_dtypes``: fastlora must beat PEFT in
+each; on CPUs with AVX512-BF16 PEFT's bf16 GEMMs are fast). ``--dtype`` sets one compute dtype for every suite. GPU defaults are the full suite of the issue: Llama-3-8B,
 Llama-3.2-1B and Qwen2.5-7B layer shapes for M = 1 ... 8192, r = 16 and 64; Llama-3.2-1B and Llama-3-8B
 training; a sequence-length sweep on Llama-3-8B QLoRA; bf16 compute. How long that takes on one H100 is not
 measured yet; ``time_budget_s`` (``--time-budget``) stops starting new work after a given time.
@@ -34,6 +35,8 @@ class BenchSettings:
     suites: tuple[str, ...]
     dtype: torch.dtype
     seed: int = 0
+    # Compute dtypes of the layer suite, each a full set of cases; empty: ``dtype`` alone.
+    layer_dtypes: tuple[torch.dtype, ...] = ()
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     # Contenders: fastlora backends (each one a contender), and the Triton paths to measure ("auto" = its
     # run-time choice of fastlora.tuning; "fused"/"split" force one).
@@ -83,7 +86,12 @@ class BenchSettings:
         """JSON-ready: dtypes as names."""
         payload = asdict(self)
         payload["dtype"] = dtype_name(self.dtype)
+        payload["layer_dtypes"] = [dtype_name(d) for d in self.layer_dtypes]
         return payload
+
+    def layer_suite_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The compute dtypes the layer suite runs, in order."""
+        return self.layer_dtypes or (self.dtype,)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -107,7 +115,14 @@ def default_settings(device: str) -> BenchSettings:
     device_type = torch.device(device).type
     available = available_backends(device_type)
     if device_type == "cpu":
-        return BenchSettings(device=device, suites=SUITES, dtype=torch.float32, backends=available, train_backends=available)
+        return BenchSettings(
+            device=device,
+            suites=SUITES,
+            dtype=torch.float32,
+            layer_dtypes=(torch.float32, torch.bfloat16),
+            backends=available,
+            train_backends=available,
+        )
     return BenchSettings(
         device=device,
         suites=SUITES,

@@ -28,15 +28,16 @@ struct LoraLayerNode : public torch::autograd::Function<LoraLayerNode> {
                             const at::Tensor& lora_b, const at::Tensor& weight,
                             const std::optional<at::Tensor>& absmax, int64_t blocksize,
                             const std::optional<at::Tensor>& bias, const at::Tensor& seeds, int64_t threshold,
-                            double keep_scale, double lora_scale) {
+                            double keep_scale, double lora_scale, int64_t path) {
     const int64_t rank = lora_a.size(0);
     const at::Tensor lora_s = lora_down(x, lora_a, {rank}, seeds, {threshold}, {keep_scale}, {lora_scale});
-    at::Tensor y = lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, /*path=*/0, std::nullopt);
+    at::Tensor y = lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, path, std::nullopt);
     ctx->save_for_backward({x, lora_a, lora_b, weight, absmax.value_or(at::Tensor()), lora_s, seeds});
     ctx->saved_data["blocksize"] = blocksize;
     ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["keep_scale"] = keep_scale;
     ctx->saved_data["lora_scale"] = lora_scale;
+    ctx->saved_data["path"] = path;
     return y;
   }
 
@@ -54,13 +55,14 @@ struct LoraLayerNode : public torch::autograd::Function<LoraLayerNode> {
     const int64_t threshold = ctx->saved_data["threshold"].toInt();
     const double keep_scale = ctx->saved_data["keep_scale"].toDouble();
     const double lora_scale = ctx->saved_data["lora_scale"].toDouble();
+    const int64_t path = ctx->saved_data["path"].toInt();
 
     const at::Tensor grad_out = grads[0].contiguous();
     auto [grad_s, grad_b] = lora_up_grad(grad_out, lora_b, lora_s, {rank}, {lora_scale});
     at::Tensor grad_x, grad_a;
     if (ctx->needs_input_grad(0)) {
       grad_x = lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, {rank}, seeds,
-                                      {threshold}, {keep_scale}, /*path=*/0);
+                                      {threshold}, {keep_scale}, path);
     }
     if (ctx->needs_input_grad(1)) {
       grad_a = as_dtype(lora_down_grad(grad_s, x, {rank}, seeds, {threshold}, {keep_scale}), lora_a.scalar_type());
@@ -72,7 +74,7 @@ struct LoraLayerNode : public torch::autograd::Function<LoraLayerNode> {
     }
     // One entry per forward argument; the frozen base and the scalars get none.
     return {grad_x, grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -81,17 +83,17 @@ struct LoraLayerNode : public torch::autograd::Function<LoraLayerNode> {
 at::Tensor lora_layer(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                       const at::Tensor& weight, const std::optional<at::Tensor>& absmax, int64_t blocksize,
                       const std::optional<at::Tensor>& bias, const at::Tensor& seeds, int64_t threshold,
-                      double keep_scale, double lora_scale) {
+                      double keep_scale, double lora_scale, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2, "x, lora_a, lora_b must be matrices");
   TORCH_CHECK(!bias.has_value() || !bias->requires_grad(), "lora_layer: the base bias must be frozen");
   const bool records = at::GradMode::is_enabled() && (x.requires_grad() || lora_a.requires_grad() || lora_b.requires_grad());
   if (!records) {  // inference: the two ops alone, without building a node
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor lora_s = lora_down(x, lora_a, {lora_a.size(0)}, seeds, {threshold}, {keep_scale}, {lora_scale});
-    return lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, /*path=*/0, std::nullopt);
+    return lora_linear(x, weight, absmax, blocksize, bias, lora_s, lora_b, path, std::nullopt);
   }
   return LoraLayerNode::apply(x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale,
-                              lora_scale);
+                              lora_scale, path);
 }
 
 }  // namespace fastlora

@@ -2,9 +2,10 @@
 // fastlora/backends/cpp.py, which the `fastlora::*` CPU kernels route to for backend "cpp".
 // Signatures mirror fastlora/backends/reference.py; dropout takes host-computed thresholds and scales.
 //
-// Strategy: everything is computed in fp32 (bf16/fp16 inputs are upcast once: on AVX2-only CPUs fp32 GEMM
-// is several times faster than bf16 GEMM). The base product comes first, written fresh, and the thin LoRA
-// term is accumulated into it. How W reaches the base product depends on its kind and on M:
+// Strategy: computed in fp32 (bf16/fp16 inputs are upcast once: on AVX2-only CPUs fp32 GEMM is several times
+// faster than bf16 GEMM), except on the "half" path (lora_half.cpp), which the run-time choice offers where the
+// CPU multiplies bf16/fp16 natively: there the base GEMM runs in x's dtype. The base product comes first, written
+// fresh, and the thin LoRA term is accumulated into it. How W reaches the base product depends on its kind and M:
 // - dense fp32 W: handed to BLAS as it is (also a strided view, e.g. a GPT-2 Conv1D weight transposed);
 // - bitsandbytes 8-bit W (int8 codes, per-row scales): converted like NF4 below, whole or by panels;
 // - NF4 W and at most a few tokens (decode): fused row kernels (nf4_gemv.h) read the 4-bit codes once and
@@ -24,11 +25,10 @@
 #include <tuple>
 #include <vector>
 
+#include "base_weight.h"
 #include "dropout_mask.h"
-#include "int8_dequant.h"
+#include "lora_half.h"
 #include "lora_ops.h"
-#include "nf4_dequant.h"
-#include "nf4_gemv.h"
 
 namespace fastlora {
 namespace {
@@ -46,23 +46,14 @@ std::atomic<int64_t> whole_weight_bytes{kDefaultWholeWeightBytes};
 // codes once and multiply in L1 (decode sizes, where dequantize + BLAS costs about twice as much).
 constexpr int64_t kDefaultFusedTokens = 4;
 std::atomic<int64_t> fused_tokens{kDefaultFusedTokens};
-constexpr int64_t kPanelAlign = 16;
 // Up to this many elements of dy, lora_up_grad computes dB as dy^T @ S (see there).
 constexpr int64_t kTransposedUpGradElements = 512 * 1536;
-// Elements per parallel task for elementwise loops: enough work to amortize waking a thread.
-constexpr int64_t kElementGrain = 1 << 15;
 
 // The ops compute in fp32 by design; under torch.autocast the ATen calls inside them would otherwise be
 // re-dispatched through autocast and run in bf16. Every op opens one of these first.
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
-
-// Already fp32 and contiguous (the common case) returns t itself, without two dispatcher round trips: at a few
-// tokens an op's host work is most of its time.
-at::Tensor as_f32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-}
 
 // Panel extent along one axis of the weight when the other axis has `other` elements.
 int64_t panel_extent(int64_t other, int64_t total) {
@@ -71,140 +62,27 @@ int64_t panel_extent(int64_t other, int64_t total) {
   return std::min(aligned, total);
 }
 
-// A reused per-thread fp32 scratch of at least `numel` elements, viewed as [rows, cols]. It only ever holds a
-// converted copy of W that one op reads and drops before returning, so it never aliases an op's output.
-at::Tensor scratch(int64_t rows, int64_t cols) {
-  thread_local at::Tensor buffer;
-  const int64_t numel = rows * cols;
-  if (!buffer.defined() || buffer.numel() < numel) {
-    buffer = at::Tensor();  // free the old one first: the peak is one buffer, not two
-    buffer = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
-  }
-  return buffer.narrow(0, 0, numel).view({rows, cols});
-}
-
 bool whole_weight_fits(int64_t n, int64_t k) {
   return n * k * static_cast<int64_t>(sizeof(float)) <= whole_weight_bytes.load(std::memory_order_relaxed);
 }
 
-// The frozen base weight W[n, k]: dense in any floating dtype (read through its strides: a transposed view is
-// never copied whole), bitsandbytes 8-bit (int8 codes [n, k] with absmax = per-row SCB), or NF4-packed.
-class BaseWeight {
- public:
-  BaseWeight(const at::Tensor& weight, const std::optional<at::Tensor>& absmax, int64_t blocksize, int64_t n,
-             int64_t k)
-      : blocksize_(blocksize), n_(n), k_(k) {
-    if (absmax.has_value() && weight.scalar_type() == at::kChar) {
-      codes_ = weight.contiguous();
-      row_scales_ = as_f32(*absmax);
-      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == n && weight.size(1) == k, "int8 weight must be [", n,
-                  ", ", k, "], got ", weight.sizes());
-      TORCH_CHECK(row_scales_.numel() == n, "int8 weight needs one scale per row: ", n, ", got ",
-                  row_scales_.numel());
-    } else if (absmax.has_value()) {
-      packed_ = weight.view(at::kByte).reshape({-1}).contiguous();
-      absmax_ = as_f32(*absmax);
-      TORCH_CHECK(packed_.numel() == (n * k + 1) / 2, "packed NF4 weight has ", packed_.numel(),
-                  " bytes, expected ", (n * k + 1) / 2, " for shape [", n, ", ", k, "]");
-      TORCH_CHECK(blocksize > 0 && absmax_.numel() >= (n * k + blocksize - 1) / blocksize,
-                  "absmax has too few blocks for blocksize ", blocksize);
-    } else {
-      dense_ = weight;
-      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == n && weight.size(1) == k, "dense weight must be [", n,
-                  ", ", k, "], got ", weight.sizes());
-    }
-  }
-
-  // fp32 dense weights go straight to BLAS; everything else is converted (whole or by panels) or fused.
-  bool is_dense_f32() const { return dense_.defined() && dense_.scalar_type() == at::kFloat; }
-  // Whether the fused few-token kernels take a product with `tokens` rows.
-  bool fused_for(int64_t tokens) const {
-    return packed_.defined() && tokens <= fused_tokens.load(std::memory_order_relaxed) && n_ > 0 && k_ > 0;
-  }
-  // Whether the fused few-token kernels exist for this weight at all (NF4), whatever the token count.
-  bool has_fused_kernels() const { return packed_.defined() && n_ > 0 && k_ > 0; }
-
-  // y[tokens, n] += x[tokens, k] @ W^T without materializing W (all contiguous fp32).
-  void fused_forward(const at::Tensor& x32, at::Tensor& y32) const {
-    const uint8_t* packed = packed_.data_ptr<uint8_t>();
-    const float* absmax = absmax_.data_ptr<float>();
-    const float* x = x32.data_ptr<float>();
-    float* y = y32.data_ptr<float>();
-    const int64_t tokens = x32.size(0);
-    at::parallel_for(0, n_, std::max<int64_t>(1, kElementGrain / k_), [&](int64_t begin, int64_t end) {
-      nf4_rows_times_tokens(packed, absmax, blocksize_, k_, n_, x, tokens, y, begin, end);
-    });
-  }
-
-  // dx[tokens, k] += dy[tokens, n] @ W without materializing W (all contiguous fp32); threads own column slices.
-  void fused_grad_input(const at::Tensor& dy32, at::Tensor& dx32) const {
-    const uint8_t* packed = packed_.data_ptr<uint8_t>();
-    const float* absmax = absmax_.data_ptr<float>();
-    const float* dy = dy32.data_ptr<float>();
-    float* dx = dx32.data_ptr<float>();
-    const int64_t tokens = dy32.size(0);
-    constexpr int64_t kSlice = 64;  // columns per task: whole 32-element dequant steps, slices stay in L1
-    const int64_t slices = (k_ + kSlice - 1) / kSlice;
-    at::parallel_for(0, slices, std::max<int64_t>(1, kElementGrain / (kSlice * n_)), [&](int64_t begin, int64_t end) {
-      nf4_tokens_times_columns(packed, absmax, blocksize_, k_, n_, dy, tokens, dx, begin * kSlice,
-                               std::min(k_, end * kSlice));
-    });
-  }
-  const at::Tensor& dense() const { return dense_; }
-
-  // panel[rows, cols] (contiguous) = W[row0 : row0+rows, col0 : col0+cols] in fp32.
-  void fill(int64_t row0, int64_t col0, at::Tensor& panel) const {
-    const int64_t rows = panel.size(0), cols = panel.size(1);
-    if (dense_.defined()) {
-      panel.copy_(dense_.narrow(0, row0, rows).narrow(1, col0, cols));
-      return;
-    }
-    if (codes_.defined()) {
-      const int8_t* codes = codes_.data_ptr<int8_t>();
-      const float* scales = row_scales_.data_ptr<float>();
-      float* out = panel.data_ptr<float>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1)),
-                       [&](int64_t begin, int64_t end) {
-                         for (int64_t r = begin; r < end; ++r) {
-                           int8_dequantize_row(codes + (row0 + r) * k_ + col0, scales[row0 + r], cols,
-                                               out + r * cols);
-                         }
-                       });
-      return;
-    }
-    const uint8_t* packed = packed_.data_ptr<uint8_t>();
-    const float* absmax = absmax_.data_ptr<float>();
-    float* out = panel.data_ptr<float>();
-    if (cols == k_) {  // whole rows: one contiguous flat range, split evenly between threads
-      const int64_t start = row0 * k_, count = rows * k_;
-      at::parallel_for(0, (count + kPanelAlign - 1) / kPanelAlign, kElementGrain / kPanelAlign,
-                       [&](int64_t begin, int64_t end) {
-                         const int64_t first = begin * kPanelAlign;
-                         const int64_t last = std::min(count, end * kPanelAlign);
-                         dequantize_segment(packed, absmax, blocksize_, start + first, last - first, out + first);
-                       });
-      return;
-    }
-    at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / cols), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        dequantize_segment(packed, absmax, blocksize_, (row0 + r) * k_ + col0, cols, out + r * cols);
-      }
-    });
-  }
-
- private:
-  at::Tensor dense_, packed_, absmax_, codes_, row_scales_;
-  int64_t blocksize_, n_, k_;
-};
+// The half path's panel extent along `total` (0: W whole): its copy of W (2 bytes an element) is kept whole under
+// the same byte limit as the fp32 copy; its panels hold as many elements as the fp32 ones.
+int64_t half_panel_extent(int64_t other, int64_t total) {
+  const bool whole = other * total * 2 <= whole_weight_bytes.load(std::memory_order_relaxed);
+  return whole || other == 0 || total == 0 ? 0 : panel_extent(other, total);
+}
 
 // How a non-fp32 W reaches the base product: the `path` argument of lora_linear / lora_linear_grad_input.
-// kAuto picks by the thresholds above; the others are what fastlora/tuning.py times and chooses between.
-enum BasePath : int64_t { kAuto = 0, kFused = 1, kWhole = 2, kPanels = 3 };
+// kAuto picks by the thresholds above; the others are what fastlora/tuning.py times and chooses between. kHalf
+// multiplies in x's dtype (bf16/fp16, lora_half.cpp), the others in fp32.
+enum BasePath : int64_t { kAuto = 0, kFused = 1, kWhole = 2, kPanels = 3, kHalf = 4 };
 
 BasePath chosen_path(const BaseWeight& base, int64_t path, int64_t tokens, int64_t n, int64_t k) {
-  TORCH_CHECK(path >= kAuto && path <= kPanels, "unknown base path ", path, " (0 auto, 1 fused, 2 whole, 3 panels)");
+  TORCH_CHECK(path >= kAuto && path <= kHalf, "unknown base path ", path,
+              " (0 auto, 1 fused, 2 whole, 3 panels, 4 half)");
   if (path == kAuto) {
-    if (base.fused_for(tokens)) return kFused;
+    if (base.fused_for(tokens, fused_tokens.load(std::memory_order_relaxed))) return kFused;
     return n > 0 && k > 0 && whole_weight_fits(n, k) ? kWhole : kPanels;
   }
   TORCH_CHECK(path != kFused || base.has_fused_kernels(), "the fused path needs a non-empty NF4 weight");
@@ -360,11 +238,19 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   TORCH_CHECK(x.dim() == 2 && lora_s.dim() == 2 && lora_b.dim() == 2, "x, lora_s, lora_b must be matrices");
   const int64_t n = lora_b.size(0), k = x.size(1);
   const BaseWeight base(weight, absmax, blocksize, n, k);
-  const at::Tensor x32 = as_f32(x), s32 = as_f32(lora_s), b32 = as_f32(lora_b);
+  const at::Tensor s32 = as_f32(lora_s), b32 = as_f32(lora_b);
+  const BasePath chosen = chosen_path(base, path, x.size(0), n, k);
+  const bool half = chosen == kHalf && !base.is_dense_f32();  // a dense fp32 W is multiplied in fp32 regardless
+  const bool scaled = col_scale.has_value();
+  if (half && !scaled) {  // x W^T rounded to x's dtype, then (bias + S B^T) in fp32 added and the sum rounded
+    at::Tensor y = half_forward(base, x.contiguous(), n, k, half_panel_extent(k, n));
+    add_rounded(y, bias.has_value() ? at::addmm(as_f32(*bias), s32, b32.t()) : at::mm(s32, b32.t()));
+    return y;
+  }
+  const at::Tensor x32 = half ? at::Tensor() : as_f32(x);
   // The base product first, written fresh; the thin LoRA term then accumulates into it. MKL measured up to 9%
   // slower on the big GEMM when it accumulates into an existing output (beta = 1) than when it writes one.
   // With a column scale (DoRA's m / row norm) the bias joins after it: y = c * (x W^T + S B^T) + bias.
-  const bool scaled = col_scale.has_value();
   const std::optional<at::Tensor> bias32 =
       bias.has_value() && !scaled ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt;
   const auto product = [&](const at::Tensor& w_t) {
@@ -376,8 +262,9 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
                               : at::zeros({x32.size(0), n}, x32.options());
   };
   at::Tensor y32;
-  const BasePath chosen = chosen_path(base, path, x32.size(0), n, k);
-  if (base.is_dense_f32()) {
+  if (half) {  // with a column scale: the rounded base product continues in fp32
+    y32 = half_forward(base, x.contiguous(), n, k, half_panel_extent(k, n)).to(at::kFloat);
+  } else if (base.is_dense_f32()) {
     y32 = product(base.dense().t());
   } else if (chosen == kFused) {
     y32 = bias_or_zeros();
@@ -448,13 +335,22 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t n = grad_out.size(1), k = lora_a.size(1);
   const BaseWeight base(weight, absmax, blocksize, n, k);
   const Adapters adapters(ranks, seeds, thresholds, keep_scales);
-  const at::Tensor dy32 = as_f32(grad_out), ds32 = as_f32(grad_s), a32 = as_f32(lora_a);
+  const at::Tensor ds32 = as_f32(grad_s), a32 = as_f32(lora_a);
 
   // The base product dy @ W first, written fresh (see lora_linear); then the LoRA term, masked per adapter.
   const int64_t m = grad_out.size(0);
-  at::Tensor dx32;
   const BasePath chosen = chosen_path(base, path, m, n, k);
-  if (base.is_dense_f32()) {
+  const bool half = chosen == kHalf && !base.is_dense_f32();
+  if (half && !adapters.any_dropout()) {  // dy W rounded to dy's dtype, then dS A in fp32 added and rounded
+    at::Tensor dx = half_grad_input(base, grad_out.contiguous(), n, k, half_panel_extent(n, k));
+    add_rounded(dx, at::mm(ds32, a32));
+    return dx;
+  }
+  const at::Tensor dy32 = half ? at::Tensor() : as_f32(grad_out);
+  at::Tensor dx32;
+  if (half) {  // with dropout: the rounded base product continues in fp32, the masked terms added below
+    dx32 = half_grad_input(base, grad_out.contiguous(), n, k, half_panel_extent(n, k)).to(at::kFloat);
+  } else if (base.is_dense_f32()) {
     dx32 = at::mm(dy32, base.dense());
   } else if (chosen == kFused) {
     dx32 = at::zeros({m, k}, dy32.options());

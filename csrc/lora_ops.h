@@ -29,10 +29,10 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& seeds, at::IntArrayRef thresholds,
                                   at::ArrayRef<double> keep_scales, int64_t path);
 
-// One LoRA layer call with a single adapter as a C++ autograd node (lora_layer.cpp).
+// One LoRA layer call with a single adapter as a C++ autograd node (lora_layer.cpp); `path`: both base products'.
 at::Tensor lora_layer(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                       const at::Tensor& weight, const std::optional<at::Tensor>& absmax, int64_t blocksize,
                       const std::optional<at::Tensor>& bias, const at::Tensor& seeds, int64_t threshold,
-                      double keep_scale, double lora_scale);
+                      double keep_scale, double lora_scale, int64_t path);
 
 }  // namespace fastlora

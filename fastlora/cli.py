@@ -71,6 +71,8 @@ def _bench_parser(subparsers) -> None:
     p.add_argument("--no-split", action="store_true", help="leave out the split-practice contender")
     p.add_argument("--no-dense", action="store_true", help="leave out the dense F.linear reference")
     layer = p.add_argument_group("layer suite")
+    layer.add_argument("--layer-dtypes", type=_split(_dtype),
+                       help="compute dtypes of the layer suite, e.g. float32,bfloat16 (CPU default; else --dtype)")  # fmt: skip
     layer.add_argument("--tokens", type=_split(int), help="M values, e.g. 1,16,128")
     layer.add_argument("--ranks", type=_split(int), help="LoRA ranks, e.g. 16,64")
     layer.add_argument("--bases", type=_split(), help="dense, nf4")
@@ -96,6 +98,7 @@ def _bench_parser(subparsers) -> None:
 #: CLI option -> BenchSettings field(s) it sets.
 _OVERRIDES = {
     "dtype": ("dtype",),
+    "layer_dtypes": ("layer_dtypes",),
     "backends": ("backends", "train_backends"),
     "triton_paths": ("triton_paths",),
     "tokens": ("tokens",),
@@ -131,6 +134,8 @@ def settings_from_args(args: argparse.Namespace):
         raise SystemExit(f"fastlora bench: unknown suite(s) {sorted(unknown)}; choose from {', '.join(SUITES)} or all")
     for model in args.model or ():
         preset(model)  # raises with the list of known presets
+    if args.dtype is not None and args.layer_dtypes is None:
+        changes["layer_dtypes"] = ()  # one compute dtype asked for: the layer suite runs it alone
     changes["suites"] = tuple(suites)
     changes["include_split"] = not args.no_split
     changes["include_dense"] = not args.no_dense

@@ -4,13 +4,16 @@
   path, below a Python ``autograd.Function``);
 - "native": the same ops of the C++ backend in one C++ autograd node (``csrc/lora_layer.cpp``: no Python in
   forward or backward), for any base the C++ ops serve (dense, NF4, 8-bit), dropout included;
+- "native_half": that node with both base GEMMs in x's dtype (the C++ "half" path), for bf16/fp16 compute with a
+  W that is not dense fp32, where the CPU multiplies that dtype natively (:func:`fastlora.backends.cpp.native_half_gemm`);
 - "autograd": torch's own nodes, ``addmm(F.linear(x, W, b), x·Aᵀ, Bᵀ, alpha=s)``, for a dense fp32 W and no dropout.
 
 At few tokens a layer call's time is mostly host work, and a Python backward is a large part of it. All three
 save the same tensors (x and the thin S = s·drop(x)·Aᵀ, plus the dropout seed; W, A and B are the layer's own) and
 compute in fp32. The choice applies only where they compute the same thing: one adapter, no ``lora_bias``, mixed
 batch or DoRA, a base bias that needs no gradient, not under ``torch.compile``, on a kernel backend whose paths are
-timed (not the torch reference, the oracle, nor Triton's CPU interpreter). It is made like the ops' paths
+timed (not the torch reference, the oracle, nor Triton's CPU interpreter). "native_half" rounds the base GEMM to
+x's dtype before the fp32 LoRA term is added (as PEFT does, which rounds its LoRA term too). It is made like the ops' paths
 (:func:`fastlora.tuning.choose`: op "lora_layer", forced by ``FASTLORA_PATH=lora_layer=native``), timing one
 forward+backward of each candidate on detached copies of the call's inputs (no ``.grad`` is touched), outside the
 caller's saved-tensor hooks and on a fork of the random generators (so activation checkpointing, which recomputes
@@ -20,8 +23,8 @@ forward.
 
 Usage::
 
-    path = graph.path(x, base, adapter, backend, function)   # "function", "native" or "autograd"
-    y = graph.run(path, x, base, adapter, seeds)             # for "native" and "autograd"
+    path = graph.path(x, base, adapter, backend, function)   # "function", "native", "native_half" or "autograd"
+    y = graph.run(path, x, base, adapter, seeds)             # for all but "function"
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ _memo = tuning.memo_holder()
 MARGIN = 0.10
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
+#: The C++ node's graphs and the base path each gives it (a :data:`fastlora.backends.cpp.PATH_CODES` name).
+_NATIVE_PATHS = {"native": "auto", "native_half": "half"}
 #: ``function(x, base, adapter, backend)``: the call on fastlora's own Function (or its ops alone without grad).
 Function = Callable[..., Tensor]
 
@@ -57,7 +62,11 @@ def _candidates(x: Tensor, base, adapter, backend: str) -> tuple[str, ...]:
         base.absmax is None and adapter.dropout_p == 0.0 and x.dtype is torch.float32 and base.weight.dtype is torch.float32
     )
     if native:
-        return ("native", "function", "autograd") if dense_f32 else ("native", "function")
+        if dense_f32:
+            return ("native", "function", "autograd")
+        converted = base.absmax is not None or base.weight.dtype is not torch.float32  # not a dense fp32 W
+        half = converted and x.dtype in (torch.bfloat16, torch.float16) and cpp.native_half_gemm(x.dtype)
+        return ("native", "native_half", "function") if half else ("native", "function")
     if dense_f32 and backend == "triton" and x.is_cuda:
         return ("function", "autograd")
     return ()
@@ -84,11 +93,11 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
 
 
 def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
-    """The call on graph ``path`` ("native" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
-    if path == "native":
+    """The call on graph ``path`` ("native", "native_half" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
+    if path in _NATIVE_PATHS:
         return cpp.lora_layer(
             x, adapter.lora_a, adapter.lora_b, base.weight, base.absmax, base.blocksize, base.bias, seeds,
-            adapter.dropout_p, adapter.scale,
+            adapter.dropout_p, adapter.scale, _NATIVE_PATHS[path],
         )  # fmt: skip
     return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
 

@@ -261,7 +261,9 @@ def test_report_has_tables_versions_settings_and_problems():
                      "![layers_nf4.png](layers_nf4.png)", "2025-01-01"):  # fmt: skip
         assert expected in text, expected
     summary = report.summary_table(_synthetic_results())
-    assert "| nf4 | fwd+bwd | fastlora[cpp] | 2 | 2.00× |" in summary
+    assert "| bfloat16 | nf4 | fwd+bwd | fastlora[cpp] | 2 | 2.00× |" in summary
+    # the floors table: 2 cases, none below PEFT; split has no timing (mismatch), so no split ratio
+    assert "| bfloat16 | fastlora[cpp] | 2 | 0 | 2.00× (nf4 fwd+bwd 4096→4096 M=1) | 0 | - |" in summary
     assert "split on llama-3-8b q_proj,o_proj nf4 fwd+bwd r=16 M=1: mismatch" in summary
 
 
@@ -299,6 +301,11 @@ def test_settings_from_command_line():
     assert settings.suites == ("layers", "memory") and settings.time_budget_s == 90
     assert settings.layer_models == settings.train_models == settings.memory_models == ("micro",)
     assert settings.tokens == (1, 8) and settings.dtype == torch.bfloat16 and settings.checkpointing == (True,)
+    assert settings.layer_suite_dtypes() == (torch.bfloat16,)  # one --dtype: the layer suite runs it alone
+    default = settings_from_args(build_parser().parse_args(["bench", "--device", "cpu"]))
+    assert default.layer_suite_dtypes() == (torch.float32, torch.bfloat16) and default.dtype == torch.float32
+    chosen = settings_from_args(build_parser().parse_args(["bench", "--device", "cpu", "--layer-dtypes", "bf16"]))
+    assert chosen.layer_suite_dtypes() == (torch.bfloat16,)
     assert settings.backends == settings.train_backends == ("torch",)
     assert settings.threads == 1 and not settings.include_split
     with pytest.raises(SystemExit):
@@ -321,6 +328,7 @@ def test_bench_end_to_end_on_cpu(tmp_path):
     assert code == 0
     results = Results.load(out / "results.json")
     assert results.layers and results.train and results.memory
+    assert {r.dtype for r in results.layers} == {"float32", "bfloat16"}  # the default layer suite runs both
     assert all(r.status in ("ok", "skipped") for r in results.layers), [r for r in results.layers if r.status not in ("ok", "skipped")]
     assert all(r.status == "ok" for r in results.train + results.memory)
     fastlora_runs = [r for r in results.train if r.contender.startswith("fastlora")]

@@ -31,7 +31,7 @@ from torch import Tensor
 from fastlora.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
-SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp")
+SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_half.cpp")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -219,21 +219,26 @@ def lora_layer(
     seeds: Tensor,
     dropout_p: float,
     scale: float,
+    path: str = "auto",
 ) -> Tensor:
     """One LoRA layer call with a single adapter as a C++ autograd node (``csrc/lora_layer.cpp``):
     ``y = x·Wᵀ + b + s·drop(x)·Aᵀ·Bᵀ`` in x's dtype, with the backward of :class:`fastlora.autograd.LoRALinearFunction`
-    (gradients of x, A, B) run in C++. Not an op of the schema: a candidate of :mod:`fastlora.graph`.
+    (gradients of x, A, B) run in C++. Not an op of the schema: a candidate of :mod:`fastlora.graph`. ``path``
+    (a :data:`PATH_CODES` name) is how both base products get W, e.g. "half" for bf16/fp16 GEMMs.
 
     Usage: ``y = cpp.lora_layer(x, a, b, w, None, 0, None, seeds, 0.0, 2.0)``
     """
     (threshold,), (keep_scale,) = _dropout_args((dropout_p,))
-    return _direct_ops().lora_layer(x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale)
+    return _direct_ops().lora_layer(
+        x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale, PATH_CODES[path]
+    )
 
 
 # ---- run-time candidates (fastlora.tuning) ------------------------------------------------------------------------
 
-#: How a non-fp32 W reaches the base GEMM: csrc/lora_ops.cpp's ``BasePath`` codes. "auto" is its size thresholds.
-PATH_CODES = {"auto": 0, "fused": 1, "whole": 2, "panels": 3}
+#: How a non-fp32 W reaches the base GEMM: csrc/lora_ops.cpp's ``BasePath`` codes. "auto" is its size thresholds;
+#: "half" converts W to x's dtype (bf16/fp16) and multiplies in it (csrc/lora_half.cpp), the others in fp32.
+PATH_CODES = {"auto": 0, "fused": 1, "whole": 2, "panels": 3, "half": 4}
 #: Largest M bucket at which the fused few-token kernels are timed: they multiply row by row, so at larger M they
 #: only lose, by a wide margin (dequantize + BLAS is ~2x faster already from about 8 tokens).
 FUSED_MAX_M_BUCKET = 16
@@ -260,12 +265,37 @@ def _grad_input_on(code: int):
     return lora_linear_grad_input
 
 
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16 or fp16) natively, so that ATen's GEMM in it can beat fp32:
+    AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16. Elsewhere a bf16/fp16 GEMM emulates in software and is slower
+    than fp32 by several times (fp16 by up to 100x on an AVX512-BF16 EPYC), so the "half" candidates are not even
+    timed there. Usage: ``cpp.native_half_gemm(torch.bfloat16)``."""
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    elif dtype == torch.float16:
+        probes = ("_is_amx_fp16_supported",)
+    else:
+        return False
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
+def _half_applies(key) -> bool:
+    """The "half" candidate: bf16/fp16 compute the CPU multiplies natively, a W that is not dense fp32 (that one
+    goes to fp32 BLAS as it is)."""
+    dtype = getattr(torch, key.dtype, None)
+    return key.base != "float32" and dtype in (torch.bfloat16, torch.float16) and native_half_gemm(dtype)
+
+
 def candidates(device_type: str = "cpu") -> dict:
     """Per tuned op, the implementations :mod:`fastlora.tuning` times, the default first: the C++ paths (a dense
     fp32 W goes straight to BLAS: "blas"; other W are converted "whole" into a reused buffer or by "panels", and
-    NF4 at few tokens has "fused" kernels) and "torch", the ATen composite of the split practice. For the base
-    products the composite runs only with fp32 compute: in bf16/fp16 it would round the base GEMM before adding the
-    LoRA term, where the C++ paths compute in fp32 and round once, so the choice would change the numbers.
+    NF4 at few tokens has "fused" kernels; with bf16/fp16 compute on a CPU that multiplies it natively, "half"
+    converts W to that dtype and runs the GEMM in it) and "torch", the ATen composite of the split practice. For the
+    base products the composite runs only with fp32 compute: "half" computes what it would in bf16/fp16 (the base
+    GEMM rounded, the fp32 LoRA term added, the sum rounded), without its allocations. Either rounds the base GEMM
+    where the fp32 paths round once: in bf16 the choice can change the output by about one unit roundoff, never
+    farther from the exact result than PEFT, which rounds its LoRA term too.
 
     Usage: ``cpp.candidates()["lora_linear"]["panels"].fn(x, packed, absmax, 64, None, s, b)``
     """
@@ -283,6 +313,7 @@ def candidates(device_type: str = "cpu") -> dict:
             "fused": Candidate(on(PATH_CODES["fused"]), fused),
             "whole": Candidate(on(PATH_CODES["whole"]), converted),
             "panels": Candidate(on(PATH_CODES["panels"]), converted),
+            "half": Candidate(on(PATH_CODES["half"]), _half_applies),
             "torch": Candidate(torch_fn, lambda key: key.dtype == "float32" and not key.dropout),
         }
 

@@ -1,0 +1,190 @@
+"""The C++ backend's "half" path (csrc/lora_half.cpp): W converted to x's dtype (bf16/fp16) and the base GEMMs run
+in it, the fp32 LoRA term added and the sum rounded once more; and its run-time candidates ("half" for the base ops,
+"native_half" for the whole-layer graph).
+
+Tolerances: the weight conversion is exact (checked bit for bit through an identity x, whose products are exact);
+the numerics are held to PEFT's: against float64 on the same half-precision inputs, the error may exceed PEFT's by
+at most half an output ulp (:func:`tests.test_layer_parity.assert_half_output_no_worse_than_peft`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import backends, tuning
+from fastlora.backends import cpp
+from tests.conftest import lora_layer_model
+from tests.test_cpp_ops import isa  # noqa: F401 - the fixture: once per code path (AVX2, portable)
+from tests.test_layer_parity import assert_half_output_no_worse_than_peft, float64_reference, run
+
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None, reason="needs the C++ backend")
+
+HALF = cpp.PATH_CODES["half"]
+ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+NO_DROPOUT = ([0], [1.0])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(tmp_path, monkeypatch):
+    """No choices made and a cache of the test's own; every test leaves none behind."""
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    tuning.reset()
+    yield
+    monkeypatch.undo()
+    tuning.reset()
+
+
+@pytest.fixture(params=["whole", "panels"])
+def layout(request):
+    """W converted whole into the reused buffer, or by small panels (several rows/columns each, a partial last)."""
+    whole = 1 << 30 if request.param == "whole" else 0
+    previous = cpp.set_whole_weight_bytes(whole), cpp.set_panel_bytes(3000)
+    yield request.param
+    cpp.set_whole_weight_bytes(previous[0])
+    cpp.set_panel_bytes(previous[1])
+
+
+def _base(kind: str, n: int, k: int):
+    """(weight, absmax, blocksize, W in fp32 as the kernels compute it) of a random frozen base of ``kind``."""
+    import bitsandbytes.functional as bnbF
+
+    w = torch.randn(n, k) / k**0.5
+    if kind == "nf4":
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        return packed.reshape(-1), state.absmax.float(), 64, bnbF.dequantize_4bit(packed, state).float()
+    if kind == "int8":
+        codes, scb, _ = bnbF.int8_vectorwise_quant(w.half())
+        return codes, scb, 0, bnbF.int8_vectorwise_dequant(codes, scb)
+    dense = w.to({"bf16": torch.bfloat16, "fp16": torch.float16}[kind])
+    return dense, None, 0, dense.float()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_is_w_rounded_once(kind, dtype, layout, isa):
+    """Through x = I (forward) and dy = I (grad_input), with a zero LoRA term, the half path returns W (Wᵀ) in x's
+    dtype: it must equal the fp32 W rounded to that dtype (nearest even) bit for bit, whole or by panels, on the
+    AVX2 and the portable code. n·k odd: a half-used last NF4 byte."""
+    n, k = 75, 37
+    weight, absmax, blocksize, w32 = _base(kind, n, k)
+    seeds = torch.zeros(1, dtype=torch.int64)
+    eye_k, eye_n = torch.eye(k, dtype=dtype), torch.eye(n, dtype=dtype)
+    y = cpp._direct_ops().lora_linear(eye_k, weight, absmax, blocksize, None, torch.zeros(k, 2), torch.zeros(n, 2), HALF, None)
+    dx = cpp._direct_ops().lora_linear_grad_input(
+        eye_n, weight, absmax, blocksize, torch.zeros(n, 2), torch.zeros(2, k), [2], seeds, *NO_DROPOUT, HALF
+    )
+    assert y.dtype == dx.dtype == dtype
+    assert torch.equal(y, w32.to(dtype).t()) and torch.equal(dx, w32.to(dtype))
+
+
+def _float64(x, w32, bias, s, b):
+    y = x.double() @ w32.double().t() + s.double() @ b.double().t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout):
+    """Forward and grad_input on the half path against float64 on the same inputs (W as dequantized in fp32): the
+    roundings are W to x's dtype, the base GEMM's result, and the sum: within 3 ulps of the largest value (PEFT's
+    own path has one more rounding, of its LoRA term). A dropped bias or LoRA term is off by tens of percent."""
+    m, n, k, r = 33, 75, 200, 8
+    weight, absmax, blocksize, w32 = _base(kind, n, k)
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    s, b = torch.randn(m, r), torch.randn(n, r) / r**0.5
+    ds, a = torch.randn(m, r), torch.randn(r, k) / k**0.5
+    bias_t = torch.randn(n).to(dtype) if bias else None
+    seeds = torch.zeros(1, dtype=torch.int64)
+    y = cpp._direct_ops().lora_linear(x, weight, absmax, blocksize, bias_t, s, b, HALF, None)
+    dx = cpp._direct_ops().lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, [r], seeds, *NO_DROPOUT, HALF)
+    y64 = _float64(x, w32, bias_t, s, b)
+    dx64 = dy.double() @ w32.double() + ds.double() @ a.double()
+    for got, want in ((y, y64), (dx, dx64)):
+        assert got.dtype == dtype
+        error = (got.double() - want).abs().max().item() / want.abs().max().item()
+        assert error <= 3 * ULP[dtype], error
+
+
+def test_half_path_with_column_scale_and_dropout():
+    """The two half-path cases that continue in fp32: a column scale (DoRA) y = c·(x·Wᵀ + S·Bᵀ) + bias, and dx with
+    dropout masks on the LoRA term, each against the fp32 path on the same call (masks from the same seed): within
+    3 bf16 ulps of the largest value."""
+    m, n, k, r = 20, 48, 64, 4
+    weight, absmax, blocksize, _ = _base("nf4", n, k)
+    x, dy = torch.randn(m, k).bfloat16(), torch.randn(m, n).bfloat16()
+    s, b, scale, bias = torch.randn(m, r), torch.randn(n, r), torch.rand(n) + 0.5, torch.randn(n).bfloat16()
+    direct, whole = cpp._direct_ops(), cpp.PATH_CODES["whole"]
+    got, want = (direct.lora_linear(x, weight, absmax, blocksize, bias, s, b, path, scale) for path in (HALF, whole))
+    seeds, a, ds = torch.tensor([7]), torch.randn(r, k), torch.randn(m, r)
+    thresholds, keep = cpp._dropout_args((0.3,))
+    dx = [direct.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, [r], seeds, thresholds, keep, path) for path in (HALF, whole)]
+    without_dropout = direct.lora_linear_grad_input(dy, weight, absmax, blocksize, ds, a, [r], seeds, *NO_DROPOUT, whole)
+    for g, w in ((got, want), (dx[0], dx[1])):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - w.float()).abs().max() <= 3 * ULP[torch.bfloat16] * w.float().abs().max()
+    assert (without_dropout.float() - dx[1].float()).abs().max() > 0.1  # the masks mattered
+
+
+def test_half_path_needs_half_compute():
+    weight, absmax, blocksize, _ = _base("nf4", 16, 32)
+    with pytest.raises(RuntimeError, match="bf16 or fp16"):
+        cpp._direct_ops().lora_linear(torch.randn(2, 32), weight, absmax, blocksize, None, torch.zeros(2, 2), torch.zeros(16, 2), HALF, None)
+
+
+# ---- through PEFT: the candidates, and the numerics against PEFT's -------------------------------------------------
+
+
+@pytest.fixture
+def native_half(monkeypatch):
+    """The half candidates offered whatever this CPU is (their numerics do not depend on its speed)."""
+    monkeypatch.setattr(cpp, "native_half_gemm", lambda dtype: dtype in (torch.bfloat16, torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapters,forced", [(((8, 16, 0.0, False),), "lora_layer=native_half"),
+                                             (((4, 8, 0.0, False), (2, 4, 0.0, False)), "half")])  # fmt: skip
+def test_forced_half_no_worse_than_peft(monkeypatch, native_half, dtype, adapters, forced):
+    """A QLoRA layer computing in bf16/fp16 on the half path (one adapter: the C++ node; two: the Function with the
+    "half" ops), output and dx against float64 on the same inputs: no farther than PEFT's plus half an ulp; the
+    adapter gradients (fp32 in both) equal PEFT's to 1e-2 relative (both from the same half-precision x and dy,
+    but PEFT's dS is from its rounded LoRA chain)."""
+    monkeypatch.setenv(tuning.PATH_ENV, forced)
+    tuning.reset()
+    m, k, n = 37, 96, 80
+    model = lora_layer_model(k, n, base="nf4", dtype=dtype, adapters=adapters)
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    y_peft, g_peft = run(model, x, dy)
+    y64, gx64 = float64_reference(model, x, dy)
+    report = fastlora.patch(model, backend="cpp")
+    y, g = run(model, x, dy)
+    assert report.fused_calls == 1 and not report.fallback_calls
+    assert y.dtype == dtype and g["x"].dtype == dtype
+    assert_half_output_no_worse_than_peft(y, g["x"], y_peft, g_peft["x"], y64, gx64, dtype)
+    for name in g:
+        if name != "x":
+            torch.testing.assert_close(g[name], g_peft[name], rtol=1e-2, atol=1e-2 * g_peft[name].abs().max().item())
+    paths = {d.key.op: d.path for d in tuning.decisions()}
+    if len(adapters) == 1:
+        assert paths["lora_layer"] == "native_half"
+    else:
+        assert paths["lora_linear"] == paths["lora_linear_grad_input"] == "half"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_candidates_measured_where_the_cpu_multiplies_bf16(monkeypatch, native):
+    """A bf16 QLoRA layer times "native_half" beside "native" and "function" (and, on the Function, the "half" base
+    ops beside the fp32 ones) only where the CPU multiplies bf16 natively; fp32 compute never offers them."""
+    monkeypatch.setattr(cpp, "native_half_gemm", lambda dtype: native and dtype == torch.bfloat16)
+    for dtype, adapters in ((torch.bfloat16, ((4, 8, 0.0, False),)), (torch.bfloat16, ((4, 8, 0.0, False), (2, 4, 0.0, False))),
+                            (torch.float32, ((4, 8, 0.0, False),))):  # fmt: skip
+        model = lora_layer_model(64, 48, base="nf4", dtype=dtype, adapters=adapters)
+        fastlora.patch(model, backend="cpp")
+        model(torch.randn(20, 64).to(dtype).requires_grad_()).sum().backward()
+    timed = {(d.key.op, d.key.dtype): set(d.times_us) for d in tuning.decisions()}
+    assert ("half" in timed[("lora_linear", "bfloat16")]) == native
+    assert ("half" in timed[("lora_linear_grad_input", "bfloat16")]) == native
+    assert timed[("lora_layer", "bfloat16")] == ({"native", "native_half", "function"} if native else {"native", "function"})
+    assert timed[("lora_layer", "float32")] == {"native", "function"}
+    assert all("half" not in times for (op, dtype), times in timed.items() if dtype == "float32")
