@@ -153,8 +153,11 @@ _HEADS: dict[str, Callable[[object], tuple[float, Optional[float]]]] = {
 }
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under PEFT's wrappers (PeftModel or LoraModel), or ``model`` itself."""
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under PEFT's wrappers (PeftModel or LoraModel), or ``model`` itself.
+
+    Usage: ``lm = unwrap_peft(peft_model)``
+    """
     from peft.tuners.tuners_utils import BaseTuner
 
     if hasattr(model, "get_base_model"):  # PeftModel
@@ -233,7 +236,7 @@ def install(model: nn.Module) -> tuple[Optional[Callable[[], None]], str]:
 
         undo, description = install(peft_model); ...; undo()
     """
-    lm = _causal_lm(model)
+    lm = unwrap_peft(model)
     reason = _refusal(lm)
     if reason is not None:
         return None, reason
