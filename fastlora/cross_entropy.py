@@ -195,6 +195,10 @@ class _FusedLossForward:
         self.previous = previous
         self.original = previous or type(lm).forward.__get__(lm)
         self.signature = inspect.signature(type(lm).forward)
+        # What inspect.signature(lm.forward) answers: the model's own parameters. HF Trainer reads them to drop the
+        # dataset columns forward does not take (a bare (*args, **kwargs) would drop input_ids) and, from **kwargs,
+        # to pass num_items_in_batch.
+        self.__signature__ = inspect.signature(self.original)
         self.scale, self.softcap = _HEADS[type(lm).__name__](lm.config)
         self.chunk = chunk_tokens(lm.config.vocab_size)
 
