@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fastlora import backends
+from fastlora import backends, long_context
 from fastlora import verify as verification
 from fastlora.autograd import lora_linear
 from fastlora.plan import call_plan, layer_device, lora_classes, structural_reason
@@ -76,6 +76,18 @@ class PatchReport:
     #: The fused linear cross-entropy (``fused_cross_entropy=True``): what was installed, or "PEFT's loss (not
     #: fused: <why>)"; None when not asked for.
     fused_loss: Optional[str] = None
+    #: Offloaded checkpoints (``offload_checkpoints=True``, :mod:`fastlora.offload`): what was installed, or "not
+    #: offloaded: <why>"; None when not asked for. ``offload_calls`` counts checkpointed calls since, per outcome.
+    offload: Optional[str] = None
+    offload_calls: Counter = field(default_factory=Counter)
+    #: Tiled MLP (``tiled_mlp=``, :mod:`fastlora.tiled_mlp`): what was installed (None when not asked for), and the
+    #: MLPs left untiled with the reason.
+    tiled_mlp: Optional[str] = None
+    untiled_mlps: dict[str, str] = field(default_factory=dict)
+    #: Chunked RMSNorms (``chunked_norms=True``, :mod:`fastlora.rms_norm`): what was installed (None when not asked
+    #: for), and the norms left as they are with the reason.
+    chunked_norms: Optional[str] = None
+    unchunked_norms: dict[str, str] = field(default_factory=dict)
 
     @property
     def paths(self) -> list:
@@ -117,6 +129,7 @@ class PatchReport:
             parts.append(f"loss: {self.fused_loss}")
         if self.internal_errors:
             parts.append(f"{len(self.internal_errors)} layers hit an internal error (run by PEFT since)")
+        parts.extend(long_context.report_parts(self))
         if self.fallback_calls:
             parts.append(f"calls run by PEFT since: {_counts(self.fallback_calls)}")
         if self.launch_fallbacks:
@@ -300,7 +313,14 @@ def _peft_methods(model: nn.Module) -> list[str]:
 
 
 def patch(
-    model: nn.Module, *, backend: str = "auto", verify: Optional[bool] = None, fused_cross_entropy: bool = False
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    verify: Optional[bool] = None,
+    fused_cross_entropy: bool = False,
+    offload_checkpoints: bool = False,
+    tiled_mlp: bool | int = False,
+    chunked_norms: bool = False,
 ) -> PatchReport:
     """Fuse every supported PEFT LoRA layer of ``model`` in place; returns what was done.
 
@@ -313,6 +333,12 @@ def patch(
     signature against PEFT's forward and backward; a layer that differs falls back to PEFT for good
     (:mod:`fastlora.verify`). ``fused_cross_entropy``: compute a causal LM's loss from the hidden states and
     ``lm_head`` in chunks, never materializing the logits (:mod:`fastlora.cross_entropy`).
+
+    Long context: ``offload_checkpoints=True`` keeps the inputs of checkpointed decoder layers in host memory
+    until backward (:mod:`fastlora.offload`; gradient checkpointing must be on, now or later); ``tiled_mlp=True``
+    (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.tiled_mlp`);
+    ``chunked_norms=True`` computes Llama-form RMSNorms in row chunks, saving x and one fp32 per row
+    (:mod:`fastlora.rms_norm`).
 
     LoRA layers that ``add_adapter``/``load_adapter`` create after ``patch`` are patched as they are created (they
     are listed in ``report.patched_after``), with the same backend and settings.
@@ -340,8 +366,10 @@ def patch(
 
     applied = _patch_layers(model, layers, backend, report)
     watched: list[nn.Module] = []
+    long_context_undo: list[Callable[[], None]] = []
     try:
         watched.extend(_watch_new_adapters(model, backend, report))
+        long_context_undo.extend(long_context.install(model, report, offload_checkpoints, tiled_mlp, chunked_norms))
         if fused_cross_entropy:
             from fastlora.cross_entropy import install
 
@@ -357,7 +385,11 @@ def patch(
             _restore(layer)
         for tuner in watched:
             _unwatch(tuner)
+        for undo in long_context_undo:
+            undo()
         raise
+    if long_context_undo:
+        _LONG_CONTEXT_UNDO.setdefault(model, []).extend(long_context_undo)
 
     if report.skipped:
         logger.warning(str(report))
@@ -409,6 +441,10 @@ def _backend_at_patch_time(requested: str, device: torch.device) -> str:
 
 # Per patched model: how to take its fused loss out again (unpatch). Weak keys: a freed model frees its entry.
 _LOSS_UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
+
+
+# Per patched model: how to take out its offloaded checkpoints and tiled MLPs (unpatch).
+_LONG_CONTEXT_UNDO: "weakref.WeakKeyDictionary[nn.Module, list[Callable[[], None]]]" = weakref.WeakKeyDictionary()
 
 
 class _AdapterWatch:
@@ -484,6 +520,8 @@ def unpatch(model: nn.Module) -> int:
             restored += 1
     undo = _LOSS_UNDO.pop(model, None)
     if undo is not None:
+        undo()
+    for undo in _LONG_CONTEXT_UNDO.pop(model, []):
         undo()
     return restored
 
