@@ -212,14 +212,6 @@ def _split_buffer(model: nn.Module, tokens: int, dtype: torch.dtype) -> Optional
     return torch.empty(largest, dtype=dtype, device="meta") if largest else None
 
 
-def _resolved_absmax(model: nn.Module) -> list[torch.Tensor]:
-    """fastlora's fp32 absmax per NF4 weight, resolved from bitsandbytes' double quantization once and kept for the
-    weight's lifetime (``fastlora.nf4``'s cache): device memory beside the weights, 4 bytes per 64 parameters."""
-    from fastlora.nf4 import NF4Weight
-
-    return [NF4Weight.from_params4bit(p).absmax for p in model.parameters() if type(p).__name__ == "Params4bit"]
-
-
 # The meta models of the last specs accounted (keyed without seq and batch): the planner accounts one model at many
 # sequence lengths, and building an 8B model with PEFT takes longer than its step. A step leaves the model as it was.
 _META_MODELS: dict[tuple, nn.Module] = {}
@@ -276,9 +268,6 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                 stack.callback(undo)
         ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
         model.train()
-        if contender.startswith("fastlora"):
-            for absmax in _resolved_absmax(model):
-                tracker.add(absmax, "weights")
         with tracker.tracking(model):
             split = contender.startswith("fastlora") and backend == "triton"
             buffer = _split_buffer(model, spec.batch * spec.seq, dtype) if split else None

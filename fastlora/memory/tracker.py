@@ -33,7 +33,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from fastlora.memory.meta_ops import MetaOpCache
+
 CATEGORIES = ("weights", "adapters", "activations", "logits", "transient")
+#: Shared by every accounting of the process: the planner accounts one model at many sequence lengths.
+_META_OPS = MetaOpCache()
 
 
 class LiveBytes(TorchDispatchMode):
@@ -66,7 +70,7 @@ class LiveBytes(TorchDispatchMode):
             return host
         if func is torch.ops.aten.copy_.default and self.is_host(args[0]):
             return args[0]  # the device-to-host copy: nothing on the device changes
-        out = func(*args, **kwargs)
+        out = _META_OPS.run(func, args, kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.add(t)
@@ -135,7 +139,7 @@ class LiveBytes(TorchDispatchMode):
             self.add(p, "adapters" if p.requires_grad else "weights")
             quant_state = getattr(p, "quant_state", None)
             if quant_state is not None:
-                for t in _quant_state_tensors(quant_state):
+                for t in quant_state_tensors(quant_state):
                     self.add(t, "weights")
         for b in model.buffers():
             self.add(b, "weights")
@@ -157,7 +161,11 @@ class LiveBytes(TorchDispatchMode):
                 h.remove()
 
 
-def _quant_state_tensors(quant_state) -> list[torch.Tensor]:
+def quant_state_tensors(quant_state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes ``QuantState`` (absmax and code, and the nested ones with double quantization).
+
+    Usage: ``quant_state_tensors(layer.weight.quant_state)``
+    """
     tensors = [quant_state.absmax, quant_state.code]
     if getattr(quant_state, "nested", False):
         tensors += [quant_state.state2.absmax, quant_state.state2.code]
