@@ -153,8 +153,11 @@ _HEADS: dict[str, Callable[[object], tuple[float, Optional[float]]]] = {
 }
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under PEFT's wrappers (PeftModel or LoraModel), or ``model`` itself."""
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under PEFT's wrappers (PeftModel or LoraModel), or ``model`` itself.
+
+    Usage: ``lm = unwrap_peft(peft_model)``
+    """
     from peft.tuners.tuners_utils import BaseTuner
 
     if hasattr(model, "get_base_model"):  # PeftModel
@@ -192,6 +195,10 @@ class _FusedLossForward:
         self.previous = previous
         self.original = previous or type(lm).forward.__get__(lm)
         self.signature = inspect.signature(type(lm).forward)
+        # What inspect.signature(lm.forward) answers: the model's own parameters. HF Trainer reads them to drop the
+        # dataset columns forward does not take (a bare (*args, **kwargs) would drop input_ids) and, from **kwargs,
+        # to pass num_items_in_batch.
+        self.__signature__ = inspect.signature(self.original)
         self.scale, self.softcap = _HEADS[type(lm).__name__](lm.config)
         self.chunk = chunk_tokens(lm.config.vocab_size)
 
@@ -233,7 +240,7 @@ def install(model: nn.Module) -> tuple[Optional[Callable[[], None]], str]:
 
         undo, description = install(peft_model); ...; undo()
     """
-    lm = _causal_lm(model)
+    lm = unwrap_peft(model)
     reason = _refusal(lm)
     if reason is not None:
         return None, reason

@@ -64,6 +64,14 @@ class PatchReport:
     #: The fused linear cross-entropy (``fused_cross_entropy=True``): what was installed, or "PEFT's loss (not
     #: fused: <why>)"; None when not asked for.
     fused_loss: Optional[str] = None
+    #: Offloaded checkpoints (``offload_checkpoints=True``, :mod:`fastlora.offload`): what was installed, or "not
+    #: offloaded: <why>"; None when not asked for. ``offload_calls`` counts checkpointed calls since, per outcome.
+    offload: Optional[str] = None
+    offload_calls: Counter = field(default_factory=Counter)
+    #: Tiled MLP (``tiled_mlp=``, :mod:`fastlora.tiled_mlp`): what was installed (None when not asked for), and the
+    #: MLPs left untiled with the reason.
+    tiled_mlp: Optional[str] = None
+    untiled_mlps: dict[str, str] = field(default_factory=dict)
 
     @property
     def paths(self) -> list:
@@ -95,9 +103,22 @@ class PatchReport:
             parts.append(f"verify: {sum(self.verified.values())} call signatures agreed with PEFT, {len(self.verify_failures)} layers failed")
         if self.fused_loss:
             parts.append(f"loss: {self.fused_loss}")
+        parts.extend(_long_context_parts(self))
         if self.fallback_calls:
             parts.append(f"calls run by PEFT since: {_counts(self.fallback_calls)}")
         return "fastlora: " + ("; ".join(parts) if parts else "no LoRA layers")
+
+
+def _long_context_parts(report: PatchReport) -> list[str]:
+    parts = []
+    if report.offload:
+        calls = f" ({_counts(report.offload_calls)})" if report.offload_calls else ""
+        parts.append(f"offload: {report.offload}{calls}")
+    if report.tiled_mlp:
+        parts.append(f"tiled MLP: {report.tiled_mlp}")
+    if report.untiled_mlps:
+        parts.append(f"untiled MLPs: {_counts(Counter(report.untiled_mlps.values()))}")
+    return parts
 
 
 def _counts(counter: Counter) -> str:
@@ -215,7 +236,13 @@ def _peft_methods(model: nn.Module) -> list[str]:
 
 
 def patch(
-    model: nn.Module, *, backend: str = "auto", verify: Optional[bool] = None, fused_cross_entropy: bool = False
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    verify: Optional[bool] = None,
+    fused_cross_entropy: bool = False,
+    offload_checkpoints: bool = False,
+    tiled_mlp: bool | int = False,
 ) -> PatchReport:
     """Fuse every supported PEFT LoRA layer of ``model`` in place; returns what was done.
 
@@ -228,6 +255,10 @@ def patch(
     signature against PEFT's forward and backward; a layer that differs falls back to PEFT for good
     (:mod:`fastlora.verify`). ``fused_cross_entropy``: compute a causal LM's loss from the hidden states and
     ``lm_head`` in chunks, never materializing the logits (:mod:`fastlora.cross_entropy`).
+
+    Long context: ``offload_checkpoints=True`` keeps the inputs of checkpointed decoder layers in host memory
+    until backward (:mod:`fastlora.offload`; gradient checkpointing must be on, now or later); ``tiled_mlp=True``
+    (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.tiled_mlp`).
 
     LoRA layers that ``add_adapter``/``load_adapter`` create after ``patch`` are patched as they are created (they
     are listed in ``report.patched_after``), with the same backend and settings.
@@ -255,8 +286,10 @@ def patch(
 
     applied = _patch_layers(model, layers, backend, report)
     watched: list[nn.Module] = []
+    long_context_undo: list[Callable[[], None]] = []
     try:
         watched.extend(_watch_new_adapters(model, backend, report))
+        long_context_undo.extend(_install_long_context(model, report, offload_checkpoints, tiled_mlp))
         if fused_cross_entropy:
             from fastlora.cross_entropy import install
 
@@ -272,7 +305,11 @@ def patch(
             _restore(layer)
         for tuner in watched:
             _unwatch(tuner)
+        for undo in long_context_undo:
+            undo()
         raise
+    if long_context_undo:
+        _LONG_CONTEXT_UNDO.setdefault(model, []).extend(long_context_undo)
 
     if report.skipped:
         logger.warning(str(report))
@@ -312,6 +349,33 @@ def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -
 
 # Per patched model: how to take its fused loss out again (unpatch). Weak keys: a freed model frees its entry.
 _LOSS_UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
+
+
+# Per patched model: how to take out its offloaded checkpoints and tiled MLPs (unpatch).
+_LONG_CONTEXT_UNDO: "weakref.WeakKeyDictionary[nn.Module, list[Callable[[], None]]]" = weakref.WeakKeyDictionary()
+
+
+def _install_long_context(model: nn.Module, report: PatchReport, offload_checkpoints: bool, tiled_mlp: bool | int):
+    """The long-context options of :func:`patch`; returns their undo functions, fills the report."""
+    undos = []
+    if offload_checkpoints:
+        from fastlora import offload
+
+        undo, report.offload = offload.install(model, report.offload_calls)
+        if undo is None:
+            report.offload = f"not offloaded: {report.offload}"
+            logger.warning("fastlora: checkpoints stay on the device: %s", report.offload)
+        else:
+            undos.append(undo)
+    if tiled_mlp is not False:
+        from fastlora import tiled_mlp as tiling
+
+        shard_tokens = None if tiled_mlp is True else int(tiled_mlp)
+        undo, report.tiled_mlp, report.untiled_mlps = tiling.install(model, shard_tokens)
+        undos.append(undo)
+        if report.untiled_mlps:
+            logger.warning("fastlora: MLPs left untiled: %s", _counts(Counter(report.untiled_mlps.values())))
+    return undos
 
 
 class _AdapterWatch:
@@ -387,6 +451,8 @@ def unpatch(model: nn.Module) -> int:
             restored += 1
     undo = _LOSS_UNDO.pop(model, None)
     if undo is not None:
+        undo()
+    for undo in _LONG_CONTEXT_UNDO.pop(model, []):
         undo()
     return restored
 

@@ -191,3 +191,23 @@ def test_full_fine_tuning_with_tied_head_matches():
     for g, r in zip(torch.autograd.grad(loss, list(model.parameters())), ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     undo()
+
+
+@pytest.mark.timeout(300)
+def test_hf_trainer_with_gradient_accumulation_matches_unfused(tmp_path):
+    """Through HF Trainer (its column filter and num_items_in_batch both read the forward's signature) with gradient
+    accumulation: the fused loss logs the unfused losses (fp32 tolerance of tests/test_trainers.py). A bare
+    (*args, **kwargs) signature made Trainer drop input_ids; a lost num_items_in_batch would scale losses by 2."""
+    import fastlora
+    from tests.conftest import tiny_llama_peft
+    from tests.test_trainers import FP32_LOSS_TOL, max_abs_diff, token_dataset, train_with_trainer
+
+    runs = {}
+    for fused in (False, True):
+        model = tiny_llama_peft("dense", dtype=torch.float32)
+        report = fastlora.patch(model, backend="torch", fused_cross_entropy=fused)
+        assert fused == ("fused linear cross-entropy" in str(report))
+        labels_masked = token_dataset(rows=4).map(lambda row: {"labels": [-100] * 5 + row["labels"][5:]})
+        runs[fused] = train_with_trainer(model, tmp_path / str(fused), dataset=labels_masked, max_steps=2,
+                                         per_device_train_batch_size=1, gradient_accumulation_steps=2)  # fmt: skip
+    assert max_abs_diff(runs[True].losses, runs[False].losses) < FP32_LOSS_TOL
