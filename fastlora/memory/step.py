@@ -8,7 +8,10 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
 - ``fastlora``: fastlora's fused forward on every LoRA layer, its ops run through their fake implementations
   (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's one reused
   dequantization buffer where the dispatch table sends a shape to it;
-- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`).
+- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`);
+- ``fastlora+all``: every option fastlora has on: the fused loss, checkpointed layer inputs offloaded to host
+  memory (:mod:`fastlora.offload`, when checkpointing is on) and the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
+  hidden_size tokens). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
 
 Usage::
 
@@ -31,7 +34,7 @@ from torch import nn
 from fastlora.memory.execution import MetaTruth, attention_implementation
 from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
-CONTENDERS = ("peft", "fastlora", "fastlora+loss")
+CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant", "offload")
 METHODS = ("lora", "qlora")
 
@@ -74,10 +77,11 @@ class Accounting:
     breakdown: dict[str, int]
     phase: str
     notes: list[str]
+    host_peak: int = 0  # host memory the offloaded checkpoints hold at most (pinned on a GPU)
 
     def as_dict(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "contender": self.contender, "peak": self.peak,
-                "breakdown": self.breakdown, "phase": self.phase, "notes": self.notes}  # fmt: skip
+                "breakdown": self.breakdown, "phase": self.phase, "host_peak": self.host_peak, "notes": self.notes}  # fmt: skip
 
 
 def model_config(model: str):
@@ -259,13 +263,12 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
 
                 fastlora.patch(model, backend=backend)
                 stack.callback(fastlora.unpatch, model)
-        if contender == "fastlora+loss":
+        if contender in ("fastlora+loss", "fastlora+all"):
             from fastlora.cross_entropy import install
 
-            undo, description = install(model)
-            notes.append(description)
-            if undo is not None:
-                stack.callback(undo)
+            _installed(stack, notes, *install(model))
+        if contender == "fastlora+all":
+            _install_long_context(model, stack, notes, tracker)
         ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
         model.train()
         with tracker.tracking(model):
@@ -284,4 +287,31 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
-    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes)
+    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak)
+
+
+def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description: str) -> None:
+    notes.append(description)
+    if undo is not None:
+        stack.callback(undo)
+
+
+def _install_long_context(model: nn.Module, stack: contextlib.ExitStack, notes: list[str], tracker: LiveBytes) -> None:
+    """fastlora's offloaded checkpoints and tiled MLP on ``model``, as ``patch`` installs them; the offload's host
+    buffers are counted as host memory."""
+    from collections import Counter
+
+    from fastlora import offload, tiled_mlp
+
+    _installed(stack, notes, *offload.install(model, Counter()))
+    new_host_buffer = offload.HostCopies._new_host_buffer
+
+    def counted_host_buffer(copies, x):
+        with tracker.host_allocations():
+            return new_host_buffer(copies, x)
+
+    offload.HostCopies._new_host_buffer = counted_host_buffer
+    stack.callback(setattr, offload.HostCopies, "_new_host_buffer", new_host_buffer)
+    undo, description, untiled = tiled_mlp.install(model, None)
+    _installed(stack, notes, undo, description)
+    notes.extend(f"{name}: MLP not tiled ({why})" for name, why in untiled.items())

@@ -54,6 +54,9 @@ class LiveBytes(TorchDispatchMode):
         self.phase = ""
         self._live: dict[int, list] = {}  # id(storage) -> [nbytes, category]
         self._host: set[int] = set()  # storages standing for pinned host memory (checkpoint offload): not counted
+        self.host_current = 0  # bytes of host memory held by offloaded checkpoints, counted apart from the device
+        self.host_peak = 0
+        self._host_next = False  # the storages allocated now are host buffers (see host_allocations)
         self._new_category: Optional[str] = None
 
     # -- recording --------------------------------------------------------------------------------------------
@@ -64,12 +67,10 @@ class LiveBytes(TorchDispatchMode):
             # save_on_cpu's pinned host buffer (offloaded checkpoints): host memory, not the device's. A CPU scalar
             # expanded to the shape stands in for it; copying back to the device allocates a counted copy.
             host = torch.empty((), dtype=kwargs.get("dtype")).expand(args[0])
-            key = id(host.untyped_storage())
-            self._host.add(key)
-            weakref.finalize(host.untyped_storage(), self._host.discard, key)  # ids are reused once it dies
+            self._add_host(host)
             return host
-        if func is torch.ops.aten.copy_.default and self.is_host(args[0]):
-            return args[0]  # the device-to-host copy: nothing on the device changes
+        if func is torch.ops.aten.copy_.default and self.is_host(args[0]) and args[1].device.type == "meta":
+            return args[0]  # the device-to-host copy of a meta tensor: nothing on the device changes
         out = _META_OPS.run(func, args, kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -81,6 +82,9 @@ class LiveBytes(TorchDispatchMode):
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live or key in self._host:
+            return
+        if self._host_next:
+            self._add_host(tensor)
             return
         nbytes = storage.nbytes()
         category = category or self._new_category or self._guess(tensor)
@@ -97,6 +101,19 @@ class LiveBytes(TorchDispatchMode):
         if self.vocab_size and tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
             return "logits"
         return "transient"
+
+    def _add_host(self, tensor: torch.Tensor) -> None:
+        # Its logical size: a meta run's stand-in is one element expanded to the shape.
+        storage, nbytes = tensor.untyped_storage(), tensor.numel() * tensor.element_size()
+        key = id(storage)
+        self._host.add(key)
+        self.host_current += nbytes
+        self.host_peak = max(self.host_peak, self.host_current)
+        weakref.finalize(storage, self._free_host, key, nbytes)  # ids are reused once it dies
+
+    def _free_host(self, key: int, nbytes: int) -> None:
+        self._host.discard(key)
+        self.host_current -= nbytes
 
     def _free(self, key: int) -> None:
         nbytes, category = self._live.pop(key)
@@ -120,6 +137,16 @@ class LiveBytes(TorchDispatchMode):
         return id(tensor.untyped_storage()) in self._host
 
     # -- one step ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def host_allocations(self) -> Iterator[None]:
+        """Count every storage allocated inside the block as host memory (fastlora's offload buffers, which are
+        plain CPU tensors when the device is the CPU, pinned host memory on a GPU)."""
+        previous, self._host_next = self._host_next, True
+        try:
+            yield
+        finally:
+            self._host_next = previous
 
     @contextlib.contextmanager
     def category(self, name: str) -> Iterator[None]:
