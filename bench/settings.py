@@ -63,6 +63,8 @@ class BenchSettings:
     # Also each train backend with the fused linear cross-entropy (contender "fastlora[<backend>]+loss"); the
     # command line turns it on by default (--fused-loss).
     train_fused_loss: bool = False
+    # Also the long-context contenders (fused loss plus offloaded checkpoints, tiled MLP, both): --long-context on.
+    train_long_context: bool = False
     # Memory suite: peak memory of one training step over a sequence-length sweep (OOM is recorded, not fatal).
     memory_models: tuple[str, ...] = ("tiny",)
     memory_method: str = "qlora"

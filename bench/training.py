@@ -140,8 +140,9 @@ def contender_patched(lora: LoRAModel, backend: str | None, checkpointing: bool)
         _set_checkpointing(base, True)
     report = None
     if backend is not None:
-        name = backend.removesuffix(FUSED_LOSS)
-        report = fastlora.patch(lora.model, backend=name, fused_cross_entropy=name != backend)
+        name, *options = backend.split("+")
+        report = fastlora.patch(lora.model, backend=name, fused_cross_entropy="loss" in options,
+                                offload_checkpoints="offload" in options, tiled_mlp="tiled" in options)  # fmt: skip
     try:
         yield report
     finally:
@@ -176,13 +177,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: Te
 
 #: Suffix of a contender (and of its backend argument) that also runs the fused linear cross-entropy.
 FUSED_LOSS = "+loss"
+#: Suffixes of the long-context contenders (on top of the fused loss): offloaded checkpoints, tiled MLP, both.
+LONG_CONTEXT = ("+offload", "+tiled", "+offload+tiled")
 
 
 def train_contenders(settings: BenchSettings) -> dict[str, str | None]:
-    """Contender name -> fastlora backend (None: PEFT itself; "<backend>+loss": with the fused cross-entropy)."""
+    """Contender name -> fastlora backend (None: PEFT itself; "<backend>+loss": with the fused cross-entropy;
+    "<backend>+loss+offload", "+loss+tiled", "+loss+offload+tiled": with the long-context options of ``patch``)."""
     contenders = {PEFT: None} | {fastlora_name(backend): backend for backend in settings.train_backends}
-    if settings.train_fused_loss:
+    if settings.train_fused_loss or settings.train_long_context:
         contenders |= {fastlora_name(b) + FUSED_LOSS: b + FUSED_LOSS for b in settings.train_backends}
+    if settings.train_long_context:
+        contenders |= {fastlora_name(b) + FUSED_LOSS + o: b + FUSED_LOSS + o for b in settings.train_backends for o in LONG_CONTEXT}
     return contenders
 
 

@@ -87,6 +87,8 @@ def _bench_parser(subparsers) -> None:
     train.add_argument("--memory-seq-lens", type=_split(int), help="sequence lengths of the memory sweep")
     train.add_argument("--fused-loss", type=_on_off, default=True,
                        help="also each fastlora backend with the fused cross-entropy: on (default) or off")  # fmt: skip
+    train.add_argument("--long-context", type=_on_off, default=False,
+                       help="also fused loss + offloaded checkpoints / tiled MLP / both (needs --checkpointing on to offload)")  # fmt: skip
     p.add_argument("--threads", type=_threads, default="auto", help="torch CPU threads, or auto: cores not busy now (default)")
     p.add_argument("--seed", type=int, help="random seed for weights and data")
     p.add_argument("--time-budget", type=float, help="seconds after which no new case or run starts; the rest is reported as not run")
@@ -135,6 +137,7 @@ def settings_from_args(args: argparse.Namespace):
     changes["include_split"] = not args.no_split
     changes["include_dense"] = not args.no_dense
     changes["train_fused_loss"] = args.fused_loss
+    changes["train_long_context"] = args.long_context
     if torch.device(args.device).type == "cpu":
         changes["threads"] = auto_threads() if args.threads == "auto" else args.threads
     return dataclasses.replace(settings, **changes)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from fastlora import backends
+from fastlora import backends, long_context
 from fastlora import verify as verification
 from fastlora.autograd import lora_linear
 from fastlora.plan import call_plan, layer_device, lora_classes, structural_reason
@@ -72,6 +72,10 @@ class PatchReport:
     #: MLPs left untiled with the reason.
     tiled_mlp: Optional[str] = None
     untiled_mlps: dict[str, str] = field(default_factory=dict)
+    #: Chunked RMSNorms (``chunked_norms=True``, :mod:`fastlora.rms_norm`): what was installed (None when not asked
+    #: for), and the norms left as they are with the reason.
+    chunked_norms: Optional[str] = None
+    unchunked_norms: dict[str, str] = field(default_factory=dict)
 
     @property
     def paths(self) -> list:
@@ -103,22 +107,10 @@ class PatchReport:
             parts.append(f"verify: {sum(self.verified.values())} call signatures agreed with PEFT, {len(self.verify_failures)} layers failed")
         if self.fused_loss:
             parts.append(f"loss: {self.fused_loss}")
-        parts.extend(_long_context_parts(self))
+        parts.extend(long_context.report_parts(self))
         if self.fallback_calls:
             parts.append(f"calls run by PEFT since: {_counts(self.fallback_calls)}")
         return "fastlora: " + ("; ".join(parts) if parts else "no LoRA layers")
-
-
-def _long_context_parts(report: PatchReport) -> list[str]:
-    parts = []
-    if report.offload:
-        calls = f" ({_counts(report.offload_calls)})" if report.offload_calls else ""
-        parts.append(f"offload: {report.offload}{calls}")
-    if report.tiled_mlp:
-        parts.append(f"tiled MLP: {report.tiled_mlp}")
-    if report.untiled_mlps:
-        parts.append(f"untiled MLPs: {_counts(Counter(report.untiled_mlps.values()))}")
-    return parts
 
 
 def _counts(counter: Counter) -> str:
@@ -243,6 +235,7 @@ def patch(
     fused_cross_entropy: bool = False,
     offload_checkpoints: bool = False,
     tiled_mlp: bool | int = False,
+    chunked_norms: bool = False,
 ) -> PatchReport:
     """Fuse every supported PEFT LoRA layer of ``model`` in place; returns what was done.
 
@@ -258,7 +251,9 @@ def patch(
 
     Long context: ``offload_checkpoints=True`` keeps the inputs of checkpointed decoder layers in host memory
     until backward (:mod:`fastlora.offload`; gradient checkpointing must be on, now or later); ``tiled_mlp=True``
-    (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.tiled_mlp`).
+    (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.tiled_mlp`);
+    ``chunked_norms=True`` computes Llama-form RMSNorms in row chunks, saving x and one fp32 per row
+    (:mod:`fastlora.rms_norm`).
 
     LoRA layers that ``add_adapter``/``load_adapter`` create after ``patch`` are patched as they are created (they
     are listed in ``report.patched_after``), with the same backend and settings.
@@ -289,7 +284,7 @@ def patch(
     long_context_undo: list[Callable[[], None]] = []
     try:
         watched.extend(_watch_new_adapters(model, backend, report))
-        long_context_undo.extend(_install_long_context(model, report, offload_checkpoints, tiled_mlp))
+        long_context_undo.extend(long_context.install(model, report, offload_checkpoints, tiled_mlp, chunked_norms))
         if fused_cross_entropy:
             from fastlora.cross_entropy import install
 
@@ -353,29 +348,6 @@ _LOSS_UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref
 
 # Per patched model: how to take out its offloaded checkpoints and tiled MLPs (unpatch).
 _LONG_CONTEXT_UNDO: "weakref.WeakKeyDictionary[nn.Module, list[Callable[[], None]]]" = weakref.WeakKeyDictionary()
-
-
-def _install_long_context(model: nn.Module, report: PatchReport, offload_checkpoints: bool, tiled_mlp: bool | int):
-    """The long-context options of :func:`patch`; returns their undo functions, fills the report."""
-    undos = []
-    if offload_checkpoints:
-        from fastlora import offload
-
-        undo, report.offload = offload.install(model, report.offload_calls)
-        if undo is None:
-            report.offload = f"not offloaded: {report.offload}"
-            logger.warning("fastlora: checkpoints stay on the device: %s", report.offload)
-        else:
-            undos.append(undo)
-    if tiled_mlp is not False:
-        from fastlora import tiled_mlp as tiling
-
-        shard_tokens = None if tiled_mlp is True else int(tiled_mlp)
-        undo, report.tiled_mlp, report.untiled_mlps = tiling.install(model, shard_tokens)
-        undos.append(undo)
-        if report.untiled_mlps:
-            logger.warning("fastlora: MLPs left untiled: %s", _counts(Counter(report.untiled_mlps.values())))
-    return undos
 
 
 class _AdapterWatch:

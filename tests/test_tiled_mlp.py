@@ -190,3 +190,15 @@ def test_trainer_with_checkpointing_and_fused_loss_matches_untiled(tmp_path):
         runs[tiled] = train_with_trainer(model, tmp_path / str(tiled), gradient_checkpointing=True, max_steps=3)
     assert max_abs_diff(runs[True].losses, runs[False].losses) < FP32_LOSS_TOL
     assert max_abs_diff(runs[True].grad_norms, runs[False].grad_norms) < FP32_LOSS_TOL
+
+
+def test_a_refused_option_leaves_nothing_installed(monkeypatch):
+    """patch with offload + a bad shard size raises, and neither the offload nor any LoRA layer stays installed."""
+    model = tiny_llama_peft("dense", dtype=torch.float32)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="tokens per shard"):
+        fastlora.patch(model, backend=BEST_CPU_BACKEND, offload_checkpoints=True, tiled_mlp=-3)
+    layers = model.get_base_model().model.layers
+    assert "_set_gradient_checkpointing" not in model.get_base_model().__dict__
+    assert not any(type(layer._gradient_checkpointing_func).__name__ == "OffloadingCheckpoint" for layer in layers)
+    assert not any(fastlora.is_patched(m) for m in model.modules())

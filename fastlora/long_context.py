@@ -1,0 +1,82 @@
+"""The long-context options of :func:`fastlora.patch`, installed and described in its report: offloaded
+checkpoints (:mod:`fastlora.offload`), the tiled MLP (:mod:`fastlora.tiled_mlp`) and chunked RMSNorms
+(:mod:`fastlora.rms_norm`).
+
+Usage::
+
+    report = fastlora.patch(model, offload_checkpoints=True, tiled_mlp=True, chunked_norms=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Callable
+
+from torch import nn
+
+logger = logging.getLogger("fastlora")
+
+
+def install(model: nn.Module, report: Any, offload_checkpoints: bool, tiled_mlp: bool | int, chunked_norms: bool) -> list[Callable[[], None]]:
+    """Install the options asked for on ``model``, fill ``report`` (a :class:`fastlora.patch.PatchReport`) and
+    return the undo functions. Anything left as it was is in the report with its reason, and logged.
+
+    Usage: ``undos = install(model, report, True, 4096, False)``
+    """
+    undos: list[Callable[[], None]] = []
+    try:
+        _install(model, report, offload_checkpoints, tiled_mlp, chunked_norms, undos)
+    except BaseException:
+        for undo in undos:  # never half-installed
+            undo()
+        raise
+    return undos
+
+
+def _install(model, report, offload_checkpoints, tiled_mlp, chunked_norms, undos: list) -> None:
+    if offload_checkpoints:
+        from fastlora import offload
+
+        undo, report.offload = offload.install(model, report.offload_calls)
+        if undo is None:
+            report.offload = f"not offloaded: {report.offload}"
+            logger.warning("fastlora: checkpoints stay on the device: %s", report.offload)
+        else:
+            undos.append(undo)
+    if tiled_mlp is not False:
+        from fastlora import tiled_mlp as tiling
+
+        shard_tokens = None if tiled_mlp is True else int(tiled_mlp)
+        undo, report.tiled_mlp, report.untiled_mlps = tiling.install(model, shard_tokens)
+        undos.append(undo)
+        if report.untiled_mlps:
+            logger.warning("fastlora: MLPs left untiled: %s", _counts(report.untiled_mlps))
+    if chunked_norms:
+        from fastlora import rms_norm
+
+        undo, report.chunked_norms, report.unchunked_norms = rms_norm.install(model)
+        undos.append(undo)
+        if report.unchunked_norms:
+            logger.warning("fastlora: norms left unchunked: %s", _counts(report.unchunked_norms))
+
+
+def report_parts(report: Any) -> list[str]:
+    """The report's long-context lines (for ``str(report)``)."""
+    parts = []
+    if report.offload:
+        calls = "".join(f"; {key}: {n}" for key, n in report.offload_calls.most_common())
+        parts.append(f"offload: {report.offload}{calls}")
+    if report.tiled_mlp:
+        parts.append(f"tiled MLP: {report.tiled_mlp}")
+    if report.untiled_mlps:
+        parts.append(f"untiled MLPs: {_counts(report.untiled_mlps)}")
+    if report.chunked_norms:
+        parts.append(f"norms: {report.chunked_norms}")
+    if report.unchunked_norms:
+        parts.append(f"unchunked norms: {_counts(report.unchunked_norms)}")
+    return parts
+
+
+def _counts(reasons: dict[str, str]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in Counter(reasons.values()).most_common())
