@@ -93,11 +93,11 @@ def test_plan_json_host_budget_is_the_limit(capsys):
     from fastlora.cli import main
 
     # micro at 4096 tokens: 2 layer inputs of 1 MiB offloaded; a 3 MiB host budget caps the sequence at 6144.
-    code = main(["plan", "--model", "micro", "--seq", "4096", "--budget", "1,2", "--host-budget", str(3 / 1024),
+    code = main(["plan", "--model", "micro", "--seq", "4096", "--budget", "0.05,0.1", "--host-budget", str(3 / 1024),
                  "--contenders", "fastlora+all", "--json"])  # fmt: skip
     answer = json.loads(capsys.readouterr().out)["contenders"]["fastlora+all"]
     assert code == 0 and answer["host_peak"] == 2 * 4096 * 128 * 2 and answer["host_limited"]
-    assert answer["longest_seq"] == {"1": 6144, "2": 6144} and set(answer["breakdown"]) == set(CATEGORIES)
+    assert answer["longest_seq"] == {"0.05": 6144, "0.1": 6144} and set(answer["breakdown"]) == set(CATEGORIES)
 
 
 def test_plan_command(capsys, tmp_path):

@@ -118,7 +118,7 @@ def _options(spec: StepSpec, contender: str) -> list[tuple[str, StepSpec, str]]:
         options.append(("fastlora with the fused cross-entropy (fastlora.patch(model, fused_cross_entropy=True))", spec, "fastlora+loss"))
     if contender != "fastlora+all":
         options.append(("offload checkpoints and tile the MLP, with the fused loss (fastlora.patch(model, "
-                        "fused_cross_entropy=True, offload_checkpoints=True, tiled_mlp=True))", spec, "fastlora+all"))
+                        "fused_cross_entropy=True, offload_checkpoints=True, tiled_mlp=True, chunked_norms=True))", spec, "fastlora+all"))
     if spec.checkpointing != "offload" and contender != "fastlora+all":
         options.append((
             "checkpoints offloaded to host memory (transformers: activation_checkpointing_enable(offload=True))",

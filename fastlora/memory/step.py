@@ -10,8 +10,8 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
   dequantization buffer where the dispatch table sends a shape to it;
 - ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`);
 - ``fastlora+all``: every option fastlora has on: the fused loss, checkpointed layer inputs offloaded to host
-  memory (:mod:`fastlora.offload`, when checkpointing is on) and the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
-  hidden_size tokens). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
+  memory (:mod:`fastlora.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
+  hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
 
 Usage::
 
@@ -297,11 +297,11 @@ def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description:
 
 
 def _install_long_context(model: nn.Module, stack: contextlib.ExitStack, notes: list[str], tracker: LiveBytes) -> None:
-    """fastlora's offloaded checkpoints and tiled MLP on ``model``, as ``patch`` installs them; the offload's host
-    buffers are counted as host memory."""
+    """fastlora's offloaded checkpoints, tiled MLP and chunked norms on ``model``, as ``patch`` installs them
+    (:mod:`fastlora.long_context`); the offload's host buffers are counted as host memory."""
     from collections import Counter
 
-    from fastlora import offload, tiled_mlp
+    from fastlora import offload, rms_norm, tiled_mlp
 
     _installed(stack, notes, *offload.install(model, Counter()))
     new_host_buffer = offload.HostCopies._new_host_buffer
@@ -315,3 +315,6 @@ def _install_long_context(model: nn.Module, stack: contextlib.ExitStack, notes: 
     undo, description, untiled = tiled_mlp.install(model, None)
     _installed(stack, notes, undo, description)
     notes.extend(f"{name}: MLP not tiled ({why})" for name, why in untiled.items())
+    undo, description, unchunked = rms_norm.install(model)
+    _installed(stack, notes, undo, description)
+    notes.extend(f"{name}: norm not chunked ({why})" for name, why in unchunked.items())
