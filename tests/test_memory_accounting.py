@@ -87,6 +87,19 @@ def test_offload_moves_checkpoints_to_host():
     assert on_device.breakdown["activations"] == layer_inputs and offloaded.breakdown["activations"] == 0
 
 
+def test_tracker_counts_an_ops_scratch_at_the_peak_only_while_it_runs():
+    """A kernel's per-call buffer (the Triton split path's dequantized W) is live beside the op's outputs, then free."""
+    tracker = LiveBytes(scratch=lambda func, args: 1000 if func is torch.ops.aten.mm.default else 0)
+    with tracker:
+        a = torch.empty(10, 10)  # 400 bytes
+        b = a @ a  # 400 more, and 1000 of scratch while it runs
+        assert tracker.current == 800 and tracker.peak == 1800 and tracker.peak_breakdown["transient"] == 1800
+        del b
+        c = torch.empty(500)  # 2000 bytes: a new peak, without the scratch
+    assert tracker.peak == 2400 and tracker.peak_breakdown["transient"] == 2400
+    del a, c
+
+
 def test_plan_json_host_budget_is_the_limit(capsys):
     import json
 

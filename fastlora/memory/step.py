@@ -6,8 +6,8 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
 
 - ``peft``: PEFT's own LoRA layers (bitsandbytes dequantizes W into a fresh buffer per call);
 - ``fastlora``: fastlora's fused forward on every LoRA layer, its ops run through their fake implementations
-  (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's one reused
-  dequantization buffer where the dispatch table sends a shape to it;
+  (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's per-call
+  dequantization buffer where the dispatch table sends a call to it;
 - ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`);
 - ``fastlora+all``: every option fastlora has on: the fused loss, checkpointed layer inputs offloaded to host
   memory (:mod:`fastlora.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
@@ -201,19 +201,25 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str]) -> Itera
         backends._served.pop(served_key, None)
 
 
-def _split_buffer(model: nn.Module, tokens: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The Triton split path's one reused dequantization buffer, if the launchers' default path sends any NF4 shape
-    there (a tuned dispatch table may choose otherwise: the buffer is at most one [N, K] weight in the compute dtype)."""
+def _split_scratch(func, args) -> int:
+    """Bytes of the Triton split path's per-call dequantization buffer (one [N, K] W in the compute dtype) for a fused
+    NF4 op call that the launchers' default path sends there (a tuned dispatch table may choose otherwise)."""
     from fastlora.kernels import dispatch
 
-    largest = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if type(weight).__name__ == "Params4bit":
-            n, k = weight.quant_state.shape
-            if any(dispatch.choice(op, "nf4", tokens, n, k, dtype).path == "split" for op in ("forward", "grad_input")):
-                largest = max(largest, n * k)
-    return torch.empty(largest, dtype=dtype, device="meta") if largest else None
+    name = getattr(func, "_name", "")
+    if name not in ("fastlora::lora_linear", "fastlora::lora_linear_scaled", "fastlora::lora_linear_grad_input"):
+        return 0
+    if args[2] is None or args[3] == 0:  # dense, or 8-bit (blocksize 0)
+        return 0
+    first = args[0]
+    m, dtype = first.shape[0], first.dtype
+    if name == "fastlora::lora_linear_grad_input":
+        op, n, k = "grad_input", first.shape[1], args[5].shape[1]  # grad_out [M, N], lora_a [R, K]
+    else:
+        op, n, k = "forward", args[6].shape[0], first.shape[1]  # x [M, K], lora_b [N, R]
+    if dispatch.choice(op, "nf4", m, n, k, dtype).path != "split":
+        return 0
+    return n * k * first.element_size()
 
 
 # The meta models of the last specs accounted (keyed without seq and batch): the planner accounts one model at many
@@ -249,9 +255,9 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
     else:
         model = build_peft_model(spec, device)
     notes: list[str] = []
-    dtype = getattr(torch, spec.dtype)
     vocab = model.get_base_model().config.vocab_size
-    tracker = LiveBytes(vocab_size=vocab)
+    split = contender.startswith("fastlora") and backend == "triton"
+    tracker = LiveBytes(vocab_size=vocab, scratch=_split_scratch if split else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     stack = contextlib.ExitStack()
     with stack:
@@ -272,10 +278,6 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
         ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
         model.train()
         with tracker.tracking(model):
-            split = contender.startswith("fastlora") and backend == "triton"
-            buffer = _split_buffer(model, spec.batch * spec.seq, dtype) if split else None
-            if buffer is not None:
-                notes.append(f"split path's reused dequantization buffer: {buffer.nbytes / 2**20:.1f} MiB")
             with MetaTruth() if device == "meta" else contextlib.nullcontext():
                 tracker.phase = "forward"
                 loss = model(input_ids=ids, labels=ids).loss

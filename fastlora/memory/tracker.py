@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,9 +43,12 @@ _META_OPS = MetaOpCache()
 class LiveBytes(TorchDispatchMode):
     """Bytes of the live tensor storages, per category, with the peak and its breakdown (see the module doc)."""
 
-    def __init__(self, vocab_size: Optional[int] = None) -> None:
+    def __init__(self, vocab_size: Optional[int] = None, scratch: Optional[Callable[..., int]] = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        # scratch(func, args) -> bytes an op allocates and frees inside itself, beside its outputs (a kernel's
+        # per-call buffer that its fake implementation does not make): counted at the peak while the op runs.
+        self.scratch = scratch
         self.by_category = dict.fromkeys(CATEGORIES, 0)
         self.current = 0
         self.peak = 0
@@ -75,6 +78,11 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.add(t)
+        scratch = self.scratch(func, args) if self.scratch is not None else 0
+        if scratch and self.current + scratch > self.peak:
+            self.peak = self.current + scratch
+            self.peak_breakdown = dict(self.by_category, transient=self.by_category["transient"] + scratch)
+            self.peak_phase = self.phase
         return out
 
     def add(self, tensor: torch.Tensor, category: Optional[str] = None) -> None:
