@@ -166,6 +166,14 @@ def _read(weight: torch.Tensor, state) -> NF4Weight:
     return NF4Weight(packed, *_stored_absmax(state), int(state.blocksize), (n, k))
 
 
+def quant_state_absmax(state) -> Tensor:
+    """fp32 absmax of a bitsandbytes ``QuantState``, resolved now exactly as bitsandbytes resolves it.
+
+    Usage: ``absmax = quant_state_absmax(weight.quant_state)``
+    """
+    return resolve_absmax(*_stored_absmax(state), "torch")
+
+
 def _stored_absmax(state) -> tuple[Tensor, Optional[NestedAbsmax]]:
     """The quant state's absmax as stored, and its double quantization if any."""
     if not state.nested:
