@@ -19,7 +19,7 @@ from torch import Tensor
 from fastlora import graph, ops
 from fastlora.dora import DoRA, dora_linear
 from fastlora.dropout import draw_seeds
-from fastlora.nf4 import NestedAbsmax, resolve_absmax
+from fastlora.nf4 import KEEP_UP_TO_TOKENS, NestedAbsmax, resolve_absmax
 
 
 # NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
@@ -190,11 +190,12 @@ def _on_function(x2d: Tensor, base: BaseWeight, adapters: Sequence[Adapter], bac
     row_mask = None if adapters[0].rows is None else _row_mask(adapters, x2d.shape[0])
     if _needs_graph(x2d, bias, adapter_tensors):
         return LoRALinearFunction.apply(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, *adapter_tensors)
-    # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for, and the
-    # NF4 absmax resolved once per weight and kept (fastlora.nf4.resolve_absmax).
+    # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for; at decode
+    # sizes the NF4 absmax resolved once per weight and kept (fastlora.nf4.resolve_absmax).
     absmax = base.absmax
     if config.nested is not None:
-        absmax, config = resolve_absmax(absmax, config.nested, backend, keep=True), config._replace(nested=None)
+        keep = x2d.shape[0] <= KEEP_UP_TO_TOKENS
+        absmax, config = resolve_absmax(absmax, config.nested, backend, keep), config._replace(nested=None)
     return _forward(x2d, base.weight, absmax, bias, seeds, row_mask, config, adapter_tensors)[0]
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fastlora import tuning
 from fastlora.backends import cpp  # its extension is built on first use, not on import
-from fastlora.nf4 import resolve_absmax
+from fastlora.nf4 import KEEP_UP_TO_TOKENS, resolve_absmax
 
 _memo = tuning.memo_holder()
 #: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
@@ -88,8 +88,9 @@ def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` ("native" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
     if path == "native":
         # The C++ node saves the absmax it is given: with double quantization, this call's resolved fp32 copy (kept
-        # per weight for inference, as fastlora.autograd does).
-        absmax = resolve_absmax(base.absmax, base.nested, "cpp", keep=not torch.is_grad_enabled())
+        # per weight at decode sizes without grad, as fastlora.autograd does).
+        keep = not torch.is_grad_enabled() and x.shape[0] <= KEEP_UP_TO_TOKENS
+        absmax = resolve_absmax(base.absmax, base.nested, "cpp", keep)
         return cpp.lora_layer(
             x, adapter.lora_a, adapter.lora_b, base.weight, absmax, base.blocksize, base.bias, seeds,
             adapter.dropout_p, adapter.scale,

@@ -63,8 +63,9 @@ class NestedAbsmax(NamedTuple):
 def resolve_absmax(stored: Tensor, nested: Optional[NestedAbsmax], backend: str, keep: bool = False) -> Tensor:
     """fp32 absmax, one per block: ``stored`` itself without double quantization, else resolved by ``backend``'s op
     exactly as bitsandbytes resolves it: a fresh tensor (the caller's transient), or with ``keep`` one copy per
-    weight kept for later calls (inference only: at a few tokens resolving is a third of a CPU call's time, and no
-    activations compete with it; training calls never keep one).
+    weight kept for later calls (callers keep one only for calls without an autograd graph of at most
+    :data:`KEEP_UP_TO_TOKENS` rows: decoding, where resolving is a third of a CPU call's time; never for calls with a
+    graph, nor for the no-grad forward of reentrant checkpointing, whose calls have a sequence's rows).
 
     Usage: ``absmax = resolve_absmax(base.absmax, base.nested, "torch")``
     """
@@ -84,6 +85,9 @@ def resolve_absmax(stored: Tensor, nested: Optional[NestedAbsmax], backend: str,
     key = (stored._version, id(nested.absmax), nested.absmax._version, id(nested.code), nested.code._version, nested.offset)
     return _KEPT.get(stored, key, resolve)
 
+
+#: Calls without an autograd graph of at most this many rows keep the resolved absmax (see resolve_absmax).
+KEEP_UP_TO_TOKENS = 16
 
 # Inference's resolved absmax per stored (uint8) absmax tensor, valid while its key holds (see resolve_absmax).
 _KEPT: TensorCache[Tensor] = TensorCache()
