@@ -63,19 +63,15 @@ def _install(model, report, offload_checkpoints, tiled_mlp, chunked_norms, undos
 
 def report_parts(report: Any) -> list[str]:
     """The report's long-context lines (for ``str(report)``)."""
-    parts = []
-    if report.offload:
-        calls = "".join(f"; {key}: {n}" for key, n in report.offload_calls.most_common())
-        parts.append(f"offload: {report.offload}{calls}")
-    if report.tiled_mlp:
-        parts.append(f"tiled MLP: {report.tiled_mlp}")
-    if report.untiled_mlps:
-        parts.append(f"untiled MLPs: {_counts(report.untiled_mlps)}")
-    if report.chunked_norms:
-        parts.append(f"norms: {report.chunked_norms}")
-    if report.unchunked_norms:
-        parts.append(f"unchunked norms: {_counts(report.unchunked_norms)}")
-    return parts
+    calls = "".join(f"; {key}: {n}" for key, n in report.offload_calls.most_common())
+    parts = [
+        report.offload and f"offload: {report.offload}{calls}",
+        report.tiled_mlp and f"tiled MLP: {report.tiled_mlp}",
+        report.untiled_mlps and f"untiled MLPs: {_counts(report.untiled_mlps)}",
+        report.chunked_norms and f"norms: {report.chunked_norms}",
+        report.unchunked_norms and f"unchunked norms: {_counts(report.unchunked_norms)}",
+    ]
+    return [part for part in parts if part]
 
 
 def _counts(reasons: dict[str, str]) -> str:

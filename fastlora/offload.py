@@ -55,7 +55,7 @@ class HostCopies:
         key = (tuple(x.shape), x.dtype)
         host = self._pool[key].pop() if self._pool[key] else self._new_host_buffer(x)
         stream = self._stream(x.device)
-        stash = Stash(self, x, host, stream, self._last)
+        stash = Stash(x, host, stream, self._last)
         weakref.finalize(stash, self._pool[key].append, host)  # back to the pool once its graph is freed
         self._last = weakref.ref(stash)
         return stash
@@ -80,7 +80,7 @@ class HostCopies:
 class Stash:
     """One layer input in host memory, and its way back to the device (see :class:`HostCopies`)."""
 
-    def __init__(self, copies: HostCopies, x: Tensor, host: Tensor, stream, previous: Optional[weakref.ref]):
+    def __init__(self, x: Tensor, host: Tensor, stream, previous: Optional[weakref.ref]):
         self.host = host
         self.device = x.device
         self.stream = stream

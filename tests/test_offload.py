@@ -164,3 +164,21 @@ def test_trainer_with_checkpointing_offload_and_fused_loss_matches(offload_every
     assert max_abs_diff(runs[True].losses, runs[False].losses) < FP32_LOSS_TOL
     assert max_abs_diff(runs[True].grad_norms, runs[False].grad_norms) < FP32_LOSS_TOL
     assert runs[True].losses[-1] < runs[True].losses[0]
+
+
+def test_bench_long_context_contenders_patch_the_options_and_undo_them(offload_everything):
+    """``fastlora bench --long-context on``: the contenders' names, and each patches its options for its steps only."""
+    import dataclasses
+
+    from fastlora.bench.settings import default_settings
+    from fastlora.bench.training import LoRAModel, contender_patched, train_contenders
+
+    settings = dataclasses.replace(default_settings("cpu"), train_backends=("torch",), train_long_context=True)
+    contenders = train_contenders(settings)
+    assert list(contenders.values()) == [None, "torch", "torch+loss", "torch+loss+offload", "torch+loss+tiled", "torch+loss+offload+tiled"]
+    model = tiny_llama_peft("dense", dtype=torch.float32)
+    lora = LoRAModel(model, {}, ())
+    with contender_patched(lora, "torch+loss+offload+tiled", checkpointing=True) as report:
+        assert report.fused_loss.startswith("fused") and "gradient checkpointing on now" in report.offload and report.tiled_mlp
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert "_set_gradient_checkpointing" not in model.get_base_model().__dict__
