@@ -96,6 +96,57 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: unsloth's published longest contexts for Llama-3.1-8B QLoRA r=32, batch 1 (their docs, "Unsloth Benchmarks";
+#: GB as they state it), quoted beside ours, labelled as theirs: not reproduced here.
+UNSLOTH_PUBLISHED = {24: 78_475, 48: 191_728, 80: 342_733}
+LONGEST_BUDGETS_GIB = (24, 48, 80, 141)
+#: Where the step-time cost of the long-context options is measured (CPU, interleaved, by the training suite with
+#: ``--long-context on``): quoted under the table.
+STEP_TIME_NOTE = ("Step-time cost of offloaded checkpoints and the tiled MLP: measured on the CPU by the training suite "
+                  "(`fastlora bench --suite train --model small-32k --long-context on`); the copy/compute overlap of the "
+                  "offload is a GPU property, unmeasured.")
+
+
+def longest_context(model: str = "llama-3-8b", rank: int = 32, budgets=LONGEST_BUDGETS_GIB, contenders=("peft", "fastlora+all"),
+                    show_progress: bool = True) -> dict:  # fmt: skip
+    """The longest QLoRA sequence (batch 1, checkpointing on) that fits each budget per contender, with the host
+    memory the offloaded checkpoints need there (accounted at that length)."""
+    spec = StepSpec(model, method="qlora", rank=rank, seq=8192, checkpointing="non-reentrant")
+    table = {}
+    for contender in tqdm(contenders, desc="longest context", unit="contender", disable=not show_progress):
+        known: dict[int, int] = {}
+        rows = {}
+        for budget in budgets:
+            seq = longest_fitting_seq(spec, contender, int(budget * GIB), known=known)
+            host = account(spec.with_seq(seq), contender).host_peak if seq and contender == "fastlora+all" else 0
+            rows[f"{budget:g}"] = {"seq": seq, "peak": known.get(seq), "host_peak": host}
+        table[contender] = rows
+    return {"spec": dataclasses.asdict(spec), "budgets_gib": list(budgets), "longest": table}
+
+
+def render_longest_context(results: dict, step_time_note: str = "") -> str:
+    """The longest-context table (markdown), unsloth's published figures beside it, labelled as theirs."""
+    budgets = results["budgets_gib"]
+    spec = results["spec"]
+    lines = [
+        f"Longest sequence that fits, {spec['model']} shapes (Llama-3.1-8B), QLoRA r={spec['rank']} on all linear layers, "
+        f"{spec['dtype']}, batch 1, gradient checkpointing: **accounted** (fastlora.memory), not measured on a device.",
+        "",
+        "| | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for contender, rows in results["longest"].items():
+        lines.append(f"| {contender} (accounted) | " + " | ".join(f"{rows[f'{b:g}']['seq']:,}" for b in budgets) + " |")
+        if any(rows[f"{b:g}"]["host_peak"] for b in budgets):
+            lines.append(f"| {contender}: host memory needed | "
+                         + " | ".join(f"{rows[f'{b:g}']['host_peak'] / GIB:.1f} GiB" for b in budgets) + " |")  # fmt: skip
+    lines.append("| unsloth, published (theirs, GB, not reproduced) | "
+                 + " | ".join(f"{UNSLOTH_PUBLISHED[b]:,}" if b in UNSLOTH_PUBLISHED else "-" for b in budgets) + " |")  # fmt: skip
+    if step_time_note:
+        lines += ["", step_time_note]
+    return "\n".join(lines) + "\n"
+
+
 def run_matrix(models: list[str], methods: list[str], checkpointings: list[str], seq: int, batch: int, rank: int = 16,
                show_progress: bool = True) -> list[dict]:  # fmt: skip
     """One accounting per (model, method, checkpointing, contender) at one sequence length and batch."""
@@ -143,6 +194,8 @@ def run_suite(settings, out: Path, show_progress: bool = True) -> list[dict]:
         results["plot"] = f"memory_accounted_{model}.png"
         plot(results, out / results["plot"])
         runs.append(results)
+    for model in settings.accounting_longest_context:
+        runs.append({"longest_context": longest_context(model, show_progress=show_progress)})
     (out / "accounting.json").write_text(json.dumps(runs, indent=1, default=str))
     return runs
 
@@ -151,7 +204,9 @@ def section(runs: list[dict]) -> str:
     """The main report's section for :func:`run_suite`'s results."""
     parts = []
     for results in runs:
-        if "error" in results:
+        if "longest_context" in results:
+            parts.append(render_longest_context(results["longest_context"], STEP_TIME_NOTE))
+        elif "error" in results:
             parts.append(f"{results['spec']['model']}: not accounted: {results['error']}")
         else:
             parts.append(render(results, "", level=3).replace("memory_vs_seq.png", results["plot"]))
@@ -170,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", default="1024,2048,4096,8192,16384,32768")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS_GIB)), help="GiB; empty: no longest-sequence search")
+    p.add_argument("--longest-context", action="store_true",
+                   help="instead: the longest-context table (QLoRA r=32, batch 1, PEFT and every fastlora option)")
     p.add_argument("--matrix", action="store_true",
                    help="instead: every model (comma list) x method (lora,qlora) x checkpointing at the first seq and batch")
     p.add_argument("--out", type=Path, required=True)
@@ -180,6 +237,12 @@ def main(argv=None) -> int:
     environment = f"{format_environment(env)}\n\nDate: {date}. Command: `{command}`"
     args.out.mkdir(parents=True, exist_ok=True)
     seqs, batches = [int(s) for s in args.seqs.split(",")], [int(b) for b in args.batches.split(",")]
+    if args.longest_context:
+        results = longest_context(args.model, rank=32)
+        results.update(environment=env, date=date)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (args.out / "report.md").write_text(f"# Longest context (accounted)\n\n{environment}\n\n" + render_longest_context(results))
+        return 0
     if args.matrix:
         rows = run_matrix(args.model.split(","), ["lora", "qlora"], list(CHECKPOINTING), seqs[0], batches[0], args.rank)
         (args.out / "results.json").write_text(json.dumps({"rows": rows, "environment": env, "date": date}, indent=1, default=str))

@@ -85,7 +85,7 @@ def _memory_suite(settings: BenchSettings, device, bar, cache, budget: RunBudget
     """Peak memory measured on the device, and alongside it the accounting of real sizes on meta tensors (kept as
     ``results.accounting`` for the report, and in accounting.json)."""
     records = training.run_memory_suite(settings, device, bar, cache, budget)
-    if settings.accounting_models and not budget.spent():
+    if (settings.accounting_models or settings.accounting_longest_context) and not budget.spent():
         results.accounting = memory_accounting.run_suite(settings, out, show_progress)
     return records
 

@@ -80,6 +80,9 @@ class BenchSettings:
     accounting_checkpointing: str = "non-reentrant"
     accounting_seq_lens: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768)
     accounting_batches: tuple[int, ...] = (1, 8)
+    # Memory suite: the longest-context table (QLoRA r=32, batch 1, 24/48/80/141 GiB, PEFT and every fastlora
+    # option, unsloth's published figures beside it) for these presets: --longest-context. Minutes per model.
+    accounting_longest_context: tuple[str, ...] = ()
     # Seconds after which no new case or run starts (None: no limit). What is left is listed in the report as not
     # run, so a run under a hard time limit (the GPU machine's 10-minute calls) still ends with a report.
     time_budget_s: float | None = None

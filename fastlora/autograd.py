@@ -19,20 +19,23 @@ from torch import Tensor
 from fastlora import graph, ops, tuning
 from fastlora.dora import DoRA, dora_linear
 from fastlora.dropout import draw_seeds
+from fastlora.nf4 import KEEP_UP_TO_TOKENS, NestedAbsmax, resolve_absmax
 from fastlora.tensor_cache import lasting
 
 
 # NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
 class BaseWeight(NamedTuple):
     """The frozen base of a LoRA layer: a dense [N, K] weight (any strides: GPT-2's Conv1D passes its [K, N] weight
-    transposed), NF4 codes plus resolved fp32 absmax, or bitsandbytes 8-bit int8 [N, K] with its per-row SCB as
-    ``absmax`` (``blocksize`` 0)."""
+    transposed), NF4 codes plus their absmax as the quant state stores it (fp32, or uint8 codes resolved per call
+    through ``nested``: :mod:`fastlora.nf4`), or bitsandbytes 8-bit int8 [N, K] with its per-row SCB as ``absmax``
+    (``blocksize`` 0)."""
 
     weight: Tensor
     bias: Optional[Tensor]
     out_features: int
     absmax: Optional[Tensor] = None
     blocksize: int = 0
+    nested: Optional[NestedAbsmax] = None
 
 
 class Adapter(NamedTuple):
@@ -60,6 +63,7 @@ class _Config(NamedTuple):
     scales: tuple[float, ...]
     dropout_p: tuple[float, ...]
     backend: str
+    nested: Optional[NestedAbsmax] = None  # the NF4 absmax's double quantization: resolved per call, never saved
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -78,7 +82,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, absmax, lora_a, lora_b, lora_s, seeds, row_mask = ctx.saved_tensors
-        blocksize, ranks, scales, dropout_p, backend = ctx.config
+        blocksize, ranks, scales, dropout_p, backend, nested = ctx.config
         impl = ops.implementation(backend, x.device.type)
         grad_out = grad_out.contiguous()
         grad_s, grad_b_all = impl.lora_up_grad(grad_out, lora_b, lora_s, ranks, scales)
@@ -86,6 +90,7 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_s = grad_s * row_mask  # rows an adapter does not serve give it no gradient (S is masked alike)
         grad_x = None
         if ctx.needs_input_grad[0]:
+            absmax = resolve_absmax(absmax, nested, backend)  # again: forward kept only the stored codes
             grad_x = impl.lora_linear_grad_input(grad_out, weight, absmax, blocksize, grad_s, lora_a, ranks, seeds, dropout_p)
         grad_a_all = impl.lora_down_grad(grad_s, x, ranks, seeds, dropout_p)
         grad_bias = None
@@ -121,6 +126,8 @@ def _forward(x, weight, absmax, bias, seeds, row_mask, config: _Config, adapter_
     lora_s = impl.lora_down(x, lora_a, config.ranks, seeds, config.dropout_p, config.scales)
     if row_mask is not None:
         lora_s = lora_s * row_mask  # mixed batch: each row keeps the S columns of its own adapter only
+    if config.nested is not None:
+        absmax = resolve_absmax(absmax, config.nested, config.backend)  # a transient: ctx saves the stored codes
     y = impl.lora_linear(x, weight, absmax, config.blocksize, bias, lora_s, lora_b)
     return y, lora_a, lora_b, lora_s
 
@@ -206,19 +213,24 @@ def _on_function(x2d: Tensor, base: BaseWeight, adapters: Sequence[Adapter], bac
     if len(adapters) == 1:  # the common case without the generator expressions below: this runs on every call
         one = adapters[0]
         adapter_tensors = [one.lora_a, one.lora_b]
-        config = _Config(base.blocksize, (one.lora_a.shape[0],), (one.scale,), (one.dropout_p,), backend)
+        config = _Config(base.blocksize, (one.lora_a.shape[0],), (one.scale,), (one.dropout_p,), backend, base.nested)
         has_lora_bias = one.lora_bias is not None
     else:
         adapter_tensors = [t for a in adapters for t in (a.lora_a, a.lora_b)]
         config = _Config(base.blocksize, tuple(a.lora_a.shape[0] for a in adapters), tuple(a.scale for a in adapters),
-                         tuple(a.dropout_p for a in adapters), backend)  # fmt: skip
+                         tuple(a.dropout_p for a in adapters), backend, base.nested)  # fmt: skip
         has_lora_bias = any(a.lora_bias is not None for a in adapters)
     bias = _with_lora_biases(base.bias, adapters) if has_lora_bias else base.bias
     row_mask = None if adapters[0].rows is None else _row_mask(adapters, x2d.shape[0])
     if _needs_graph(x2d, bias, adapter_tensors):
         return LoRALinearFunction.apply(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, *adapter_tensors)
-    # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for.
-    return _forward(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, adapter_tensors)[0]
+    # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for; at decode
+    # sizes the NF4 absmax resolved once per weight and kept (fastlora.nf4.resolve_absmax).
+    absmax = base.absmax
+    if config.nested is not None:
+        keep = x2d.shape[0] <= KEEP_UP_TO_TOKENS
+        absmax, config = resolve_absmax(absmax, config.nested, backend, keep), config._replace(nested=None)
+    return _forward(x2d, base.weight, absmax, bias, seeds, row_mask, config, adapter_tensors)[0]
 
 
 def _function_call(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str) -> Tensor:

@@ -87,6 +87,8 @@ def _bench_parser(subparsers) -> None:
     train.add_argument("--warmup", type=int, help="untimed optimizer steps first")
     train.add_argument("--lr", type=float, help="AdamW learning rate")
     train.add_argument("--memory-seq-lens", type=_split(int), help="sequence lengths of the memory sweep")
+    train.add_argument("--longest-context", type=_split(), help="memory suite: the longest-context table (accounted, QLoRA r=32, "
+                       "batch 1, 24/48/80/141 GiB, PEFT and every fastlora option) for these presets, e.g. llama-3-8b (minutes)")
     train.add_argument("--fused-loss", type=_on_off, default=True,
                        help="also each fastlora backend with the fused cross-entropy: on (default) or off")  # fmt: skip
     train.add_argument("--long-context", type=_on_off, default=False,
@@ -116,6 +118,7 @@ _OVERRIDES = {
     "warmup": ("warmup",),
     "lr": ("lr",),
     "memory_seq_lens": ("memory_seq_lens",),
+    "longest_context": ("accounting_longest_context",),
     "model": ("layer_models", "train_models", "memory_models"),
     "seed": ("seed",),
     "time_budget": ("time_budget_s",),

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fastlora import ops
 from fastlora.dropout import apply_dropout
+from fastlora.nf4 import resolve_absmax
 from fastlora.tensor_cache import TensorCache, lasting
 
 
@@ -61,7 +62,8 @@ def _weight_norm(base, adapter, backend: str) -> Tensor:
         # Dense bases take x in W's dtype; quantized ones dequantize into x's dtype, so A stays fp32 there.
         dtype = base.weight.dtype if base.absmax is None else torch.float32
         impl = ops.implementation(backend, a.device.type)
-        a_wt = impl.lora_linear(a.to(dtype), base.weight, base.absmax, base.blocksize, None, a.new_zeros(r, 0),
+        absmax = resolve_absmax(base.absmax, base.nested, backend)
+        a_wt = impl.lora_linear(a.to(dtype), base.weight, absmax, base.blocksize, None, a.new_zeros(r, 0),
                                 b.new_zeros(n, 0)).float()  # fmt: skip
         cross = (b * a_wt.T).sum(1)
         quadratic = ((b @ (a @ a.T)) * b).sum(1)
@@ -98,15 +100,16 @@ def _squared_row_norms(base, in_features: int) -> Tensor:
         # Once per weight: the reference dequantization of the quantized base in fp32, a few million elements of
         # rows at a time (never a whole fp32 W: 0.9 GB for one 8192 x 28672 layer).
         n, k = base.out_features, in_features
+        absmax = resolve_absmax(base.absmax, base.nested, "torch")  # fp32, one per block: 1/16 of the codes' bytes
         norms = torch.empty(n, dtype=torch.float32, device=base.weight.device)
         step = max(1, CHUNK_ELEMENTS // max(k, 1))
         for n0 in range(0, n, step):
             n1 = min(n0 + step, n)
             if base.weight.dtype == torch.int8:
-                rows = int8_dequantize(base.weight[n0:n1], base.absmax[n0:n1], torch.float32)
+                rows = int8_dequantize(base.weight[n0:n1], absmax[n0:n1], torch.float32)
             else:
                 packed = base.weight.view(torch.uint8).reshape(-1)
-                rows = nf4_dequantize_flat(packed, base.absmax, base.blocksize, n0 * k, n1 * k).view(n1 - n0, k)
+                rows = nf4_dequantize_flat(packed, absmax, base.blocksize, n0 * k, n1 * k).view(n1 - n0, k)
             norms[n0:n1] = rows.square().sum(1)
         return norms
 
@@ -198,10 +201,12 @@ def dora_linear(x: Tensor, base, adapter, seeds: Tensor, backend: str) -> Tensor
     norm = weight_norm(base, adapter, backend)
     config = _Config(base.blocksize, adapter.lora_a.shape[0], adapter.scale, adapter.dropout_p, backend)
     magnitude, bias = adapter.dora.magnitude, base.bias
+    # NF4 with double quantization: resolved for this call, and kept until backward (DoRA's graph saves it).
+    absmax = resolve_absmax(base.absmax, base.nested, backend)
     trainable = (x, adapter.lora_a, adapter.lora_b, magnitude, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable):
         return DoRALinearFunction.apply(
-            x, base.weight, base.absmax, bias, seeds, config, adapter.lora_a, adapter.lora_b, magnitude, norm
+            x, base.weight, absmax, bias, seeds, config, adapter.lora_a, adapter.lora_b, magnitude, norm
         )
     a32, b32 = adapter.lora_a.float(), adapter.lora_b.float()
-    return _forward(x, base.weight, base.absmax, bias, seeds, config, a32, b32, magnitude.float() / norm)[0]
+    return _forward(x, base.weight, absmax, bias, seeds, config, a32, b32, magnitude.float() / norm)[0]

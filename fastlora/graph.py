@@ -38,6 +38,7 @@ from torch import Tensor
 
 from fastlora import tuning
 from fastlora.backends import cpp  # its extension is built on first use, not on import
+from fastlora.nf4 import KEEP_UP_TO_TOKENS, resolve_absmax
 
 _memo = tuning.memo_holder()
 #: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
@@ -95,8 +96,12 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
 def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` ("native", "native_half" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
     if path in _NATIVE_PATHS:
+        # The C++ node saves the absmax it is given: with double quantization, this call's resolved fp32 copy (kept
+        # per weight at decode sizes without grad, as fastlora.autograd does).
+        keep = not torch.is_grad_enabled() and x.shape[0] <= KEEP_UP_TO_TOKENS
+        absmax = resolve_absmax(base.absmax, base.nested, "cpp", keep)
         return cpp.lora_layer(
-            x, adapter.lora_a, adapter.lora_b, base.weight, base.absmax, base.blocksize, base.bias, seeds,
+            x, adapter.lora_a, adapter.lora_b, base.weight, absmax, base.blocksize, base.bias, seeds,
             adapter.dropout_p, adapter.scale, _NATIVE_PATHS[path],
         )  # fmt: skip
     return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)

@@ -3,20 +3,25 @@
 A bitsandbytes ``Params4bit`` holds W[N, K] flattened row-major, two 4-bit codes per byte (element 2i in the
 high nibble, 2i+1 in the low one). Blocks of ``blocksize`` consecutive flat elements share one absmax; with
 double quantization ("nested") that absmax is itself an 8-bit code: ``code2[q] * absmax2[i // blocksize2] +
-offset``. fastlora resolves the nested absmax once per weight into fp32 and caches it, keyed on the packed
-tensor's identity and version counter, so a requantization (e.g. a 4-bit merge) invalidates it.
+offset``. fastlora keeps no resolved copy: an fp32 absmax per weight (4 bytes per 64 parameters, 0.41 GiB on an
+8B model) would put a patched model's peak above PEFT's. Each call resolves it into a transient
+(:func:`resolve_absmax`, one small op: it reads 1 byte and writes 4 per 64 weights, whose packed codes are 32 bytes)
+that dies with the call, and backward resolves it again.
 
 Usage::
 
     nf4 = NF4Weight.from_params4bit(layer.base_layer.weight)
     w = nf4.dequantize(torch.bfloat16)       # equals bitsandbytes.functional.dequantize_4bit
+    absmax = resolve_absmax(nf4.stored_absmax, nf4.nested, "torch")   # fp32, one per block: a transient
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
 
 import torch
+from torch import Tensor
 
 from fastlora.tensor_cache import TensorCache, lasting
 
@@ -44,24 +49,75 @@ class UnsupportedQuantization(ValueError):
     """The 4-bit weight is not in a layout fastlora reads (e.g. FP4, or bitsandbytes' CPU repacked format)."""
 
 
+class NestedAbsmax(NamedTuple):
+    """bitsandbytes' double quantization of an NF4 absmax: absmax_i = code[q_i] * absmax[i // blocksize] + offset.
+    The tensors are the quant state's own (nothing copied); ``offset`` is a float, or the 0-d tensor inside a
+    compiled graph (where ``float()`` would break it)."""
+
+    code: Tensor
+    absmax: Tensor
+    blocksize: int
+    offset: Union[float, Tensor]
+
+
+def resolve_absmax(stored: Tensor, nested: Optional[NestedAbsmax], backend: str, keep: bool = False) -> Tensor:
+    """fp32 absmax, one per block: ``stored`` itself without double quantization, else resolved by ``backend``'s op
+    exactly as bitsandbytes resolves it: a fresh tensor (the caller's transient), or with ``keep`` one copy per
+    weight kept for later calls (callers keep one only for calls without an autograd graph of at most
+    :data:`KEEP_UP_TO_TOKENS` rows: decoding, where resolving is a third of a CPU call's time; never for calls with a
+    graph, nor for the no-grad forward of reentrant checkpointing, whose calls have a sequence's rows).
+
+    Usage: ``absmax = resolve_absmax(base.absmax, base.nested, "torch")``
+    """
+    if nested is None:
+        return stored
+    if isinstance(nested.offset, Tensor):  # compiled: the reference's fp32 ops, traced with the offset tensor
+        from fastlora.backends.reference import nf4_resolve_absmax
+
+        return nf4_resolve_absmax(stored, nested.code, nested.absmax, nested.blocksize, nested.offset)
+    from fastlora import ops
+
+    def resolve() -> Tensor:
+        return ops.nf4_resolve_absmax(stored, nested.code, nested.absmax, nested.blocksize, nested.offset, backend)
+
+    if not keep:
+        return resolve()
+    key = (stored._version, id(nested.absmax), nested.absmax._version, id(nested.code), nested.code._version, nested.offset)
+    return _KEPT.get(stored, key, resolve)
+
+
+#: Calls without an autograd graph of at most this many rows keep the resolved absmax (see resolve_absmax).
+KEEP_UP_TO_TOKENS = 16
+
+# Inference's resolved absmax per stored (uint8) absmax tensor, valid while its key holds (see resolve_absmax).
+_KEPT: TensorCache[Tensor] = TensorCache()
+
+
 @dataclass(frozen=True)
 class NF4Weight:
-    """A read-only view of one NF4 weight: packed codes plus the fp32 absmax resolved from the quant state.
+    """A read-only view of one NF4 weight: packed codes plus the absmax as the quant state stores it.
 
-    ``packed`` is the flat uint8 storage (``ceil(n*k/2)`` bytes), ``absmax`` one fp32 scale per block of
-    ``blocksize`` flat elements, ``shape`` the logical ``(n, k)``.
+    ``packed`` is the flat uint8 storage (``ceil(n*k/2)`` bytes), ``stored_absmax`` one scale per block of
+    ``blocksize`` flat elements (fp32, or uint8 codes when ``nested``: see :class:`NestedAbsmax`), ``shape`` the
+    logical ``(n, k)``. :attr:`absmax` resolves the fp32 scales anew on each read.
     """
 
     packed: torch.Tensor
-    absmax: torch.Tensor
+    stored_absmax: torch.Tensor
+    nested: Optional[NestedAbsmax]
     blocksize: int
     shape: tuple[int, int]
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """fp32 absmax per block, resolved now (not kept: see the module doc)."""
+        return resolve_absmax(self.stored_absmax, self.nested, "torch")
 
     @staticmethod
     def from_params4bit(weight: torch.Tensor) -> "NF4Weight":
         """Read a bitsandbytes ``Params4bit`` (raises :class:`UnsupportedQuantization` when not plain NF4).
 
-        Cached per weight (this runs on every forward of a patched layer); see :data:`_CACHE` for what a hit checks.
+        Cached per weight (views and references only, no resolved copy); see :data:`_CACHE` for what a hit checks.
         """
         state = getattr(weight, "quant_state", None)
         if state is None:
@@ -83,6 +139,10 @@ class NF4Weight:
 
 # NF4Weight per Params4bit, valid while its cache_key holds.
 _CACHE: TensorCache[NF4Weight] = TensorCache()
+# The nested absmax's offset as a float, per offset tensor: FSDP2 gathers the packed weight into a new Params4bit on
+# every forward (bitsandbytes' fix_4bit_weight_quant_state_from_module), which misses _CACHE, but the module's quant
+# state, and its offset, stay the same objects, so the device is read once per weight.
+_OFFSETS: TensorCache[float] = TensorCache()
 
 
 def cache_key(weight: torch.Tensor) -> tuple:
@@ -103,12 +163,6 @@ def _state_key(state) -> tuple:
     return key
 
 
-# The resolved fp32 absmax per quant state, keyed weakly on its absmax tensor: FSDP2 gathers the packed weight into
-# a new Params4bit on every forward (bitsandbytes' fix_4bit_weight_quant_state_from_module), which misses the
-# per-weight cache above, but the module's quant state stays the same object, so the absmax is resolved once.
-_ABSMAX: TensorCache[torch.Tensor] = TensorCache()
-
-
 def _read(weight: torch.Tensor, state) -> NF4Weight:
     if state.quant_type != "nf4":
         raise UnsupportedQuantization(f"quant_type {state.quant_type!r} (only 'nf4' is fused)")
@@ -121,26 +175,27 @@ def _read(weight: torch.Tensor, state) -> NF4Weight:
     n, k = shape
     if packed.numel() != (n * k + 1) // 2:
         raise UnsupportedQuantization(f"packed size {packed.numel()} does not match shape {shape}")
-    return NF4Weight(packed, _absmax(state), int(state.blocksize), (n, k))
+    return NF4Weight(packed, *_stored_absmax(state), int(state.blocksize), (n, k))
 
 
-def _absmax(state) -> torch.Tensor:
-    """The resolved absmax of ``state``, from :data:`_ABSMAX` when double-quantized (a plain fp32 absmax is used as
-    it is: caching it would keep its own key alive)."""
-    if not state.nested or torch.compiler.is_compiling():
-        return resolve_absmax(state)
-    with torch._C.DisableTorchFunctionSubclass():
-        key = _state_key(state)
-    return _ABSMAX.get(state.absmax, key, lambda: resolve_absmax(state))
+def quant_state_absmax(state) -> Tensor:
+    """fp32 absmax of a bitsandbytes ``QuantState``, resolved now exactly as bitsandbytes resolves it.
+
+    Usage: ``absmax = quant_state_absmax(weight.quant_state)``
+    """
+    return resolve_absmax(*_stored_absmax(state), "torch")
 
 
-def resolve_absmax(state) -> torch.Tensor:
-    """fp32 absmax of a bitsandbytes ``QuantState``, resolving double quantization exactly as bitsandbytes does."""
+def _stored_absmax(state) -> tuple[Tensor, Optional[NestedAbsmax]]:
+    """The quant state's absmax as stored, and its double quantization if any."""
     if not state.nested:
-        return state.absmax.float()
-    from fastlora.backends.reference import nf4_resolve_absmax
-
+        return state.absmax.float(), None
     s2 = state.state2
-    # The offset stays a tensor, as bitsandbytes adds it (fp32): float() of it would sync the host with the GPU, and
-    # break a compiled graph (a data-dependent scalar).
-    return nf4_resolve_absmax(state.absmax, s2.code, s2.absmax, int(s2.blocksize), state.offset)
+    # bitsandbytes adds the offset as a 0-d tensor in fp32; a Python float rounds the same way once cast. Compiled,
+    # float() of it would break the graph (a data-dependent scalar): the tensor is kept. Read once per offset tensor
+    # (_OFFSETS): on a GPU, float() waits for the device.
+    if torch.compiler.is_compiling() or not isinstance(state.offset, Tensor):
+        offset = state.offset
+    else:
+        offset = _OFFSETS.get(state.offset, state.offset._version, lambda: float(state.offset))
+    return state.absmax, NestedAbsmax(s2.code, s2.absmax, int(s2.blocksize), offset)

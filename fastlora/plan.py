@@ -338,7 +338,7 @@ def _nf4_plan(base_layer, weight: torch.Tensor, x: torch.Tensor, adapters, shard
     bias = _param(base_layer, "bias")
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    base = BaseWeight(nf4.packed, bias, nf4.shape[0], nf4.absmax, nf4.blocksize)
+    base = BaseWeight(nf4.packed, bias, nf4.shape[0], nf4.stored_absmax, nf4.blocksize, nf4.nested)
     return (x if x.dtype == dtype else x.to(dtype)), base, adapters, x.dtype
 
 

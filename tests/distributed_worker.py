@@ -159,8 +159,9 @@ def main() -> None:
         "skipped": dict(report.skipped),
         "fused_calls": report.fused_calls,
         "fallback_calls": dict(report.fallback_calls),
-        # nested NF4 absmax resolutions over the whole run (fastlora.nf4._ABSMAX): once per quant state, not per call
-        "absmax_misses": nf4._ABSMAX.misses,
+        # host reads of the nested NF4 absmax offset over the whole run (fastlora.nf4._OFFSETS): once per quant
+        # state, not per call
+        "offset_reads": nf4._OFFSETS.misses,
         "weight_misses": nf4._CACHE.misses,  # the per-Params4bit cache, which FSDP2's re-wrap defeats
         "nf4_layers": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
     }

@@ -8,6 +8,7 @@ import torch
 
 import fastlora
 from fastlora.dropout import draw_seeds, keep_mask
+from fastlora.memory.tracker import quant_state_tensors
 from tests.conftest import lora_layer_model
 
 from fastlora.backends import unavailable_reason
@@ -279,12 +280,11 @@ def test_dropout_statistics_match_peft(backend):
 
 def saved_activation_bytes(output: torch.Tensor, model: torch.nn.Module) -> int:
     """Bytes of distinct storages the autograd graph of ``output`` keeps for backward, excluding the model's own
-    parameters and buffers and the cached NF4 absmax (persistent memory, not activations). Walks the graph rather
-    than using saved-tensor hooks because bitsandbytes' MatMul4Bit keeps x on ``ctx.tensors``, bypassing them."""
-    from fastlora.nf4 import _CACHE
-
+    parameters and buffers (persistent memory, not activations; bitsandbytes' quant state included). Walks the graph
+    rather than using saved-tensor hooks because bitsandbytes' MatMul4Bit keeps x on ``ctx.tensors``, bypassing them."""
     persistent = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    persistent |= {nf4.absmax.untyped_storage().data_ptr() for nf4 in _CACHE.values()}
+    states = [p.quant_state for p in model.parameters() if getattr(p, "quant_state", None) is not None]
+    persistent |= {t.untyped_storage().data_ptr() for state in states for t in quant_state_tensors(state)}
     seen, total, stack, visited = set(), 0, [output.grad_fn], set()
     while stack:
         node = stack.pop()

@@ -13,7 +13,7 @@ import torch
 
 from fastlora.memory.planner import SEQ_STEP, longest_fitting_seq
 from fastlora.memory.step import StepSpec, account
-from fastlora.memory.tracker import LiveBytes
+from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
 TOLERANCE = 4096
 
@@ -29,6 +29,20 @@ def test_accounting_equals_real_cpu_allocations(method, checkpointing, contender
     for category, nbytes in real.breakdown.items():
         assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
     assert real.breakdown["weights"] > 0 and real.breakdown["adapters"] > 0
+
+
+def test_accounting_with_offload_and_tiling_equals_real_cpu_allocations():
+    """Every fastlora option on (fused loss, offloaded checkpoints, tiled MLP): the meta run of the real modules
+    equals the CPU step, device and host counted apart. micro: hidden 128, so 4,124 tokens make a 1 MiB layer input
+    (offload's floor) and the MLP runs in 33 shards of 128 tokens; the host holds one input per layer."""
+    spec = StepSpec("micro", method="qlora", seq=1024 + 7, batch=4, checkpointing="non-reentrant", dtype="bfloat16")
+    meta = account(spec, "fastlora+all", device="meta", attention="cpu-flash", backend="torch")
+    real = account(spec, "fastlora+all", device="cpu", backend="torch")
+    assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
+    for category, nbytes in real.breakdown.items():
+        assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+    layer_inputs = 2 * 4 * 1031 * 128 * 2  # layers x tokens x hidden x bf16
+    assert meta.host_peak == real.host_peak == layer_inputs
 
 
 def test_tracker_counts_live_storages_once():
@@ -71,6 +85,32 @@ def test_offload_moves_checkpoints_to_host():
     on_device, offloaded = account(spec, "peft"), account(StepSpec("micro", seq=1024, checkpointing="offload"), "peft")
     layer_inputs = 2 * 1024 * 128 * 2  # layers x tokens x hidden x bf16
     assert on_device.breakdown["activations"] == layer_inputs and offloaded.breakdown["activations"] == 0
+
+
+def test_tracker_counts_an_ops_scratch_at_the_peak_only_while_it_runs():
+    """A kernel's per-call buffer (the Triton split path's dequantized W) is live beside the op's outputs, then free."""
+    tracker = LiveBytes(scratch=lambda func, args: 1000 if func is torch.ops.aten.mm.default else 0)
+    with tracker:
+        a = torch.empty(10, 10)  # 400 bytes
+        b = a @ a  # 400 more, and 1000 of scratch while it runs
+        assert tracker.current == 800 and tracker.peak == 1800 and tracker.peak_breakdown["transient"] == 1800
+        del b
+        c = torch.empty(500)  # 2000 bytes: a new peak, without the scratch
+    assert tracker.peak == 2400 and tracker.peak_breakdown["transient"] == 2400
+    del a, c
+
+
+def test_plan_json_host_budget_is_the_limit(capsys):
+    import json
+
+    from fastlora.cli import main
+
+    # micro at 4096 tokens: 2 layer inputs of 1 MiB offloaded; a 3 MiB host budget caps the sequence at 6144.
+    code = main(["plan", "--model", "micro", "--seq", "4096", "--budget", "0.05,0.1", "--host-budget", str(3 / 1024),
+                 "--contenders", "fastlora+all", "--json"])  # fmt: skip
+    answer = json.loads(capsys.readouterr().out)["contenders"]["fastlora+all"]
+    assert code == 0 and answer["host_peak"] == 2 * 4096 * 128 * 2 and answer["host_limited"]
+    assert answer["longest_seq"] == {"0.05": 6144, "0.1": 6144} and set(answer["breakdown"]) == set(CATEGORIES)
 
 
 def test_plan_command(capsys, tmp_path):

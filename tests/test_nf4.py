@@ -35,17 +35,19 @@ def test_dequantize_bit_exact(n, k, blocksize, nested):
         assert torch.equal(got, expected), f"max diff {(got.float() - expected.float()).abs().max()}"
 
 
-def test_absmax_cached_and_invalidated_on_requantization():
+def test_absmax_not_kept_and_read_anew_on_requantization():
     weight, packed, state = _params4bit(8, 128, 64, True)
     first = NF4Weight.from_params4bit(weight)
-    assert NF4Weight.from_params4bit(weight).absmax is first.absmax  # resolved once, reused
+    # No fp32 copy is kept: the view holds the quant state's own uint8 codes, and each read resolves a fresh tensor.
+    assert first.stored_absmax is state.absmax and first.stored_absmax.dtype == torch.uint8
+    assert first.absmax is not first.absmax and torch.equal(first.absmax, bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset)
 
     # Requantize in place (what merging into a 4-bit base does): new codes and a new quant state.
     new_packed, new_state = bnbF.quantize_4bit(torch.randn(8, 128) * 3, blocksize=64, compress_statistics=True, quant_type="nf4")
     weight.data.copy_(new_packed)
     weight.quant_state = new_state
     again = NF4Weight.from_params4bit(weight)
-    assert again.absmax is not first.absmax
+    assert again.stored_absmax is new_state.absmax
     assert torch.equal(again.dequantize(), bnbF.dequantize_4bit(new_packed, new_state))
 
 

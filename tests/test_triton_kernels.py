@@ -38,7 +38,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from fastlora.backends import reference as ref
     from fastlora.dropout import apply_dropout, draw_seeds, keep_mask
     from fastlora.kernels import dispatch
-    from fastlora.nf4 import resolve_absmax
+    from fastlora.nf4 import quant_state_absmax
 
 DTYPES = [torch.float16, torch.float32]
 MS = [1, 7, 33, 130]
@@ -99,7 +99,7 @@ def grad_input_float64(dy, w32, ds, a, ranks, seeds, p):
 def nf4_weight(n, k, blocksize, nested):
     """(packed u8, fp32 absmax, fp32 W) of a random W[n, k] quantized by bitsandbytes on the CPU."""
     packed, state = bnbF.quantize_4bit(torch.randn(n, k) / k**0.5, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
-    absmax = resolve_absmax(state)
+    absmax = quant_state_absmax(state)
     return packed.reshape(-1), absmax, ref.nf4_dequantize(packed.reshape(-1), absmax, blocksize, n, k, torch.float32)
 
 
@@ -149,7 +149,7 @@ def test_resolve_absmax_bit_exact(blocksize):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_bit_exact(n, k, blocksize, nested, dtype):
     packed, state = bnbF.quantize_4bit(torch.randn(n, k), blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
-    got = kernels.nf4_dequantize(packed.reshape(-1), resolve_absmax(state), blocksize, n, k, dtype)
+    got = kernels.nf4_dequantize(packed.reshape(-1), quant_state_absmax(state), blocksize, n, k, dtype)
     state.dtype = dtype
     assert torch.equal(got, bnbF.dequantize_4bit(packed, state))
 

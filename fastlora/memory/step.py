@@ -6,9 +6,12 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
 
 - ``peft``: PEFT's own LoRA layers (bitsandbytes dequantizes W into a fresh buffer per call);
 - ``fastlora``: fastlora's fused forward on every LoRA layer, its ops run through their fake implementations
-  (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's one reused
-  dequantization buffer where the dispatch table sends a shape to it;
-- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`).
+  (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's per-call
+  dequantization buffer where the dispatch table sends a call to it;
+- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`);
+- ``fastlora+all``: every option fastlora has on: the fused loss, checkpointed layer inputs offloaded to host
+  memory (:mod:`fastlora.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
+  hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
 
 Usage::
 
@@ -31,7 +34,7 @@ from torch import nn
 from fastlora.memory.execution import MetaTruth, attention_implementation
 from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
-CONTENDERS = ("peft", "fastlora", "fastlora+loss")
+CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant", "offload")
 METHODS = ("lora", "qlora")
 
@@ -74,10 +77,11 @@ class Accounting:
     breakdown: dict[str, int]
     phase: str
     notes: list[str]
+    host_peak: int = 0  # host memory the offloaded checkpoints hold at most (pinned on a GPU)
 
     def as_dict(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "contender": self.contender, "peak": self.peak,
-                "breakdown": self.breakdown, "phase": self.phase, "notes": self.notes}  # fmt: skip
+                "breakdown": self.breakdown, "phase": self.phase, "host_peak": self.host_peak, "notes": self.notes}  # fmt: skip
 
 
 def model_config(model: str):
@@ -197,27 +201,25 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str]) -> Itera
         backends._served.pop(served_key, None)
 
 
-def _split_buffer(model: nn.Module, tokens: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The Triton split path's one reused dequantization buffer, if the launchers' default path sends any NF4 shape
-    there (a tuned dispatch table may choose otherwise: the buffer is at most one [N, K] weight in the compute dtype)."""
+def _split_scratch(func, args) -> int:
+    """Bytes of the Triton split path's per-call dequantization buffer (one [N, K] W in the compute dtype) for a fused
+    NF4 op call that the launchers' default path sends there (a tuned dispatch table may choose otherwise)."""
     from fastlora.kernels import dispatch
 
-    largest = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if type(weight).__name__ == "Params4bit":
-            n, k = weight.quant_state.shape
-            if any(dispatch.choice(op, "nf4", tokens, n, k, dtype).path == "split" for op in ("forward", "grad_input")):
-                largest = max(largest, n * k)
-    return torch.empty(largest, dtype=dtype, device="meta") if largest else None
-
-
-def _resolved_absmax(model: nn.Module) -> list[torch.Tensor]:
-    """fastlora's fp32 absmax per NF4 weight, resolved from bitsandbytes' double quantization once and kept for the
-    weight's lifetime (``fastlora.nf4``'s cache): device memory beside the weights, 4 bytes per 64 parameters."""
-    from fastlora.nf4 import NF4Weight
-
-    return [NF4Weight.from_params4bit(p).absmax for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    name = getattr(func, "_name", "")
+    if name not in ("fastlora::lora_linear", "fastlora::lora_linear_scaled", "fastlora::lora_linear_grad_input"):
+        return 0
+    if args[2] is None or args[3] == 0:  # dense, or 8-bit (blocksize 0)
+        return 0
+    first = args[0]
+    m, dtype = first.shape[0], first.dtype
+    if name == "fastlora::lora_linear_grad_input":
+        op, n, k = "grad_input", first.shape[1], args[5].shape[1]  # grad_out [M, N], lora_a [R, K]
+    else:
+        op, n, k = "forward", args[6].shape[0], first.shape[1]  # x [M, K], lora_b [N, R]
+    if dispatch.choice(op, "nf4", m, n, k, dtype).path != "split":
+        return 0
+    return n * k * first.element_size()
 
 
 # The meta models of the last specs accounted (keyed without seq and batch): the planner accounts one model at many
@@ -253,9 +255,9 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
     else:
         model = build_peft_model(spec, device)
     notes: list[str] = []
-    dtype = getattr(torch, spec.dtype)
     vocab = model.get_base_model().config.vocab_size
-    tracker = LiveBytes(vocab_size=vocab)
+    split = contender.startswith("fastlora") and backend == "triton"
+    tracker = LiveBytes(vocab_size=vocab, scratch=_split_scratch if split else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     stack = contextlib.ExitStack()
     with stack:
@@ -267,23 +269,15 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
 
                 fastlora.patch(model, backend=backend)
                 stack.callback(fastlora.unpatch, model)
-        if contender == "fastlora+loss":
+        if contender in ("fastlora+loss", "fastlora+all"):
             from fastlora.cross_entropy import install
 
-            undo, description = install(model)
-            notes.append(description)
-            if undo is not None:
-                stack.callback(undo)
+            _installed(stack, notes, *install(model))
+        if contender == "fastlora+all":
+            _install_long_context(model, stack, notes, tracker)
         ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
         model.train()
-        if contender.startswith("fastlora"):
-            for absmax in _resolved_absmax(model):
-                tracker.add(absmax, "weights")
         with tracker.tracking(model):
-            split = contender.startswith("fastlora") and backend == "triton"
-            buffer = _split_buffer(model, spec.batch * spec.seq, dtype) if split else None
-            if buffer is not None:
-                notes.append(f"split path's reused dequantization buffer: {buffer.nbytes / 2**20:.1f} MiB")
             with MetaTruth() if device == "meta" else contextlib.nullcontext():
                 tracker.phase = "forward"
                 loss = model(input_ids=ids, labels=ids).loss
@@ -295,4 +289,34 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
-    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes)
+    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak)
+
+
+def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description: str) -> None:
+    notes.append(description)
+    if undo is not None:
+        stack.callback(undo)
+
+
+def _install_long_context(model: nn.Module, stack: contextlib.ExitStack, notes: list[str], tracker: LiveBytes) -> None:
+    """fastlora's offloaded checkpoints, tiled MLP and chunked norms on ``model``, as ``patch`` installs them
+    (:mod:`fastlora.long_context`); the offload's host buffers are counted as host memory."""
+    from collections import Counter
+
+    from fastlora import offload, rms_norm, tiled_mlp
+
+    _installed(stack, notes, *offload.install(model, Counter()))
+    new_host_buffer = offload.HostCopies._new_host_buffer
+
+    def counted_host_buffer(copies, x):
+        with tracker.host_allocations():
+            return new_host_buffer(copies, x)
+
+    offload.HostCopies._new_host_buffer = counted_host_buffer
+    stack.callback(setattr, offload.HostCopies, "_new_host_buffer", new_host_buffer)
+    undo, description, untiled = tiled_mlp.install(model, None)
+    _installed(stack, notes, undo, description)
+    notes.extend(f"{name}: MLP not tiled ({why})" for name, why in untiled.items())
+    undo, description, unchunked = rms_norm.install(model)
+    _installed(stack, notes, undo, description)
+    notes.extend(f"{name}: norm not chunked ({why})" for name, why in unchunked.items())

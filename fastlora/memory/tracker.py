@@ -27,21 +27,28 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from fastlora.memory.meta_ops import MetaOpCache
+
 CATEGORIES = ("weights", "adapters", "activations", "logits", "transient")
+#: Shared by every accounting of the process: the planner accounts one model at many sequence lengths.
+_META_OPS = MetaOpCache()
 
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the live tensor storages, per category, with the peak and its breakdown (see the module doc)."""
 
-    def __init__(self, vocab_size: Optional[int] = None) -> None:
+    def __init__(self, vocab_size: Optional[int] = None, scratch: Optional[Callable[..., int]] = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        # scratch(func, args) -> bytes an op allocates and frees inside itself, beside its outputs (a kernel's
+        # per-call buffer that its fake implementation does not make): counted at the peak while the op runs.
+        self.scratch = scratch
         self.by_category = dict.fromkeys(CATEGORIES, 0)
         self.current = 0
         self.peak = 0
@@ -50,6 +57,9 @@ class LiveBytes(TorchDispatchMode):
         self.phase = ""
         self._live: dict[int, list] = {}  # id(storage) -> [nbytes, category]
         self._host: set[int] = set()  # storages standing for pinned host memory (checkpoint offload): not counted
+        self.host_current = 0  # bytes of host memory held by offloaded checkpoints, counted apart from the device
+        self.host_peak = 0
+        self._host_next = False  # the storages allocated now are host buffers (see host_allocations)
         self._new_category: Optional[str] = None
 
     # -- recording --------------------------------------------------------------------------------------------
@@ -60,16 +70,19 @@ class LiveBytes(TorchDispatchMode):
             # save_on_cpu's pinned host buffer (offloaded checkpoints): host memory, not the device's. A CPU scalar
             # expanded to the shape stands in for it; copying back to the device allocates a counted copy.
             host = torch.empty((), dtype=kwargs.get("dtype")).expand(args[0])
-            key = id(host.untyped_storage())
-            self._host.add(key)
-            weakref.finalize(host.untyped_storage(), self._host.discard, key)  # ids are reused once it dies
+            self._add_host(host)
             return host
-        if func is torch.ops.aten.copy_.default and self.is_host(args[0]):
-            return args[0]  # the device-to-host copy: nothing on the device changes
-        out = func(*args, **kwargs)
+        if func is torch.ops.aten.copy_.default and self.is_host(args[0]) and args[1].device.type == "meta":
+            return args[0]  # the device-to-host copy of a meta tensor: nothing on the device changes
+        out = _META_OPS.run(func, args, kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.add(t)
+        scratch = self.scratch(func, args) if self.scratch is not None else 0
+        if scratch and self.current + scratch > self.peak:
+            self.peak = self.current + scratch
+            self.peak_breakdown = dict(self.by_category, transient=self.by_category["transient"] + scratch)
+            self.peak_phase = self.phase
         return out
 
     def add(self, tensor: torch.Tensor, category: Optional[str] = None) -> None:
@@ -77,6 +90,9 @@ class LiveBytes(TorchDispatchMode):
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live or key in self._host:
+            return
+        if self._host_next:
+            self._add_host(tensor)
             return
         nbytes = storage.nbytes()
         category = category or self._new_category or self._guess(tensor)
@@ -93,6 +109,19 @@ class LiveBytes(TorchDispatchMode):
         if self.vocab_size and tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
             return "logits"
         return "transient"
+
+    def _add_host(self, tensor: torch.Tensor) -> None:
+        # Its logical size: a meta run's stand-in is one element expanded to the shape.
+        storage, nbytes = tensor.untyped_storage(), tensor.numel() * tensor.element_size()
+        key = id(storage)
+        self._host.add(key)
+        self.host_current += nbytes
+        self.host_peak = max(self.host_peak, self.host_current)
+        weakref.finalize(storage, self._free_host, key, nbytes)  # ids are reused once it dies
+
+    def _free_host(self, key: int, nbytes: int) -> None:
+        self._host.discard(key)
+        self.host_current -= nbytes
 
     def _free(self, key: int) -> None:
         nbytes, category = self._live.pop(key)
@@ -118,6 +147,16 @@ class LiveBytes(TorchDispatchMode):
     # -- one step ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def host_allocations(self) -> Iterator[None]:
+        """Count every storage allocated inside the block as host memory (fastlora's offload buffers, which are
+        plain CPU tensors when the device is the CPU, pinned host memory on a GPU)."""
+        previous, self._host_next = self._host_next, True
+        try:
+            yield
+        finally:
+            self._host_next = previous
+
+    @contextlib.contextmanager
     def category(self, name: str) -> Iterator[None]:
         """Count every storage allocated inside the block as ``name`` (e.g. the optimizer step)."""
         previous, self._new_category = self._new_category, name
@@ -135,7 +174,7 @@ class LiveBytes(TorchDispatchMode):
             self.add(p, "adapters" if p.requires_grad else "weights")
             quant_state = getattr(p, "quant_state", None)
             if quant_state is not None:
-                for t in _quant_state_tensors(quant_state):
+                for t in quant_state_tensors(quant_state):
                     self.add(t, "weights")
         for b in model.buffers():
             self.add(b, "weights")
@@ -157,7 +196,11 @@ class LiveBytes(TorchDispatchMode):
                 h.remove()
 
 
-def _quant_state_tensors(quant_state) -> list[torch.Tensor]:
+def quant_state_tensors(quant_state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes ``QuantState`` (absmax and code, and the nested ones with double quantization).
+
+    Usage: ``quant_state_tensors(layer.weight.quant_state)``
+    """
     tensors = [quant_state.absmax, quant_state.code]
     if getattr(quant_state, "nested", False):
         tensors += [quant_state.state2.absmax, quant_state.state2.code]
