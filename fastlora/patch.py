@@ -283,6 +283,7 @@ def patch(
 
 def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -> list[nn.Module]:
     """Install the fused forward on every patchable layer of ``layers``; all or nothing. Returns the patched ones."""
+    layers, expert_chains = _split_expert_layers(layers, backend, report)
     plan = []
     for name, layer in layers:
         current = layer.__dict__.get("forward")
@@ -303,11 +304,27 @@ def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -
             layer.forward = FusedForward(layer, name, chosen, report, previous, report.verify)
             applied.append(layer)
             report.patched[name] = chosen
+        applied.extend(_install_expert_chains(expert_chains, report))
     except BaseException:
         for layer in applied:
             _restore(layer)
         raise
     return applied
+
+
+def _split_expert_layers(layers, backend: str, report: PatchReport):
+    """PEFT's ParamWrappers (LoRA on 3-D expert weights) are fused per experts module by :mod:`fastlora.moe`:
+    returns the other layers and the expert chains to install (reasons for unfusable ones go in ``report``)."""
+    from fastlora.moe import wiring
+
+    return wiring.split_param_wrappers(layers, backend, report)
+
+
+def _install_expert_chains(expert_chains, report: PatchReport):
+    from fastlora.moe import wiring
+
+    for chain in expert_chains:
+        yield wiring.install(chain, report)
 
 
 # Per patched model: how to take its fused loss out again (unpatch). Weak keys: a freed model frees its entry.

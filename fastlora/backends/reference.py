@@ -123,3 +123,7 @@ def lora_linear_grad_input(
             lora_dx = lora_dx * keep_mask(seeds[i], p, m, k).float() * (1.0 / (1.0 - p))
         dx = dx + lora_dx
     return dx.to(grad_out.dtype)
+
+
+# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
+from fastlora.moe.reference import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401
