@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from fastlora import backends
 from fastlora.moe.experts import grouped_experts_forward, up_projection_name
-from fastlora.patch import FusedForward, PatchReport, is_compiling
+from fastlora.patch import FusedForward, PatchReport, is_compiling, logger
 
 #: Attributes ``transformers.integrations.moe.use_experts_implementation`` puts on an experts module.
 _INTERFACE = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
@@ -179,8 +179,24 @@ def split_param_wrappers(layers: list, backend: str, report: PatchReport) -> tup
             report.skipped.update({n: reason for n in names})
             continue
         device = experts._parameters["down_proj"].device
-        chains.append((name, layer, backends.resolve(backend, device), names))
+        chains.append((name, layer, _grouped_backend(backend, device), names))
     return rest, chains
+
+
+def _grouped_backend(requested: str, device: torch.device) -> str:
+    """The backend for the grouped ops: as for the dense ops, except that a grouped C++ extension that fails to
+    build sends "auto" to the torch reference (logged) and an explicit "cpp" to BackendUnavailable."""
+    chosen = backends.resolve(requested, device)
+    if chosen == "cpp":
+        from fastlora.moe import cpp
+
+        reason = cpp.unavailable_reason()
+        if reason is not None:
+            if requested != "auto":
+                raise backends.BackendUnavailable(reason)
+            logger.warning("fastlora: expert LoRA runs on the torch reference: %s", reason)
+            return "torch"
+    return chosen
 
 
 def install(chain: tuple, report: PatchReport) -> nn.Module:
