@@ -29,11 +29,13 @@ Tensor rank_scales(const std::vector<int64_t>& ranks, const std::vector<double>&
 
 Tensor as_float(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
-// Calls body(expert, start, end) for every expert with rows, experts spread over the intra-op threads.
+// Calls body(expert, start, end) for every expert with rows, experts spread over the intra-op threads. Grad mode
+// is thread-local: off in each worker too (the inputs may require grad; these are the backward's own GEMMs).
 template <typename Body>
 void for_each_expert(const std::vector<int64_t>& ends, Body body) {
   const int64_t experts = static_cast<int64_t>(ends.size());
   at::parallel_for(0, experts, 1, [&](int64_t first, int64_t last) {
+    at::NoGradGuard no_grad;
     for (int64_t e = first; e < last; ++e) {
       const int64_t start = e == 0 ? 0 : ends[e - 1];
       if (ends[e] > start) body(e, start, ends[e]);
@@ -75,7 +77,9 @@ std::tuple<Tensor, Tensor, Tensor> grouped_lora_backward(const Tensor& grad_out,
   const auto ends = row_ends(offsets);
   const int64_t rows = x.size(0), k = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor grad_x = at::zeros({needs_input_grad ? rows : 0, k}, f32);
+  Tensor grad_x = at::empty({needs_input_grad ? rows : 0, k}, f32);
+  const int64_t covered = ends.empty() ? 0 : ends.back();
+  if (needs_input_grad && covered < rows) grad_x.narrow(0, covered, rows - covered).zero_();
   Tensor grad_a = at::zeros(lora_a.sizes(), f32);
   Tensor grad_b = at::zeros(lora_b.sizes(), f32);
   const Tensor column_scale = rank_scales(ranks, scales);
