@@ -14,7 +14,11 @@ import torch
 from fastlora.moe import ops as moe_ops
 from fastlora.moe.autograd import grouped_lora_linear
 
-BACKENDS = ["torch", "cpp"]
+import os
+
+# Triton runs here only under its interpreter, switched on for the whole process (tests marked "interpreter").
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch", "cpp"] if not INTERPRETING else [pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
 def _case(seed: int, dtype=torch.float32, experts=5, k=19, n=23, ranks=(3, 5), transposed=False, counts=None):
@@ -88,6 +92,8 @@ def test_without_adapters_is_the_grouped_gemm(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_rounds_once(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong (triton#11584); bf16 runs in the GPU tests")
     x, offsets, weight, adapters = _case(3, dtype=dtype, k=37, n=29)
     y = grouped_lora_linear(x, offsets, weight, adapters, backend)
     assert y.dtype == dtype

@@ -75,3 +75,7 @@ def unavailable_reason() -> str | None:
     if capability < MIN_CAPABILITY:
         return f"needs compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, found {capability[0]}.{capability[1]}"
     return None
+
+
+# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
+from fastlora.moe.triton import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401
