@@ -63,8 +63,9 @@ std::tuple<Tensor, Tensor> grouped_lora_forward(const Tensor& x, const Tensor& o
     Tensor y_e = y.narrow(0, start, end - start);
     at::mm_out(s_e, x_e, as_float(lora_a[e]).t());
     s_e.mul_(column_scale);
-    at::mm_out(y_e, x_e, as_float(weight[e]).t());
-    y_e.addmm_(s_e, as_float(lora_b[e]).t());
+    // The thin LoRA product first, then the base GEMM accumulates onto it (beta = 1): one pass over y_e.
+    at::mm_out(y_e, s_e, as_float(lora_b[e]).t());
+    y_e.addmm_(x_e, as_float(weight[e]).t());
   });
   return {fp32 ? y : y.to(x.scalar_type()), lora_s};
 }
@@ -94,8 +95,8 @@ std::tuple<Tensor, Tensor, Tensor> grouped_lora_backward(const Tensor& grad_out,
     at::mm_out(grad_a_e, ds_e.t(), x_e);
     if (needs_input_grad) {
       Tensor dx_e = grad_x.narrow(0, start, count);
-      at::mm_out(dx_e, dy_e, as_float(weight[e]));
-      dx_e.addmm_(ds_e, a_e);
+      at::mm_out(dx_e, ds_e, a_e);
+      dx_e.addmm_(dy_e, as_float(weight[e]));
     }
   });
   return {grad_out.scalar_type() == at::kFloat ? grad_x : grad_x.to(grad_out.scalar_type()), grad_a, grad_b};

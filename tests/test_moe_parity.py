@@ -20,7 +20,11 @@ from tests.conftest import patch_keeps_adapter_file
 from tests.moe_models import MODELS, VOCAB, peft_moe_model
 from tests.test_layer_parity import relative_error
 
-BACKENDS = ["torch", "cpp"]
+import os
+
+# Under TRITON_INTERPRET=1 (its own process, tests marked "interpreter") the same checks run on the Triton kernels.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch", "cpp"] if not INTERPRETING else [pytest.param("triton", marks=pytest.mark.interpreter)]
 KINDS = list(MODELS)
 
 
@@ -107,7 +111,8 @@ def _experts_and_routing(model, seed, tokens=13):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_half_precision_experts_no_farther_from_float64_than_peft(kind, backend):
-    dtype = torch.bfloat16
+    # bf16 on CPU; the interpreter's bf16 tl.dot is wrong (triton#11584), so Triton is checked in fp16 there.
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16
     model = peft_moe_model(kind, dtype=dtype, seed=5)
     for p in model.parameters():  # PEFT keeps ParamWrapper adapters in the weight's dtype
         p.data = p.data.to(dtype)
@@ -127,7 +132,7 @@ def test_half_precision_experts_no_farther_from_float64_than_peft(kind, backend)
         out.backward(torch.ones_like(out))
         results[label] = (out.detach(), h.grad)
     (y, gx), (y_peft, gx_peft), (y64, gx64) = results["fused"], results["peft"], results["float64"]
-    ulp = 2.0**-8
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     assert relative_error(y, y64) <= relative_error(y_peft, y64) + 0.5 * ulp
     assert relative_error(gx, gx64) <= relative_error(gx_peft, gx64) + 0.5 * ulp
     assert relative_error(y, y64) < 4 * ulp
