@@ -335,3 +335,34 @@ def test_patched_equals_peft_sampled(model, config, operation, tmp_path):
 @pytest.mark.parametrize("model,config,operation", [c for c in ALL_CASES if c not in SAMPLED])
 def test_patched_equals_peft_full(model, config, operation, tmp_path):
     run_operation(Pair(MODELS[model], config), operation, tmp_path)
+
+
+# ---- mixture-of-experts models: LoRA on the 3-D expert weights (PEFT's ParamWrapper) besides attention ---------------
+# PEFT refuses dropout, DoRA, lora_bias and mixed models on ParamWrapper, so the MoE configs are the ones it accepts.
+
+from tests.moe_models import EXPERT_PARAMETERS, MODELS as MOE_KINDS, VOCAB, moe_model  # noqa: E402
+
+MOE_MODELS = {
+    f"moe-{kind}": ModelSpec(f"moe-{kind}", lambda kind=kind: moe_model(kind), lambda: torch.randint(0, VOCAB, (2, 7)), ("o_proj",))
+    for kind in MOE_KINDS
+}  # fmt: skip
+MOE_CONFIGS = {
+    "moe-r4": ([("default", lambda t: lora(t, r=4, lora_alpha=8, target_parameters=EXPERT_PARAMETERS))], False),
+    "moe-rslora": ([("default", lambda t: lora(t, r=8, lora_alpha=4, use_rslora=True, target_parameters=EXPERT_PARAMETERS))], False),
+    "moe-two-adapters": ([("default", lambda t: lora(t, r=4, lora_alpha=8, target_parameters=EXPERT_PARAMETERS)),
+                          ("second", lambda t: lora(t, r=2, lora_alpha=3, target_parameters=EXPERT_PARAMETERS))], False),
+}  # fmt: skip
+CONFIGS.update(MOE_CONFIGS)
+MOE_CASES = [(m, c, o) for m in MOE_MODELS for c in MOE_CONFIGS for o in OPERATIONS if o != "hotswap"]
+MOE_SAMPLED = random.Random(22).sample(MOE_CASES, 15)
+
+
+@pytest.mark.parametrize("model,config,operation", MOE_SAMPLED)
+def test_moe_patched_equals_peft_sampled(model, config, operation, tmp_path):
+    run_operation(Pair(MOE_MODELS[model], config), operation, tmp_path)
+
+
+@pytest.mark.full_matrix
+@pytest.mark.parametrize("model,config,operation", [c for c in MOE_CASES if c not in MOE_SAMPLED])
+def test_moe_patched_equals_peft_full(model, config, operation, tmp_path):
+    run_operation(Pair(MOE_MODELS[model], config), operation, tmp_path)
