@@ -73,6 +73,8 @@ def test_outputs_and_gradients_match_peft(kind, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_ten_training_steps_match_peft(kind, backend):
+    if backend == "triton" and kind != "qwen3_moe":
+        pytest.skip("under the interpreter one model trains (minutes each); outputs and gradients cover all five")
     peft_model = peft_moe_model(kind, seed=3).train()
     fused = copy.deepcopy(peft_model)
     report = fastlora.patch(fused, backend=backend)
