@@ -62,7 +62,7 @@ def _bench_parser(subparsers) -> None:
         "measured yet, and --time-budget bounds it). Writes report.md, results.json and PNG plots into --out.",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--suite", default="all", type=_split(), help="layers, train, memory or all; or a comma list")
+    p.add_argument("--suite", default="all", type=_split(), help="layers, train, memory or all; or a comma list; or moe alone (the MoE layer suite)")
     p.add_argument("--model", type=_split(), help="model preset(s) for every suite (default per device; see fastlora info)")
     p.add_argument("--out", default="fastlora-bench", help="output directory (default ./fastlora-bench)")
     p.add_argument("--dtype", type=_dtype, help="compute dtype: float32 (CPU default), bfloat16 (GPU default), float16")
@@ -154,6 +154,16 @@ def settings_from_args(args: argparse.Namespace):
 def cmd_bench(args: argparse.Namespace) -> int:
     from fastlora.bench.report import problems, summary_table
     from fastlora.bench.runner import run_benchmarks
+
+    if list(args.suite) == ["moe"]:  # the MoE layer suite has its own runner and outputs (moe.json, moe.md)
+        from pathlib import Path
+
+        from fastlora.bench.moe import run_suite, summary
+        from fastlora.bench.runner import auto_threads
+
+        torch.set_num_threads(auto_threads())
+        print(summary(run_suite(Path(args.out), show_progress=not args.quiet)))
+        return 0
 
     settings = settings_from_args(args)
     if settings.threads:

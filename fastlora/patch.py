@@ -400,6 +400,7 @@ def patch(
 
 def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -> list[nn.Module]:
     """Install the fused forward on every patchable layer of ``layers``; all or nothing. Returns the patched ones."""
+    layers, expert_chains = _split_expert_layers(layers, backend, report)
     plan = []
     for name, layer in layers:
         current = layer.__dict__.get("forward")
@@ -419,6 +420,7 @@ def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -
             layer.forward = FusedForward(layer, name, backend, chosen, report, previous, report.verify)
             applied.append(layer)
             report.patched[name] = chosen
+        applied.extend(_install_expert_chains(expert_chains, report))
     except BaseException:
         for layer in applied:
             _restore(layer)
@@ -437,6 +439,21 @@ def _backend_at_patch_time(requested: str, device: torch.device) -> str:
         if requested != "auto" and any(backends.unavailable_reason(requested, t) is None for t in ("cuda", "cpu")):
             return requested  # e.g. triton on a CPU model of a CUDA machine: the model may move there
         raise
+
+
+def _split_expert_layers(layers, backend: str, report: PatchReport):
+    """PEFT's ParamWrappers (LoRA on 3-D expert weights) are fused per experts module by :mod:`fastlora.moe`:
+    returns the other layers and the expert chains to install (reasons for unfusable ones go in ``report``)."""
+    from fastlora.moe import wiring
+
+    return wiring.split_param_wrappers(layers, backend, report)
+
+
+def _install_expert_chains(expert_chains, report: PatchReport):
+    from fastlora.moe import wiring
+
+    for chain in expert_chains:
+        yield wiring.install(chain, report)
 
 
 # Per patched model: how to take its fused loss out again (unpatch). Weak keys: a freed model frees its entry.

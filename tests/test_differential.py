@@ -25,6 +25,8 @@ import fastlora
 from fastlora.patch import FusedForward
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from tests.conftest import TINY_LLAMA, nf4_linear
+from tests.moe_models import EXPERT_PARAMETERS, VOCAB, moe_model
+from tests.moe_models import MODELS as MOE_KINDS
 
 BACKEND = "cpp"
 #: fp32 throughout: fastlora and PEFT differ only by summation order (fastlora adds the base and LoRA products
@@ -309,10 +311,30 @@ def _save_load(pair: Pair, operation: str, tmp_path) -> None:
         pair.check_forward("hotswapped")
 
 
+# ---- mixture-of-experts models: LoRA on the 3-D expert weights (PEFT's ParamWrapper) besides attention ---------------
+# PEFT refuses dropout, DoRA, lora_bias and mixed models on ParamWrapper, so the MoE configs are the ones it accepts.
+
+MOE_MODELS = {
+    f"moe-{kind}": ModelSpec(f"moe-{kind}", lambda kind=kind: moe_model(kind), lambda: torch.randint(0, VOCAB, (2, 7)), ("o_proj",))
+    for kind in MOE_KINDS
+}  # fmt: skip
+MOE_CONFIGS = {
+    "moe-r4": ([("default", lambda t: lora(t, r=4, lora_alpha=8, target_parameters=EXPERT_PARAMETERS))], False),
+    "moe-rslora": ([("default", lambda t: lora(t, r=8, lora_alpha=4, use_rslora=True, target_parameters=EXPERT_PARAMETERS))], False),
+    "moe-two-adapters": ([("default", lambda t: lora(t, r=4, lora_alpha=8, target_parameters=EXPERT_PARAMETERS)),
+                          ("second", lambda t: lora(t, r=2, lora_alpha=3, target_parameters=EXPERT_PARAMETERS))], False),
+}  # fmt: skip
+CONFIGS.update(MOE_CONFIGS)  # MoE configs go with MoE models only (_applicable)
+MOE_CASES = [(m, c, o) for m in MOE_MODELS for c in MOE_CONFIGS for o in OPERATIONS if o != "hotswap"]
+MOE_SAMPLED = random.Random(22).sample(MOE_CASES, 15)
+
+
 # ---- the matrix ------------------------------------------------------------------------------------------------------
 
 
 def _applicable(model: str, config: str) -> bool:
+    if config in MOE_CONFIGS:
+        return False  # drawn separately (MOE_CASES), so the sample of the other models stays as it was
     if CONFIGS[config][1] and model in ("emb-linear", "mlp-nf4"):
         return False  # mixed models: MLP and Llama cover them; LoHa/LoKr have no 4-bit or embedding layer here
     return not (config == "lora_bias" and model == "emb-linear")  # PEFT refuses lora_bias on an Embedding
@@ -324,14 +346,17 @@ ALL_CASES = [
 SAMPLED = random.Random(14).sample(ALL_CASES, SAMPLE)
 # The reproduction is always in the sample.
 SAMPLED += [case for case in [("mlp", "mixed-loha-under-lora", "forward"), ("mlp", "mixed-adalora-under-lora", "train")] if case not in SAMPLED]
+SAMPLED += MOE_SAMPLED
+SPECS = {**MODELS, **MOE_MODELS}
 
 
 @pytest.mark.parametrize("model,config,operation", SAMPLED)
 def test_patched_equals_peft_sampled(model, config, operation, tmp_path):
-    run_operation(Pair(MODELS[model], config), operation, tmp_path)
+    run_operation(Pair(SPECS[model], config), operation, tmp_path)
 
 
 @pytest.mark.full_matrix
-@pytest.mark.parametrize("model,config,operation", [c for c in ALL_CASES if c not in SAMPLED])
+@pytest.mark.parametrize("model,config,operation", [c for c in ALL_CASES + MOE_CASES if c not in SAMPLED])
 def test_patched_equals_peft_full(model, config, operation, tmp_path):
-    run_operation(Pair(MODELS[model], config), operation, tmp_path)
+    run_operation(Pair(SPECS[model], config), operation, tmp_path)
+

@@ -123,8 +123,9 @@ def test_fsdp2_matches_single_process(kind, patch_after_wrap, tmp_path):
     ranks = run_ranks(torchrun(), args, tmp_path)
     assert_matches_single_process(ranks, kind)
     for rank in ranks:
-        # bitsandbytes re-wraps each gathered weight in a new Params4bit per forward: the absmax cache, keyed on
-        # the quant state, must still resolve each layer's absmax once for the whole run (issue 21 item 5)
+        # bitsandbytes re-wraps each gathered weight in a new Params4bit per forward: the offset cache, keyed on
+        # the quant state's offset tensor, must still read each layer's offset once for the whole run (issue 21
+        # item 5: no host sync per call)
         assert 0 < rank["offset_reads"] <= rank["nf4_layers"] < rank["weight_misses"], rank
 
 

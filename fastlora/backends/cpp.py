@@ -364,3 +364,7 @@ def set_avx2_enabled(enabled: bool) -> bool:
 def has_avx2() -> bool:
     """Whether this CPU runs the AVX2 code paths. Usage: ``cpp.has_avx2()``."""
     return _loaded_ops().has_avx2()
+
+
+# The grouped (mixture-of-experts) ops of fastlora.moe.ops: a separate extension, built on first use.
+from fastlora.moe.cpp import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

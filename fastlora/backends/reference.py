@@ -143,3 +143,7 @@ def lora_linear_grad_input(
         lora_dx = grad_s[:, cols].float() @ lora_a[cols].float()
         dx = dx + apply_dropout(lora_dx, seeds[i], dropout_p[i])
     return dx.to(grad_out.dtype)
+
+
+# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
+from fastlora.moe.reference import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

@@ -89,3 +89,7 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
         except resources.DoesNotFit as err:
             reasons.append(str(err))
     return "; ".join(reasons)
+
+
+# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
+from fastlora.moe.triton import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

@@ -1,0 +1,79 @@
+"""The experts forward of transformers' ``use_experts_implementation`` models with each projection fused.
+
+It has the signature of an ``ExpertsInterface`` function (``transformers.integrations.moe``:
+``experts_forward(self, hidden_states, top_k_index, top_k_weights)``) plus the LoRA adapters per projection, and
+the same steps as transformers' ``grouped_mm`` implementation: sort the token-expert pairs by expert, offsets from
+``histc`` (no host sync on CUDA), grouped up projection, the module's own gating (``_apply_gate``: gpt-oss's
+interleaved, clamped SwiGLU) or activation, grouped down projection, the module's own expert biases and post-expert
+norm, the top-k weights, and the deterministic per-token sum. Only the two grouped GEMMs differ: each is
+:func:`fastlora.moe.autograd.grouped_lora_linear`, with the projection's LoRA in its epilogue.
+
+Usage::
+
+    out = grouped_experts_forward(experts, hidden, top_k_index, top_k_weights, {"down_proj": [(a, b, 2.0)]}, "cpp")
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastlora.moe.autograd import grouped_lora_linear
+
+Adapters = Sequence[tuple[Tensor, Tensor, float]]
+
+
+def up_projection_name(experts: nn.Module) -> str:
+    """``gate_up_proj`` for gated experts, else ``up_proj`` (transformers' naming)."""
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
+def expert_weight(experts: nn.Module, name: str) -> Tensor:
+    """The projection's weight as W [E, N, K] (a transposed view for experts stored [E, K, N], like gpt-oss)."""
+    weight = experts._parameters[name]
+    return weight.transpose(1, 2) if experts.is_transposed else weight
+
+
+def _projection(experts: nn.Module, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor, adapters, backend):
+    weight = expert_weight(experts, name)
+    out = grouped_lora_linear(x.to(weight.dtype), offsets, weight, adapters.get(name, ()), backend)
+    if experts.has_bias:
+        out = out + experts._parameters[f"{name}_bias"][expert_ids]
+    return out
+
+
+def grouped_experts_forward(
+    experts: nn.Module,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    adapters: dict[str, Adapters],
+    backend: str,
+) -> Tensor:
+    """The experts' output [T, H] for hidden states [T, H] routed to ``top_k_index`` [T, k] with ``top_k_weights``,
+    each projection named in ``adapters`` carrying its (A [E, r, K], B [E, N, r], scale) LoRA adapters.
+
+    Usage: ``grouped_experts_forward(experts, h, idx, w, {"gate_up_proj": [(a, b, s)]}, "torch")``
+    """
+    num_tokens, hidden_dim = hidden_states.shape
+    num_top_k = top_k_index.shape[-1]
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // num_top_k]
+    sample_weights = top_k_weights.reshape(-1)[perm]
+    # histc, as transformers: no host sync on CUDA (CPU histc takes floats only).
+    counts_input = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
+    counts = torch.histc(counts_input, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+    hidden = _projection(experts, up_projection_name(experts), x, offsets, expert_ids, adapters, backend)
+    hidden = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
+    out = _projection(experts, "down_proj", hidden, offsets, expert_ids, adapters, backend)
+    if experts.has_post_expert_norm:
+        out = experts.post_expert_norm(out)
+
+    weighted = out * sample_weights.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return weighted[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
