@@ -280,7 +280,8 @@ def test_registered_op_passes_opcheck_with_cpp(name):
 
 
 def test_build_from_clean(tmp_path):
-    """A fresh build directory compiles the sources and the result loads and computes (in a new process)."""
+    """A fresh build directory compiles the sources and the result loads and computes (in a new process), even with
+    the ``lock`` file a killed build leaves behind there (torch would wait on it forever)."""
     script = textwrap.dedent(
         """
         import time, torch
@@ -295,6 +296,8 @@ def test_build_from_clean(tmp_path):
         torch.testing.assert_close(cpp.lora_down(x, a, [4], seeds, [0.0], [2.0]), ref.lora_down(x, a, [4], seeds, [0.0], [2.0]))
         """
     )
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "lock").touch()
     env = dict(os.environ, FASTLORA_BUILD_DIR=str(tmp_path / "build"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -75,26 +75,43 @@ def build(build_dir: Path | str | None = None, verbose: bool = False):
     Usage: ``cpp.build("/tmp/fresh", verbose=True)``.
     """
     global _ops, _direct
-    from torch.utils import cpp_extension
-
     with _lock:
         if _ops is None:
             sources = source_dir()
             target = Path(build_dir) if build_dir is not None else default_build_dir()
-            target.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=[str(sources / name) for name in SOURCE_FILES],
-                extra_cflags=list(CXX_FLAGS),
-                extra_ldflags=list(LD_FLAGS),
-                extra_include_paths=[str(sources)],
-                build_directory=str(target),
-                is_python_module=True,
-                verbose=verbose,
-            )
-            _direct = module
+            _direct = load_extension(EXTENSION_NAME, [sources / name for name in SOURCE_FILES], target, verbose)
             _ops = torch.ops.fastlora_cpp
     return _ops
+
+
+def load_extension(name: str, sources: list[Path], build_dir: Path, verbose: bool = False):
+    """``torch.utils.cpp_extension.load`` of ``sources`` into ``build_dir`` with fastlora's flags, one build at a time.
+
+    torch's own build lock (a ``lock`` file polled every 0.5 s) is left behind when a build is killed (an
+    interrupted test run, a CI timeout), and every later process then waits on it forever. An advisory ``flock``
+    around the build, which the kernel releases with its holder, serializes fastlora's builders instead: whoever
+    holds it is the only builder, so a ``lock`` file found then is a dead build's, and is removed.
+
+    Usage: ``module = load_extension("fastlora_cpp", [source_dir() / "lora_ops.cpp"], default_build_dir())``
+    """
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "fastlora-build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(source) for source in sources],
+            extra_cflags=list(CXX_FLAGS),
+            extra_ldflags=list(LD_FLAGS),
+            extra_include_paths=[str(source_dir())],
+            build_directory=str(build_dir),
+            is_python_module=True,
+            verbose=verbose,
+        )
 
 
 def _loaded_ops():

@@ -30,19 +30,9 @@ def _extension():
     global _module, _failure
     with _lock:
         if _module is None and _failure is None:
-            from torch.utils import cpp_extension
-
             try:
-                target = dense_cpp.default_build_dir() / "grouped"
-                target.mkdir(parents=True, exist_ok=True)
-                _module = cpp_extension.load(
-                    name=EXTENSION_NAME,
-                    sources=[str(dense_cpp.source_dir() / SOURCE_FILE)],
-                    extra_cflags=list(dense_cpp.CXX_FLAGS),
-                    extra_ldflags=list(dense_cpp.LD_FLAGS),
-                    build_directory=str(target),
-                    is_python_module=True,
-                )
+                source = dense_cpp.source_dir() / SOURCE_FILE
+                _module = dense_cpp.load_extension(EXTENSION_NAME, [source], dense_cpp.default_build_dir() / "grouped")
             except Exception as err:  # noqa: BLE001 - any build/load failure means "use the reference", with why
                 _failure = f"grouped C++ extension failed to build or load: {type(err).__name__}: {err}"[-2000:]
     if _module is None:
