@@ -58,11 +58,9 @@ def tune(monkeypatch):
     kept after it, so a trial that stores nothing shows. Returns the :class:`Trials`."""
 
     def set_up(kernel, configs, output=None):
-        monkeypatch.setattr(common, "_TUNED", {})
-        monkeypatch.setattr(kernel, "cache", {})
-        monkeypatch.setattr(kernel, "early_config_prune", lambda *args, **kwargs: list(configs))
+        offer(monkeypatch, kernel, configs)
         trials = Trials()
-        benchmarked = []
+        benchmarked = []  # one entry per config timed
 
         def do_bench(kernel_call, quantiles):
             for _ in range(TRIALS_PER_CONFIG):
@@ -78,6 +76,7 @@ def tune(monkeypatch):
 
         def counting_pre_hook(args, reset_only=False):
             pre_hook(args, reset_only)
+            # TrialHooks.saved holds the copies made for this trial (a kernel without TrialHooks makes none).
             trials.copies.append(bool(getattr(getattr(pre_hook, "__self__", None), "saved", None)))
 
         monkeypatch.setitem(vars(kernel), "do_bench", do_bench)  # over the cached_property, never evaluated
@@ -87,10 +86,15 @@ def tune(monkeypatch):
     return set_up
 
 
-def single(monkeypatch, kernel, config):
+def offer(monkeypatch, kernel, configs):
+    """The kernel's next first launch chooses among ``configs`` (one: it runs it, nothing is benchmarked)."""
     monkeypatch.setattr(common, "_TUNED", {})
     monkeypatch.setattr(kernel, "cache", {})
-    monkeypatch.setattr(kernel, "early_config_prune", lambda *args, **kwargs: [config])
+    monkeypatch.setattr(kernel, "early_config_prune", lambda *args, **kwargs: list(configs))
+
+
+def single(monkeypatch, kernel, config):
+    offer(monkeypatch, kernel, [config])
 
 
 def assert_same(tuned, single_config):
