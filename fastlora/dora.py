@@ -187,7 +187,7 @@ def _scaled_linear(impl, x, weight, absmax, blocksize, bias, lora_s, b32, scale)
     if bias is None or x.dtype != torch.float32:
         return impl.lora_linear_scaled(x, weight, absmax, blocksize, bias, lora_s, b32, scale)
     y = impl.lora_linear(x, weight, absmax, blocksize, bias, lora_s, b32)
-    return torch.addcmul((1.0 - scale) * bias.float(), y, scale)
+    return torch.addcmul((1.0 - scale) * bias.float(), y, scale, out=y)  # in place: no second [M, N]
 
 
 def _forward(x, weight, absmax, bias, seeds, config: _Config, a32: Tensor, b32: Tensor, scale: Tensor):
