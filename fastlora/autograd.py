@@ -248,7 +248,7 @@ def _with_lora_biases(bias: Optional[Tensor], adapters: Sequence[Adapter]) -> Te
 def _row_mask(adapters: Sequence[Adapter], m: int) -> Tensor:
     """fp32 [M, R]: 1.0 where row m of the flattened x uses the adapter owning column r (``Adapter.rows`` is per
     row of x's leading dimension; each spans M / leading rows of the flattened x)."""
-    per_row = torch.stack([a.rows for a in adapters], dim=1)  # [rows, A]
-    ranks = torch.tensor([a.lora_a.shape[0] for a in adapters], device=per_row.device)
-    per_row = per_row.repeat_interleave(ranks, dim=1)
+    # Repeats given as Python ints: repeat_interleave with a tensor of repeats reads it back to size its output,
+    # a host sync per layer call on a GPU.
+    per_row = torch.cat([a.rows[:, None].expand(-1, a.lora_a.shape[0]) for a in adapters], dim=1)  # [rows, R]
     return per_row.repeat_interleave(m // per_row.shape[0], dim=0)

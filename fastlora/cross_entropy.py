@@ -125,9 +125,9 @@ def linear_cross_entropy(
     flat = hidden.reshape(-1, hidden.shape[-1])
     if num_items_in_batch is None:
         denominator = (targets != ignore_index).sum().float()  # mean over valid tokens, as F.cross_entropy
-    elif torch.is_tensor(num_items_in_batch):
+    elif torch.is_tensor(num_items_in_batch) and num_items_in_batch.device.type != "cpu":
         denominator = num_items_in_batch.to(hidden.device).float()
-    else:
+    else:  # a number, or a CPU tensor: read on the host for free, never copied to the GPU and waited for
         denominator = float(num_items_in_batch)
     chunk = chunk or chunk_tokens(weight.shape[0])
     return LinearCrossEntropyFunction.apply(

@@ -5,7 +5,8 @@ PEFT's DoRA output, with g = m / ‖W + s·B·A‖ per output row (the norm deta
     y = g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b                                   (no dropout, or eval)
     y = x·Wᵀ + b + (g − 1) ⊙ (x_d·Wᵀ) + g ⊙ s·x_d·Aᵀ·Bᵀ,  x_d = drop(x)  (dropout while training)
 
-The scale g is applied in the fused op's epilogue (``lora_linear_scaled``). The row norms never materialize
+The scale g is applied in the fused op's epilogue (``lora_linear_scaled``; with a bias in fp32, after the
+unscaled op, so that the bias is added as PEFT adds it: ``_scaled_linear``). The row norms never materialize
 B·A [N, K] nor a dequantized W per call: ‖W_n + s·B_n·A‖² = ‖W_n‖² + 2s·B_n·(A·W_nᵀ) + s²·B_n·(A·Aᵀ)·B_nᵀ, where
 ‖W_n‖² is computed once per frozen weight and cached (keyed on its identity and version, like the NF4 absmax),
 and A·Wᵀ is one pass over W (the fused op with x = A, M = r, no LoRA term), for every base kind.
@@ -178,16 +179,27 @@ class DoRALinearFunction(torch.autograd.Function):
         return (grad_x, None, None, grad_bias, None, None, *grads, None)
 
 
+def _scaled_linear(impl, x, weight, absmax, blocksize, bias, lora_s, b32, scale):
+    """g ⊙ (x·Wᵀ + S·Bᵀ) + b. With a bias and fp32 x it is computed as g ⊙ (x·Wᵀ + b + S·Bᵀ) + (1 − g) ⊙ b: the
+    bias then enters the base product where PEFT's ``nn.Linear`` adds it (addmm), so at DoRA's initialisation
+    (g = 1, B = 0) the output is PEFT's bit for bit, as PEFT's own tests demand; the epilogue is one pass over y
+    either way. In half precision the op keeps its single rounding (PEFT's products differ from it there anyway)."""
+    if bias is None or x.dtype != torch.float32:
+        return impl.lora_linear_scaled(x, weight, absmax, blocksize, bias, lora_s, b32, scale)
+    y = impl.lora_linear(x, weight, absmax, blocksize, bias, lora_s, b32)
+    return torch.addcmul((1.0 - scale) * bias.float(), y, scale, out=y)  # in place: no second [M, N]
+
+
 def _forward(x, weight, absmax, bias, seeds, config: _Config, a32: Tensor, b32: Tensor, scale: Tensor):
     """(y, S, the g-scaled part g ⊙ (x_d·Wᵀ + S·Bᵀ) + b)."""
     impl = ops.implementation(config.backend, x.device.type)
     blocksize, rank, lora_scale, p = config.blocksize, config.rank, config.scale, config.dropout_p
     lora_s = impl.lora_down(x, a32, (rank,), seeds, (p,), (lora_scale,))
     if p == 0.0:
-        y = impl.lora_linear_scaled(x, weight, absmax, blocksize, bias, lora_s, b32, scale)
+        y = _scaled_linear(impl, x, weight, absmax, blocksize, bias, lora_s, b32, scale)
         return y, lora_s, y
     dropped = apply_dropout(x, seeds[0], p)  # the mask lora_down drew: one definition for every backend
-    scaled = impl.lora_linear_scaled(dropped, weight, absmax, blocksize, bias, lora_s, b32, scale)
+    scaled = _scaled_linear(impl, dropped, weight, absmax, blocksize, bias, lora_s, b32, scale)
     rest = impl.lora_linear(x - dropped, weight, absmax, blocksize, None, lora_s[:, :0], b32[:, :0])
     return scaled + rest, lora_s, scaled
 

@@ -280,10 +280,20 @@ def _adapters(layer, submodules, x: torch.Tensor, adapter_names: Optional[list])
         if adapter_names is not None:
             if lora_bias is not None:
                 return "lora_bias in an adapter_names batch"
-            rows = torch.tensor([1.0 if a == name else 0.0 for a in adapter_names], device=x.device)
+            rows = _on_device([1.0 if a == name else 0.0 for a in adapter_names], x.device)
         scale = float(layer.scaling[name])
         adapters.append(Adapter(_param(lora_a, "weight"), _param(lora_b, "weight"), scale, p, lora_bias, rows, dora))
     return adapters
+
+
+def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """fp32 [len(values)] on ``device``. To a GPU through pinned memory, without waiting: a copy from pageable
+    memory would block the host until the device caught up, per layer and adapter. The caching host allocator
+    keeps the pinned block from reuse until the copy has read it."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _dora(layer, name: str, variant, n_adapters: int, adapter_names, lora_bias):

@@ -92,9 +92,39 @@ def all_configs(config_sets: dict[str, list]) -> list:
     return [cfg for configs in config_sets.values() for cfg in configs]
 
 
-def autotuned(config_sets: dict[str, list], pick, interpreter: triton.Config, key: list[str], restore_value=None):
+class TrialHooks:
+    """Triton autotuner pre/post hooks for a kernel that accumulates into an argument in some launches.
+
+    Each benchmarked trial of a config runs the kernel on the launch's own tensors. ``reset_to_zero`` arguments
+    (split-reduction arrival counters) are zeroed before every trial and before the chosen config's run, else the
+    second trial would find counts left by the first and never store its output. ``restore_value`` arguments are
+    copied before a trial and written back after it, but only when ``accumulates(args)`` says this launch adds onto
+    them (``BASE=0`` reads y or dx back): a launch that only stores them pays for no copy. Triton's own
+    ``restore_value`` would copy on every trial of every launch.
+
+    Usage: ``TrialHooks(restore_value=["y_ptr"], accumulates=lambda args: args["BASE"] == 0)``
+    """
+
+    def __init__(self, *, reset_to_zero=(), restore_value=(), accumulates=lambda args: True):
+        self.reset_to_zero, self.restore_value, self.accumulates = tuple(reset_to_zero), tuple(restore_value), accumulates
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def pre_hook(self, args: dict, reset_only: bool = False) -> None:
+        for name in self.reset_to_zero:
+            args[name].zero_()
+        if not reset_only and self.restore_value and self.accumulates(args):
+            self.saved = {name: args[name].clone() for name in self.restore_value}
+
+    def post_hook(self, args: dict, exception=None) -> None:
+        for name, value in self.saved.items():
+            args[name].copy_(value)
+        self.saved = {}
+
+
+def autotuned(config_sets: dict[str, list], pick, interpreter: triton.Config, key: list[str], hooks=None):
     """``triton.autotune`` over every config of ``config_sets``, narrowed per launch by :func:`config_pruner` to
     the configs of the set ``pick`` names that fit the GPU (the interpreter's one config under ``TRITON_INTERPRET=1``).
+    A kernel that accumulates into an argument, or counts arrivals, passes its :class:`TrialHooks`.
 
     Usage: ``@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=["N", "K"])`` above ``@triton.jit``
     """
@@ -104,7 +134,8 @@ def autotuned(config_sets: dict[str, list], pick, interpreter: triton.Config, ke
             configs=all_configs(config_sets),
             key=key,
             prune_configs_by={"early_config_prune": config_pruner(config_sets, pick, interpreter, fn)},
-            restore_value=restore_value,
+            pre_hook=hooks.pre_hook if hooks else None,
+            post_hook=hooks.post_hook if hooks else None,
         )(fn)
 
     return decorate

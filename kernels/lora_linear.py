@@ -116,7 +116,7 @@ INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 
 @common.autotuned(
     CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY,
-    restore_value=["y_ptr"],  # BASE=0 accumulates onto y: benchmarking must not compound it
+    hooks=common.TrialHooks(restore_value=["y_ptr"], accumulates=lambda args: args["BASE"] == 0),  # adds onto y
 )  # fmt: skip
 @triton.jit
 def lora_linear_kernel(

@@ -65,7 +65,7 @@ INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 
 @common.autotuned(
     CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY,
-    restore_value=["dx_ptr"],  # BASE=0 accumulates onto dx: benchmarking must not compound it
+    hooks=common.TrialHooks(restore_value=["dx_ptr"], accumulates=lambda args: args["BASE"] == 0),  # adds onto dx
 )  # fmt: skip
 @triton.jit
 def lora_linear_grad_input_kernel(

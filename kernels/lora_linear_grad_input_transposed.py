@@ -56,7 +56,10 @@ config_set = common.config_set_by_base("dy_ptr", BASE_NF4)
 INTERPRETER_CONFIG = _config(32, 16, 32, 4, 1, split_n=2)
 
 
-@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY)
+@common.autotuned(
+    CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY,
+    hooks=common.TrialHooks(reset_to_zero=["count_ptr"]),  # each trial's split sums count arrivals from zero
+)  # fmt: skip
 @triton.jit
 def lora_linear_grad_input_transposed_kernel(
     dy_ptr, w_ptr, absmax_ptr, table_ptr, ds_ptr, a_ptr, groups_ptr, keep_scales_ptr, seeds_ptr, dx_ptr,

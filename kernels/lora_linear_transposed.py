@@ -61,7 +61,10 @@ config_set = common.config_set_by_base("x_ptr", BASE_NF4)
 INTERPRETER_CONFIG = _config(32, 16, 32, 4, 1, split_k=2)
 
 
-@common.autotuned(CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY)
+@common.autotuned(
+    CONFIGS, config_set, INTERPRETER_CONFIG, key=common.BASE_GEMM_KEY,
+    hooks=common.TrialHooks(reset_to_zero=["count_ptr"]),  # each trial's split sums count arrivals from zero
+)  # fmt: skip
 @triton.jit
 def lora_linear_transposed_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, bias_ptr, s_ptr, b_ptr, scale_ptr, y_ptr,

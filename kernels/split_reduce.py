@@ -12,7 +12,8 @@ barrier and a fence before the atomic (``tests/test_triton_compile.py`` checks t
 
 The counters are zeroed at the start of each launch (:func:`tile_counters`), stream-ordered before the kernel, so a
 launch that stopped half way (an interpreter error, an interrupted benchmark) cannot leave counts that would keep
-a later launch from ever storing its output, and launches on different streams never share counters.
+a later launch from ever storing its output, and launches on different streams never share counters. Autotuning
+runs several trials on one launch's tensors: the kernels' ``TrialHooks`` zero the counters before each trial.
 """
 
 from __future__ import annotations

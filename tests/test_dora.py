@@ -4,6 +4,8 @@ of fastlora's own masks; PEFT's weight-norm inference cache, merge/unmerge/disab
 
 from __future__ import annotations
 
+import copy
+
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
@@ -12,6 +14,7 @@ from peft.tuners.lora import dora as peft_dora
 from torch import nn
 
 import fastlora
+from fastlora.backends import unavailable_reason
 from fastlora.dropout import keep_mask
 from tests.conftest import Wrapper, nf4_linear, randomize_lora, tiny_llama_base
 from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, run
@@ -72,6 +75,29 @@ def test_dora_layer_matches_peft_fp32(backend, base, k, n, m):
     assert_close_fp32(y, y_ref, "y")
     for key in g_ref:
         assert_close_fp32(g[key], g_ref[key], key)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("k,n,m", [(300, 45, 13), (513, 33, 5)])
+def test_dora_with_bias_at_initialisation_is_bit_identical_to_peft(backend, k, n, m):
+    """PEFT's own ``test_lora_use_dora_linear`` demands that DoRA at initialisation (B = 0, g = 1) leaves a biased
+    base layer's output unchanged under ``allclose``'s default tolerance, which a 1-ulp difference in the bias add
+    fails. The output is compared exactly (fp32, dense base; these backends' base GEMM is ATen's, as PEFT's). K > 256:
+    below that MKL does not split K, and x·Wᵀ + b then happens to round as addmm does."""
+    if unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(unavailable_reason(backend, "cpu"))
+    lin = nn.Linear(k, n)
+    x = torch.rand(3, m, k)
+    base_y = lin(x).detach()
+    reference = get_peft_model(Wrapper(copy.deepcopy(lin)), LoraConfig(r=4, use_dora=True, target_modules=["lin"]))
+    patched = get_peft_model(Wrapper(copy.deepcopy(lin)), LoraConfig(r=4, use_dora=True, target_modules=["lin"]))
+    report = fastlora.patch(patched, backend=backend)
+    for training in (False, True):  # inference op, then the autograd function
+        reference.train(training), patched.train(training)
+        y_ref, y = reference(x.clone().requires_grad_(training)), patched(x.clone().requires_grad_(training))
+        assert torch.equal(y_ref, base_y)
+        assert torch.equal(y, y_ref), (y - y_ref).abs().max()
+    assert report.fused_calls == 2 and not report.fallback_calls, report
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
