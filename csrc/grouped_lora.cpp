@@ -3,7 +3,8 @@
 // x [S, K] is sorted by expert; offsets [E] holds cumulative row counts (rows offsets[e-1]:offsets[e] are expert
 // e's). Per expert: S_e = x_e·A_eᵀ (adapter column slices scaled), y_e = x_e·W_eᵀ + S_e·B_eᵀ, and in backward
 // dS_e = dy_e·B_e (scaled), dB_e = dy_eᵀ·S_e, dA_e = dS_eᵀ·x_e, dx_e = dy_e·W_e + dS_e·A_e. W, A and B may have
-// any strides (gpt-oss's transposed storage, PEFT's permuted B): ATen's GEMMs read them through their strides.
+// any strides (gpt-oss's transposed storage): ATen's GEMMs read W through its strides; A and B are made dense once
+// per call (PEFT's B is a permuted view whose per-expert slices are strided gathers).
 // Experts run in parallel (one thread per expert at a time, each GEMM single-threaded inside the parallel region),
 // in fp32 (16-bit inputs are upcast per expert, so each output is rounded once). No [E, N, K] delta is built.
 #include <ATen/Parallel.h>
