@@ -13,12 +13,7 @@ import torch
 
 from fastlora.moe import ops as moe_ops
 from fastlora.moe.autograd import grouped_lora_linear
-
-import os
-
-# Triton runs here only under its interpreter, switched on for the whole process (tests marked "interpreter").
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["torch", "cpp"] if not INTERPRETING else [pytest.param("triton", marks=pytest.mark.interpreter)]
+from tests.moe_scope import BACKENDS
 
 
 def _case(seed: int, dtype=torch.float32, experts=5, k=19, n=23, ranks=(3, 5), transposed=False, counts=None):

@@ -17,15 +17,9 @@ from torch import nn
 
 import fastlora
 from tests.conftest import patch_keeps_adapter_file
-from tests.moe_models import MODELS, VOCAB, peft_moe_model
+from tests.moe_models import VOCAB, peft_moe_model
+from tests.moe_scope import BACKENDS, model_kinds
 from tests.test_layer_parity import relative_error
-
-import os
-
-# Under TRITON_INTERPRET=1 (its own process, tests marked "interpreter") the same checks run on the Triton kernels.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["torch", "cpp"] if not INTERPRETING else [pytest.param("triton", marks=pytest.mark.interpreter)]
-KINDS = list(MODELS)
 
 
 def _rel(a, b):
@@ -54,7 +48,7 @@ def _param_wrapper_names(model):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", model_kinds())
 def test_outputs_and_gradients_match_peft(kind, backend):
     peft_model = peft_moe_model(kind).train()
     fused = copy.deepcopy(peft_model)
@@ -71,10 +65,8 @@ def test_outputs_and_gradients_match_peft(kind, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", model_kinds(interpreter_kinds=()))
 def test_ten_training_steps_match_peft(kind, backend):
-    if backend == "triton" and kind != "qwen3_moe":
-        pytest.skip("under the interpreter one model trains (minutes each); outputs and gradients cover all five")
     peft_model = peft_moe_model(kind, seed=3).train()
     fused = copy.deepcopy(peft_model)
     report = fastlora.patch(fused, backend=backend)
@@ -111,7 +103,7 @@ def _experts_and_routing(model, seed, tokens=13):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", model_kinds())
 def test_half_precision_experts_no_farther_from_float64_than_peft(kind, backend):
     # bf16 on CPU; the interpreter's bf16 tl.dot is wrong (triton#11584), so Triton is checked in fp16 there.
     dtype = torch.float16 if backend == "triton" else torch.bfloat16

@@ -5,7 +5,7 @@ It has the signature of an ``ExpertsInterface`` function (``transformers.integra
 the same steps as transformers' ``grouped_mm`` implementation: sort the token-expert pairs by expert, offsets from
 ``histc`` (no host sync on CUDA), grouped up projection, the module's own gating (``_apply_gate``: gpt-oss's
 interleaved, clamped SwiGLU) or activation, grouped down projection, the module's own expert biases and post-expert
-norm, the top-k weights, and the deterministic per-token sum. Only the two grouped GEMMs differ: each is
+norm, and the deterministic per-token weighted sum over the top k. Only the two grouped GEMMs differ: each is
 :func:`fastlora.moe.autograd.grouped_lora_linear`, with the projection's LoRA in its epilogue.
 
 Usage::
@@ -40,7 +40,7 @@ def _projection(experts: nn.Module, name: str, x: Tensor, offsets: Tensor, exper
     weight = expert_weight(experts, name)
     out = grouped_lora_linear(x.to(weight.dtype), offsets, weight, adapters.get(name, ()), backend)
     if experts.has_bias:
-        out = out + experts._parameters[f"{name}_bias"][expert_ids]
+        out = out + experts._parameters[f"{name}_bias"].index_select(0, expert_ids)
     return out
 
 
@@ -60,8 +60,8 @@ def grouped_experts_forward(
     num_tokens, hidden_dim = hidden_states.shape
     num_top_k = top_k_index.shape[-1]
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // num_top_k]
-    sample_weights = top_k_weights.reshape(-1)[perm]
+    # index_select, not [] indexing: several times faster on the CPU both ways (its backward is an index_add_)
+    x = hidden_states.index_select(0, perm // num_top_k)
     # histc, as transformers: no host sync on CUDA (CPU histc takes floats only).
     counts_input = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
     counts = torch.histc(counts_input, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
@@ -73,7 +73,11 @@ def grouped_experts_forward(
     if experts.has_post_expert_norm:
         out = experts.post_expert_norm(out)
 
-    weighted = out * sample_weights.unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
-    return weighted[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    per_token = out.index_select(0, inverse).view(num_tokens, num_top_k, hidden_dim)
+    # Each token's weighted sum over its k outputs as one batched [1, k]·[k, H] product: the same deterministic sum
+    # as transformers' weighting then sum over k, without its broadcast multiply (slow on the CPU) and temporaries.
+    dtype = torch.promote_types(out.dtype, top_k_weights.dtype)
+    combined = torch.bmm(top_k_weights.to(dtype).unsqueeze(1), per_token.to(dtype))
+    return combined.view(num_tokens, hidden_dim).to(hidden_states.dtype)
