@@ -94,6 +94,10 @@ def tile_ends(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
     return torch.cumsum((counts + block_m - 1) // block_m, dim=0).to(torch.int32)
 
 
+#: The NF4 constexprs of a dense W.
+DENSE_W = dict(NF4=False, W_TRANSPOSED=False, BLOCKSIZE=1, EVEN_K=False, ROW_SCALE=False)
+
+
 class NF4Operand(NamedTuple):
     """W as NF4 codes: ``packed`` u8 [E, ceil(N'·K'/2)] and fp32 ``absmax`` [E, ceil(N'·K'/blocksize)] per expert
     of W_e [N', K'] (``shape`` = (E, N', K')); ``transposed`` makes the operand W_eᵀ [K', N']."""
@@ -108,7 +112,7 @@ class NF4Operand(NamedTuple):
 def _nf4_arguments(nf4: Optional[NF4Operand], x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int):
     """(W pointer, absmax pointer, table, its expert stride, constexprs) of the kernel for a dense or NF4 W."""
     if nf4 is None:
-        return weight, weight, weight, 0, dict(NF4=False, W_TRANSPOSED=False, BLOCKSIZE=1, EVEN_K=False, ROW_SCALE=False)
+        return weight, weight, weight, 0, DENSE_W
     w_cols = nf4.shape[2]
     tile = block_n if nf4.transposed else block_k
     constexprs = dict(NF4=True, W_TRANSPOSED=nf4.transposed, BLOCKSIZE=nf4.blocksize, EVEN_K=w_cols % 2 == 0,
