@@ -545,7 +545,8 @@ def _restore(layer: nn.Module) -> None:
 
 def unpatch(model: nn.Module) -> int:
     """Restore the original forward of every layer :func:`patch` changed (and the loss, and PEFT's adapter
-    injection); returns how many layers.
+    injection; NF4 expert weights become dense parameters again, holding their dequantized values); returns how
+    many layers.
 
     Usage::
 
@@ -562,7 +563,17 @@ def unpatch(model: nn.Module) -> int:
         undo()
     for undo in _LONG_CONTEXT_UNDO.pop(model, []):
         undo()
+    _dequantize_experts(model)
     return restored
+
+
+def _dequantize_experts(model: nn.Module) -> None:
+    """NF4 expert weights (``quantize_experts=``) back to dense ones: PEFT's forward reads the dense weights."""
+    from fastlora.moe.nf4_experts import dequantize_experts
+
+    names = dequantize_experts(model)
+    if names:
+        logger.info("fastlora: unpatch: %d NF4 expert weights dequantized to dense parameters", len(names))
 
 
 def is_patched(module: nn.Module) -> bool:

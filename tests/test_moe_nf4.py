@@ -18,7 +18,8 @@ from torch import nn
 
 import fastlora
 from fastlora.moe import nf4_experts
-from fastlora.moe.nf4_experts import dequantize_experts, expert_stack, experts_modules, nf4_nbytes, quantize_experts
+from fastlora.moe import dequantize_experts, nf4_nbytes, quantize_experts
+from fastlora.moe.nf4_experts import expert_stack, experts_modules
 from tests.moe_models import VOCAB, peft_moe_model
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,6 +175,17 @@ def test_merge_and_unload_merges_into_dequantized_weights():
         assert not nf4_experts.is_quantized(experts) and experts._parameters["gate_up_proj"].dtype == torch.float32
         assert "forward" not in experts.__dict__
     assert _rel(merged(ids).logits, expected) < 1e-5
+
+
+@pytest.mark.skipif(INTERPRETING, reason="CPU backends")
+def test_unpatch_gives_peft_the_dequantized_weights():
+    reference, fused = _reference("gpt_oss"), peft_moe_model("gpt_oss")
+    fastlora.patch(fused, backend="torch", quantize_experts="nf4")
+    assert fastlora.unpatch(fused) == 2
+    assert not any("forward" in m.__dict__ for m in fused.modules())
+    assert not any(nf4_experts.is_quantized(m) for _, m in experts_modules(fused))
+    ids = _tokens(seed=4)
+    torch.testing.assert_close(fused(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="CPU backends")

@@ -20,7 +20,7 @@ Usage::
 
     model = get_peft_model(model, LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     summary = fastlora.moe.quantize_experts(model)       # or fastlora.patch(model, quantize_experts="nf4")
-    print(summary)   # "fastlora: 96 expert weights of 48 experts modules in NF4: 56.9 GiB -> 16.0 GiB"
+    print(summary)   # Qwen3-30B-A3B: "96 expert weights of 48 experts modules in NF4: 54 GiB -> 13.9 GiB"
 """
 
 from __future__ import annotations
