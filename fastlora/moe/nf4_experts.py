@@ -41,6 +41,9 @@ QUANT_TYPES = ("nf4",)
 NESTED_BLOCKSIZE = 256
 #: The experts module's ``__dict__`` key holding {projection name: :class:`NF4Layout`}.
 _LAYOUTS = "_fastlora_nf4_layouts"
+#: Set in the experts module's ``__dict__`` while :func:`materialized` holds dense copies (PEFT's parametrization
+#: moves them out of ``_parameters`` during its call).
+_MATERIALIZED = "_fastlora_nf4_materialized"
 _PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
 
@@ -286,11 +289,16 @@ def materialized(experts: nn.Module) -> Iterator[None]:
     Usage: ``with materialized(experts): out = peft_wrapper.forward(x, idx, w)``
     """
     names = list(experts.__dict__.get(_LAYOUTS, {}))
+    if not names or experts.__dict__.get(_MATERIALIZED):
+        yield
+        return
     for name in names:
         experts._parameters[name] = nn.Parameter(dequantized_weight(experts, name), requires_grad=False)
+    experts.__dict__[_MATERIALIZED] = True
     try:
         yield
     finally:
+        del experts.__dict__[_MATERIALIZED]
         for name in names:
             experts._parameters.pop(name, None)
 
@@ -330,7 +338,7 @@ class NF4ExpertsForward:
 
     def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         experts = self.experts
-        if not is_quantized(experts) or all(name in experts._parameters for name in experts.__dict__[_LAYOUTS]):
+        if not is_quantized(experts) or experts.__dict__.get(_MATERIALIZED):
             return type(experts).forward(experts, hidden_states, top_k_index, top_k_weights)
         from fastlora.moe.experts import grouped_experts_forward
         from fastlora.moe.wiring import grouped_backend

@@ -137,6 +137,8 @@ class FusedExpertsForward(FusedForward):
             return "experts module already parametrized"
         adapters = {}
         for wrapper in self.chain:
+            if wrapper.disable_adapters and is_quantized(experts) and not wrapper.merged:
+                continue  # NF4 experts: the bare weights are the fused op without this projection's LoRA
             if wrapper.disable_adapters:
                 return "adapters disabled"
             if wrapper.merged:
