@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastlora.moe import ops as moe_ops
+from fastlora.moe.autograd import input_gradients, stacked_adapters
 from fastlora.moe.nf4_experts import NF4ExpertStack
 
 #: Dequantized weights per run of experts on the CPU paths (in W's dtype): bounds the transient W.
@@ -119,16 +120,7 @@ class NF4GroupedLoRAFunction(torch.autograd.Function):
         grad_x, grad_a, grad_b = _backward(
             backend, grad_out.contiguous(), x, lora_s, offsets, stack, lora_a, lora_b, list(ranks), list(scales), needs_x
         )
-        return (
-            grad_x if needs_x else None,
-            None,
-            None,
-            grad_a.to(lora_a.dtype) if ctx.needs_input_grad[3] else None,
-            grad_b.to(lora_b.dtype) if ctx.needs_input_grad[4] else None,
-            None,
-            None,
-            None,
-        )
+        return input_gradients(ctx, grad_x, grad_a, grad_b, lora_a, lora_b)
 
 
 def nf4_grouped_lora_linear(
@@ -139,13 +131,4 @@ def nf4_grouped_lora_linear(
 
     Usage: ``y = nf4_grouped_lora_linear(x, offsets, stack, [(a, b, 2.0)], "torch")``
     """
-    experts, n, k = stack.shape
-    if adapters:
-        lora_a = adapters[0][0] if len(adapters) == 1 else torch.cat([a for a, _, _ in adapters], dim=1)
-        lora_b = adapters[0][1] if len(adapters) == 1 else torch.cat([b for _, b, _ in adapters], dim=2)
-        ranks = tuple(a.shape[1] for a, _, _ in adapters)
-        scales = tuple(float(s) for _, _, s in adapters)
-    else:
-        lora_a, lora_b = x.new_zeros((experts, 0, k)), x.new_zeros((experts, n, 0))
-        ranks, scales = (), ()
-    return NF4GroupedLoRAFunction.apply(x, offsets, stack, lora_a, lora_b, ranks, scales, backend)
+    return NF4GroupedLoRAFunction.apply(x, offsets, stack, *stacked_adapters(x, stack.shape, adapters), backend)
