@@ -20,7 +20,7 @@ import fastlora
 from fastlora.moe import nf4_experts
 from fastlora.moe import dequantize_experts, nf4_nbytes, quantize_experts
 from fastlora.moe.nf4_experts import expert_stack, experts_modules
-from tests.moe_models import VOCAB, peft_moe_model
+from tests.moe_models import MODELS, VOCAB, peft_moe_model
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch", "cpp"] if not INTERPRETING else [pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -94,7 +94,7 @@ def test_odd_shapes_dequantize_like_bitsandbytes(shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "mixtral"] if not INTERPRETING else ["qwen3_moe"])
+@pytest.mark.parametrize("kind", list(MODELS) if not INTERPRETING else ["qwen3_moe"])
 def test_outputs_and_gradients_match_peft_on_dequantized_weights(kind, backend):
     reference = _reference(kind).train()
     fused = peft_moe_model(kind).train()
