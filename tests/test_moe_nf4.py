@@ -3,7 +3,8 @@ bitsandbytes' ``quantize_4bit`` of each expert's [out, in] slice, bit for bit; N
 the dequantized NF4 weights (dense parameters holding exactly what ``dequantize_4bit`` gives).
 
 Tolerances: fp32 outputs and gradients within 1e-5 relative of PEFT (both compute in fp32 on the same W values;
-they differ by the order of K-long sums, as in tests/test_moe_parity.py). The Triton kernel against the torch path
+they differ by the order of K-long sums, as in tests/test_moe_parity.py); bf16 (fp16 under the interpreter) no
+farther from float64 than PEFT by more than half an output ulp. The Triton kernel against the torch path
 on the same NF4 weights: fp32 1e-5 relative; fp16 (both round W to fp16 as ``dequantize_4bit`` does, then
 accumulate in fp32 and round the output once) 2e-3 relative, a few fp16 ulps.
 """
@@ -109,6 +110,41 @@ def test_outputs_and_gradients_match_peft_on_dequantized_weights(kind, backend):
     for name, grad in grads.items():
         assert grad.abs().max() > 0 and _rel(fused_grads[name], grad) < 1e-5, name
     assert not report.fallback_calls and report.fused_calls == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"] if not INTERPRETING else ["gpt_oss"])
+def test_half_precision_no_farther_from_float64_than_peft(kind, backend):
+    """The experts layer on fixed routing, W the same NF4 values everywhere: fused (NF4), PEFT (dense copies) and
+    float64; the bound of tests/test_moe_parity.py (half an output ulp beyond PEFT's own error)."""
+    from tests.test_layer_parity import relative_error
+    from tests.test_moe_parity import _experts_and_routing
+
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
+    results = {}
+    for label in ("peft", "fused", "float64"):
+        model = peft_moe_model(kind, dtype=dtype, seed=5)
+        for p in model.parameters():  # PEFT keeps ParamWrapper adapters in the weight's dtype
+            p.data = p.data.to(dtype)
+        quantize_experts(model, progress=False)
+        if label == "fused":
+            fastlora.patch(model, backend=backend)
+        else:
+            dequantize_experts(model)
+        if label == "float64":
+            model = model.double()
+            model.config._experts_implementation = "eager"  # torch's grouped_mm has no float64
+        layer, hidden, index, weights = _experts_and_routing(model, seed=6)
+        cast = torch.float64 if label == "float64" else dtype
+        h = hidden.to(dtype).to(cast).requires_grad_(True)
+        out = layer(h, index, weights.to(dtype).to(cast))
+        out.backward(torch.ones_like(out))
+        results[label] = (out.detach(), h.grad)
+    (y, gx), (y_peft, gx_peft), (y64, gx64) = results["fused"], results["peft"], results["float64"]
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert relative_error(y, y64) <= relative_error(y_peft, y64) + 0.5 * ulp
+    assert relative_error(gx, gx64) <= relative_error(gx_peft, gx64) + 0.5 * ulp
+    assert relative_error(y, y64) < 4 * ulp
 
 
 @pytest.mark.skipif(INTERPRETING, reason="CPU backends")
