@@ -227,6 +227,20 @@ def test_merge_and_unload_merges_into_dequantized_weights():
 
 
 @pytest.mark.skipif(INTERPRETING, reason="CPU backends")
+def test_merge_adapter_dequantizes_then_merges_and_unmerges():
+    reference, fused = _reference("olmoe"), peft_moe_model("olmoe")
+    report = fastlora.patch(fused, backend="cpp", quantize_experts="nf4")
+    ids = _tokens(seed=8)
+    expected = reference(ids).logits
+    fused.merge_adapter()
+    assert not any(nf4_experts.is_quantized(m) for _, m in experts_modules(fused))
+    assert _rel(fused(ids).logits, expected) < 1e-5 and report.fallback_calls["adapters merged"] == 2
+    fused.unmerge_adapter()
+    calls = report.fused_calls
+    assert _rel(fused(ids).logits, expected) < 1e-5 and report.fused_calls == calls + 2  # fused again, on dense weights
+
+
+@pytest.mark.skipif(INTERPRETING, reason="CPU backends")
 def test_unpatch_gives_peft_the_dequantized_weights():
     reference, fused = _reference("gpt_oss"), peft_moe_model("gpt_oss")
     fastlora.patch(fused, backend="torch", quantize_experts="nf4")
