@@ -267,6 +267,29 @@ def test_bad_requests_raise_before_changing_anything():
 
 
 @pytest.mark.skipif(INTERPRETING, reason="CPU backends")
+def test_error_midway_leaves_no_module_quantized(monkeypatch):
+    reference, original, model = _reference("qwen3_moe"), peft_moe_model("qwen3_moe"), peft_moe_model("qwen3_moe")
+    real, calls = nf4_experts._quantize_projection, []
+
+    def failing_third(*args):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        real(*args)
+
+    monkeypatch.setattr(nf4_experts, "_quantize_projection", failing_third)
+    with pytest.raises(RuntimeError, match="injected"):
+        quantize_experts(model, progress=False)
+    modules = [m for _, m in experts_modules(model)]
+    assert not any(nf4_experts.is_quantized(m) or "forward" in m.__dict__ for m in modules)
+    # Layer 0 was quantized and undone (dense, holding the NF4 values); layer 1 was never touched.
+    for experts, source in zip(modules, ([m for _, m in experts_modules(reference)][0], [m for _, m in experts_modules(original)][1])):
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(experts._parameters[name], source._parameters[name]), name
+    assert torch.isfinite(model(_tokens(seed=9)).logits).all()  # PEFT's own path runs
+
+
+@pytest.mark.skipif(INTERPRETING, reason="CPU backends")
 def test_meta_device_gives_accounted_bytes():
     import transformers
 

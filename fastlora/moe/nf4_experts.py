@@ -29,7 +29,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -200,12 +200,15 @@ def quantize_experts(
     blocksize: int = 64,
     compress_statistics: bool = True,
     backend: str = "auto",
+    device: Optional[Union[torch.device, str]] = None,
     progress: bool = True,
 ) -> QuantizationSummary:
     """Quantize the 3-D expert weights of every transformers experts module in ``model`` to bitsandbytes' NF4
     (see the module doc), freeing the dense stacks; already quantized ones are left as they are. Expert weights
     that require grad (not frozen by PEFT) or are parametrized raise ``ValueError`` before anything changes. On
-    the meta device only the buffers' shapes are made (for memory accounting).
+    the meta device only the buffers' shapes are made (for memory accounting). ``device``: where the NF4 weights
+    go (each slice is quantized there; default the weights' device): a model too large for the GPU in bf16 can be
+    loaded on the CPU, quantized onto the GPU, then the rest moved with ``model.to("cuda")``.
 
     Usage: ``summary = quantize_experts(peft_model)``
     """
@@ -228,24 +231,31 @@ def quantize_experts(
     summary = QuantizationSummary(quant_type)
     from tqdm.auto import tqdm
 
-    for module_name, experts, name in tqdm(work, desc="fastlora: NF4 experts", disable=not progress or len(work) < 8):
-        before = experts._parameters[name].nbytes
-        _quantize_projection(experts, name, blocksize, compress_statistics)
-        layout = experts.__dict__[_LAYOUTS][name]
-        summary.projections[f"{module_name}.{name}"] = (before, nf4_nbytes(*layout.shape, blocksize, compress_statistics))
+    done = []
+    try:
+        for module_name, experts, name in tqdm(work, desc="fastlora: NF4 experts", disable=not progress or len(work) < 8):
+            before = experts._parameters[name].nbytes
+            _quantize_projection(experts, name, blocksize, compress_statistics, device)
+            done.append(experts)
+            layout = experts.__dict__[_LAYOUTS][name]
+            summary.projections[f"{module_name}.{name}"] = (before, nf4_nbytes(*layout.shape, blocksize, compress_statistics))
+    except BaseException:
+        for experts in done:  # no half-quantized model: back to dense (holding the NF4 values)
+            _dequantize_module(experts)
+        raise
     _install_hooks(model, backend)
     if summary.projections:
         logger.info("fastlora: %s", summary)
     return summary
 
 
-def _quantize_projection(experts: nn.Module, name: str, blocksize: int, nested: bool) -> None:
+def _quantize_projection(experts: nn.Module, name: str, blocksize: int, nested: bool, device=None) -> None:
     weight = experts._parameters[name].detach()
     transposed = bool(experts.is_transposed)
     w = weight.transpose(1, 2) if transposed else weight  # [E, N, K]: slice e is expert e's [out, in] matrix
     experts_count, n, k = w.shape
     blocks = -(-n * k // blocksize)
-    device = weight.device
+    device = weight.device if device is None or weight.device.type == "meta" else torch.device(device)
     buffers = {
         "packed": torch.empty((experts_count, -(-n * k // 2)), dtype=torch.uint8, device=device),
         "absmax": torch.empty((experts_count, blocks), dtype=torch.uint8 if nested else torch.float32, device=device),
@@ -259,7 +269,7 @@ def _quantize_projection(experts: nn.Module, name: str, blocksize: int, nested: 
 
         for expert in range(experts_count):
             packed, state = bnb_functional.quantize_4bit(
-                w[expert].contiguous(), blocksize=blocksize, compress_statistics=nested, quant_type="nf4"
+                w[expert].to(device).contiguous(), blocksize=blocksize, compress_statistics=nested, quant_type="nf4"
             )
             buffers["packed"][expert] = packed.view(torch.uint8).reshape(-1)
             buffers["absmax"][expert] = state.absmax
