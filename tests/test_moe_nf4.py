@@ -117,8 +117,7 @@ def test_outputs_and_gradients_match_peft_on_dequantized_weights(kind, backend):
 def test_half_precision_no_farther_from_float64_than_peft(kind, backend):
     """The experts layer on fixed routing, W the same NF4 values everywhere: fused (NF4), PEFT (dense copies) and
     float64; the bound of tests/test_moe_parity.py (half an output ulp beyond PEFT's own error)."""
-    from tests.test_layer_parity import relative_error
-    from tests.test_moe_parity import _experts_and_routing
+    from tests.test_moe_parity import assert_no_farther_from_float64_than_peft, experts_layer_call
 
     dtype = torch.float16 if backend == "triton" else torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     results = {}
@@ -131,20 +130,8 @@ def test_half_precision_no_farther_from_float64_than_peft(kind, backend):
             fastlora.patch(model, backend=backend)
         else:
             dequantize_experts(model)
-        if label == "float64":
-            model = model.double()
-            model.config._experts_implementation = "eager"  # torch's grouped_mm has no float64
-        layer, hidden, index, weights = _experts_and_routing(model, seed=6)
-        cast = torch.float64 if label == "float64" else dtype
-        h = hidden.to(dtype).to(cast).requires_grad_(True)
-        out = layer(h, index, weights.to(dtype).to(cast))
-        out.backward(torch.ones_like(out))
-        results[label] = (out.detach(), h.grad)
-    (y, gx), (y_peft, gx_peft), (y64, gx64) = results["fused"], results["peft"], results["float64"]
-    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    assert relative_error(y, y64) <= relative_error(y_peft, y64) + 0.5 * ulp
-    assert relative_error(gx, gx64) <= relative_error(gx_peft, gx64) + 0.5 * ulp
-    assert relative_error(y, y64) < 4 * ulp
+        results[label] = experts_layer_call(model.double() if label == "float64" else model, dtype, label == "float64")
+    assert_no_farther_from_float64_than_peft(results, dtype)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="CPU backends")
