@@ -88,6 +88,8 @@ class PatchReport:
     #: for), and the norms left as they are with the reason.
     chunked_norms: Optional[str] = None
     unchunked_norms: dict[str, str] = field(default_factory=dict)
+    #: ``quantize_experts=``: per expert weight put in NF4 (``"<experts module>.<name>"``), its bytes dense and in NF4.
+    quantized_experts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def paths(self) -> list:
@@ -127,6 +129,9 @@ class PatchReport:
             parts.append(f"verify: {sum(self.verified.values())} call signatures agreed with PEFT, {len(self.verify_failures)} layers failed")
         if self.fused_loss:
             parts.append(f"loss: {self.fused_loss}")
+        if self.quantized_experts:
+            before, after = (sum(sizes) for sizes in zip(*self.quantized_experts.values()))
+            parts.append(f"{len(self.quantized_experts)} expert weights in NF4 ({before / 2**30:.3g} GiB -> {after / 2**30:.3g} GiB)")
         if self.internal_errors:
             parts.append(f"{len(self.internal_errors)} layers hit an internal error (run by PEFT since)")
         parts.extend(long_context.report_parts(self))
@@ -321,6 +326,7 @@ def patch(
     offload_checkpoints: bool = False,
     tiled_mlp: bool | int = False,
     chunked_norms: bool = False,
+    quantize_experts: Optional[str] = None,
 ) -> PatchReport:
     """Fuse every supported PEFT LoRA layer of ``model`` in place; returns what was done.
 
@@ -339,6 +345,10 @@ def patch(
     (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.tiled_mlp`);
     ``chunked_norms=True`` computes Llama-form RMSNorms in row chunks, saving x and one fp32 per row
     (:mod:`fastlora.rms_norm`).
+
+    ``quantize_experts="nf4"``: store the 3-D expert weights of mixture-of-experts models (which bitsandbytes
+    leaves in bf16) in bitsandbytes' NF4 format, freeing the dense stacks (:mod:`fastlora.moe.nf4_experts`);
+    ``report.quantized_experts`` lists them with their bytes before and after.
 
     LoRA layers that ``add_adapter``/``load_adapter`` create after ``patch`` are patched as they are created (they
     are listed in ``report.patched_after``), with the same backend and settings.
@@ -380,6 +390,8 @@ def patch(
             else:
                 report.fused_loss = f"PEFT's loss (not fused: {description})"
                 logger.warning("fastlora: the loss stays the model's own: %s", description)
+        if quantize_experts is not None:
+            _quantize_experts(model, quantize_experts, backend, report)
     except BaseException:
         for layer in applied:
             _restore(layer)
@@ -396,6 +408,16 @@ def patch(
     else:
         logger.info(str(report))
     return report
+
+
+def _quantize_experts(model: nn.Module, quant_type: str, backend: str, report: PatchReport) -> None:
+    """``patch(quantize_experts=...)``: the expert weights to NF4 (raises before changing anything on bad input)."""
+    from fastlora.moe.nf4_experts import quantize_experts
+
+    summary = quantize_experts(model, quant_type, backend=backend)
+    report.quantized_experts.update(summary.projections)
+    if not summary.projections:
+        logger.warning("fastlora: quantize_experts=%r: no dense expert weights to quantize", quant_type)
 
 
 def _patch_layers(model: nn.Module, layers, backend: str, report: PatchReport) -> list[nn.Module]:
@@ -523,7 +545,8 @@ def _restore(layer: nn.Module) -> None:
 
 def unpatch(model: nn.Module) -> int:
     """Restore the original forward of every layer :func:`patch` changed (and the loss, and PEFT's adapter
-    injection); returns how many layers.
+    injection; NF4 expert weights become dense parameters again, holding their dequantized values); returns how
+    many layers.
 
     Usage::
 
@@ -540,7 +563,17 @@ def unpatch(model: nn.Module) -> int:
         undo()
     for undo in _LONG_CONTEXT_UNDO.pop(model, []):
         undo()
+    _dequantize_experts(model)
     return restored
+
+
+def _dequantize_experts(model: nn.Module) -> None:
+    """NF4 expert weights (``quantize_experts=``) back to dense ones: PEFT's forward reads the dense weights."""
+    from fastlora.moe.nf4_experts import dequantize_experts
+
+    names = dequantize_experts(model)
+    if names:
+        logger.info("fastlora: unpatch: %d NF4 expert weights dequantized to dense parameters", len(names))
 
 
 def is_patched(module: nn.Module) -> bool:

@@ -110,21 +110,32 @@ def test_half_precision_experts_no_farther_from_float64_than_peft(kind, backend)
     model = peft_moe_model(kind, dtype=dtype, seed=5)
     for p in model.parameters():  # PEFT keeps ParamWrapper adapters in the weight's dtype
         p.data = p.data.to(dtype)
-    experts, hidden, index, weights = _experts_and_routing(model, seed=6)
     results = {}
     for label in ("peft", "fused", "float64"):
         candidate = copy.deepcopy(model)
         if label == "float64":
             candidate = candidate.double()
-            candidate.config._experts_implementation = "eager"  # torch's grouped_mm has no float64
         elif label == "fused":
             assert fastlora.patch(candidate, backend=backend).patched
-        layer = next(m for n, m in candidate.named_modules() if n.endswith("mlp.experts"))
-        cast = torch.float64 if label == "float64" else dtype
-        h = hidden.to(dtype).to(cast).requires_grad_(True)
-        out = layer(h, index, weights.to(dtype).to(cast))
-        out.backward(torch.ones_like(out))
-        results[label] = (out.detach(), h.grad)
+        results[label] = experts_layer_call(candidate, dtype, label == "float64")
+    assert_no_farther_from_float64_than_peft(results, dtype)
+
+
+def experts_layer_call(model, dtype, float64: bool):
+    """(output, input gradient) of the first experts layer of ``model`` on fixed routing and inputs rounded to
+    ``dtype`` (computed in float64 when ``float64``: the eager experts implementation, grouped_mm has none)."""
+    if float64:
+        model.config._experts_implementation = "eager"
+    layer, hidden, index, weights = _experts_and_routing(model, seed=6)
+    cast = torch.float64 if float64 else dtype
+    h = hidden.to(dtype).to(cast).requires_grad_(True)
+    out = layer(h, index, weights.to(dtype).to(cast))
+    out.backward(torch.ones_like(out))
+    return out.detach(), h.grad
+
+
+def assert_no_farther_from_float64_than_peft(results: dict, dtype) -> None:
+    """``results["fused"]`` within half an output ulp of PEFT's distance to ``results["float64"]``."""
     (y, gx), (y_peft, gx_peft), (y64, gx64) = results["fused"], results["peft"], results["float64"]
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     assert relative_error(y, y64) <= relative_error(y_peft, y64) + 0.5 * ulp

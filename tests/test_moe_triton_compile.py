@@ -39,7 +39,7 @@ def test_grouped_lora_kernel_compiles_for_sm90(dtype, has_lora, has_scale):
     pointers = {"x_ptr": dtype, "w_ptr": dtype, "out_ptr": dtype, "offsets_ptr": "i32", "tile_ends_ptr": "i32"}
     constexprs = dict(HAS_LORA=has_lora, HAS_SCALE=has_scale, BLOCK_E=128, BLOCK_R=16, BLOCK_M=grouped_lora.BLOCK_M,
                       BLOCK_N=grouped_lora.BLOCK_N, BLOCK_K=grouped_lora.BLOCK_K,
-                      PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=dtype == "fp32")  # fmt: skip
+                      PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=dtype == "fp32", **grouped_lora.DENSE_W)  # fmt: skip
     compiled = _compile(grouped_lora.grouped_lora_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and compiled.metadata.shared <= SHARED_LIMIT_SM90
 

@@ -9,3 +9,7 @@ into grouped GEMMs with the LoRA term in their epilogue (no [E, N, K] delta is e
 
 See docs/moe.md. Usage: ``fastlora.patch(peft_model)`` fuses the expert ParamWrappers along with the other layers.
 """
+
+from fastlora.moe.nf4_experts import dequantize_experts, nf4_nbytes, quantize_experts  # noqa: E402
+
+__all__ = ["dequantize_experts", "nf4_nbytes", "quantize_experts"]

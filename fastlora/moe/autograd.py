@@ -38,16 +38,14 @@ class GroupedLoRAFunction(torch.autograd.Function):
         grad_x, grad_a, grad_b = impl.grouped_lora_backward(
             grad_out.contiguous(), x, lora_s, offsets, weight, lora_a, lora_b, list(ranks), list(scales), needs_x
         )
-        return (
-            grad_x if needs_x else None,
-            None,
-            None,
-            grad_a.to(lora_a.dtype) if ctx.needs_input_grad[3] else None,
-            grad_b.to(lora_b.dtype) if ctx.needs_input_grad[4] else None,
-            None,
-            None,
-            None,
-        )
+        return input_gradients(ctx, grad_x, grad_a, grad_b, lora_a, lora_b)
+
+
+def input_gradients(ctx, grad_x, grad_a, grad_b, lora_a, lora_b) -> tuple:
+    """What ``backward`` returns for the arguments (x, offsets, weight, lora_a, lora_b, ranks, scales, backend)."""
+    needs = ctx.needs_input_grad
+    grad_a = grad_a.to(lora_a.dtype) if needs[3] else None
+    return (grad_x if needs[0] else None, None, None, grad_a, grad_b.to(lora_b.dtype) if needs[4] else None, None, None, None)
 
 
 def grouped_lora_linear(
@@ -58,13 +56,15 @@ def grouped_lora_linear(
 
     Usage: ``y = grouped_lora_linear(x, offsets, w, [(a, b, 2.0)], "torch")``
     """
-    experts, n, k = weight.shape
-    if adapters:
-        lora_a = adapters[0][0] if len(adapters) == 1 else torch.cat([a for a, _, _ in adapters], dim=1)
-        lora_b = adapters[0][1] if len(adapters) == 1 else torch.cat([b for _, b, _ in adapters], dim=2)
-        ranks = tuple(a.shape[1] for a, _, _ in adapters)
-        scales = tuple(float(s) for _, _, s in adapters)
-    else:
-        lora_a, lora_b = x.new_zeros((experts, 0, k)), x.new_zeros((experts, n, 0))
-        ranks, scales = (), ()
-    return GroupedLoRAFunction.apply(x, offsets, weight, lora_a, lora_b, ranks, scales, backend)
+    return GroupedLoRAFunction.apply(x, offsets, weight, *stacked_adapters(x, weight.shape, adapters), backend)
+
+
+def stacked_adapters(x: Tensor, shape: Sequence[int], adapters: Sequence[tuple[Tensor, Tensor, float]]) -> tuple:
+    """(A [E, R, K], B [E, N, R], ranks, scales) of the adapters stacked along the rank, for W of ``shape``
+    [E, N, K]; R = 0 (empty A and B) without adapters."""
+    experts, n, k = shape
+    if not adapters:
+        return x.new_zeros((experts, 0, k)), x.new_zeros((experts, n, 0)), (), ()
+    lora_a = adapters[0][0] if len(adapters) == 1 else torch.cat([a for a, _, _ in adapters], dim=1)
+    lora_b = adapters[0][1] if len(adapters) == 1 else torch.cat([b for _, b, _ in adapters], dim=2)
+    return lora_a, lora_b, tuple(a.shape[1] for a, _, _ in adapters), tuple(float(s) for _, _, s in adapters)

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from fastlora.moe.autograd import grouped_lora_linear
+from fastlora.moe.nf4_experts import expert_stack, is_quantized
+from fastlora.moe.nf4_grouped import nf4_grouped_lora_linear
 
 Adapters = Sequence[tuple[Tensor, Tensor, float]]
 
@@ -37,8 +39,12 @@ def expert_weight(experts: nn.Module, name: str) -> Tensor:
 
 
 def _projection(experts: nn.Module, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor, adapters, backend):
-    weight = expert_weight(experts, name)
-    out = grouped_lora_linear(x.to(weight.dtype), offsets, weight, adapters.get(name, ()), backend)
+    if is_quantized(experts, name):  # NF4 experts (fastlora.moe.nf4_experts)
+        stack = expert_stack(experts, name)
+        out = nf4_grouped_lora_linear(x.to(stack.dtype), offsets, stack, adapters.get(name, ()), backend)
+    else:
+        weight = expert_weight(experts, name)
+        out = grouped_lora_linear(x.to(weight.dtype), offsets, weight, adapters.get(name, ()), backend)
     if experts.has_bias:
         out = out + experts._parameters[f"{name}_bias"].index_select(0, expert_ids)
     return out

@@ -5,6 +5,8 @@ Forward: S = x·A_eᵀ (scaled) and y = x·W_eᵀ + S·B_eᵀ, two launches of
 with the same kernel on transposed views, dB and dA with
 :func:`fastlora.kernels.grouped_lora_weight_grad.grouped_weight_grad`. Signatures follow
 :mod:`fastlora.moe.reference`. No host sync: the row tiles per expert are computed on the device.
+``grouped_nf4_lora_forward``/``backward`` take W as an :class:`~fastlora.moe.nf4_experts.NF4ExpertStack`, decoded
+inside the kernel (its absmax resolved once per call, a transient of 4 bytes per block).
 
 Usage::
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora.kernels.grouped_lora import grouped_lora_matmul
+from fastlora.kernels.grouped_lora import NF4Operand, grouped_lora_matmul
 from fastlora.kernels.grouped_lora_weight_grad import grouped_weight_grad
 from fastlora.moe.reference import rank_scales
 
@@ -33,7 +35,21 @@ def grouped_lora_backward(grad_out, x, lora_s, offsets, weight, lora_a, lora_b, 
     grad_b = grouped_weight_grad(grad_out, lora_s, offsets, grad_out.dtype)
     grad_a = grouped_weight_grad(grad_s, x, offsets, x.dtype)
     if needs_input_grad:
-        grad_x = grouped_lora_matmul(grad_out, offsets, weight.transpose(1, 2), grad_s, lora_a.transpose(1, 2))
+        w_t = weight._replace(transposed=True) if isinstance(weight, NF4Operand) else weight.transpose(1, 2)
+        grad_x = grouped_lora_matmul(grad_out, offsets, w_t, grad_s, lora_a.transpose(1, 2))
     else:
         grad_x = grad_out.new_empty((0, x.shape[1]))
     return grad_x, grad_a, grad_b
+
+
+def _nf4_operand(stack) -> NF4Operand:
+    return NF4Operand(stack.packed, stack.resolved_absmax(), stack.layout.blocksize, stack.shape, False)
+
+
+def grouped_nf4_lora_forward(x: Tensor, offsets: Tensor, stack, lora_a: Tensor, lora_b: Tensor, ranks, scales):
+    return grouped_lora_forward(x, offsets, _nf4_operand(stack), lora_a, lora_b, ranks, scales)
+
+
+def grouped_nf4_lora_backward(grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_input_grad: bool):
+    operand = _nf4_operand(stack) if needs_input_grad else None  # dA, dB need no W
+    return grouped_lora_backward(grad_out, x, lora_s, offsets, operand, lora_a, lora_b, ranks, scales, needs_input_grad)

@@ -25,10 +25,11 @@ from torch.nn.utils import parametrize
 
 from fastlora import backends
 from fastlora.moe.experts import grouped_experts_forward, up_projection_name
+from fastlora.moe.nf4_experts import is_quantized, materialized, projection_device
 from fastlora.patch import FusedForward, PatchReport, is_compiling, logger
 
 #: Attributes ``transformers.integrations.moe.use_experts_implementation`` puts on an experts module.
-_INTERFACE = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
+EXPERTS_INTERFACE = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -51,7 +52,7 @@ def expert_chain(outer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
 def chain_reason(chain: list[nn.Module], experts: nn.Module) -> Optional[str]:
     """Why this wrapper chain can never be fused (checked at patch time), or None."""
     wrapper_class = param_wrapper_class()
-    missing = [name for name in _INTERFACE if not hasattr(experts, name)]
+    missing = [name for name in EXPERTS_INTERFACE if not hasattr(experts, name)]
     if missing:
         return (f"ParamWrapper on {type(experts).__name__}, not a transformers experts module "
                 f"(use_experts_implementation; lacks {', '.join(missing)})")  # fmt: skip
@@ -62,6 +63,8 @@ def chain_reason(chain: list[nn.Module], experts: nn.Module) -> Optional[str]:
         name = wrapper.parameter_name
         if name not in projections:
             return f"ParamWrapper on {type(experts).__name__}.{name} (fused: {', '.join(sorted(projections))})"
+        if is_quantized(experts, name):  # NF4 experts: 3-D by construction
+            continue
         weight = experts._parameters.get(name)
         if weight is None or weight.dim() != 3 or weight.shape[0] != experts.num_experts:
             return f"{type(experts).__name__}.{name} is not a 3-D expert weight"
@@ -104,14 +107,15 @@ class FusedExpertsForward(FusedForward):
         self.layer, self.name, self.backend, self.report, self.previous = layer, name, backend, report, previous
         self._warned: set[str] = set()
         self.chain, self.experts = expert_chain(layer)
-        self.device_type = self.experts._parameters["down_proj"].device.type
+        self.device_type = projection_device(self.experts, "down_proj").type
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan = self.plan(x, args, kwargs)
         if isinstance(plan, str):
             if not is_compiling():
                 self._fall_back(plan)
-            return self.original(x, *args, **kwargs)
+            with materialized(self.experts):  # NF4 experts: PEFT's forward reads dense weights
+                return self.original(x, *args, **kwargs)
         if not is_compiling():
             self.report.fused_calls += 1  # one call of the chain, as a fallback counts one
         return grouped_experts_forward(self.experts, x, args[0], args[1], plan, self.backend)
@@ -133,12 +137,14 @@ class FusedExpertsForward(FusedForward):
             return "experts module already parametrized"
         adapters = {}
         for wrapper in self.chain:
+            if wrapper.disable_adapters and is_quantized(experts) and not wrapper.merged:
+                continue  # NF4 experts: the bare weights are the fused op without this projection's LoRA
             if wrapper.disable_adapters:
                 return "adapters disabled"
             if wrapper.merged:
                 return "adapters merged"
             name = wrapper.parameter_name
-            if experts._parameters[name].requires_grad:
+            if not is_quantized(experts, name) and experts._parameters[name].requires_grad:
                 return "base weight requires grad"
             found = _adapters(wrapper, experts.num_experts)
             if isinstance(found, str):
@@ -178,12 +184,12 @@ def split_param_wrappers(layers: list, backend: str, report: PatchReport) -> tup
         if reason is not None:
             report.skipped.update({n: reason for n in names})
             continue
-        device = experts._parameters["down_proj"].device
-        chains.append((name, layer, _grouped_backend(backend, device), names))
+        device = projection_device(experts, "down_proj")
+        chains.append((name, layer, grouped_backend(backend, device), names))
     return rest, chains
 
 
-def _grouped_backend(requested: str, device: torch.device) -> str:
+def grouped_backend(requested: str, device: torch.device) -> str:
     """The backend for the grouped ops: as for the dense ops, except that a grouped C++ extension that fails to
     build sends "auto" to the torch reference (logged) and an explicit "cpp" to BackendUnavailable."""
     chosen = backends.resolve(requested, device)
