@@ -133,6 +133,32 @@ def test_half_path_needs_half_compute():
         cpp._direct_ops().lora_linear(torch.randn(2, 32), weight, absmax, blocksize, None, torch.zeros(2, 2), torch.zeros(16, 2), HALF, None)
 
 
+# ---- the thin LoRA products with a half-precision operand (csrc/half_thin.cpp) -------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n,r", [(1, 7, 5, 3), (37, 300, 75, 8), (1100, 300, 130, 16), (9000, 20, 17, 4),
+                                     (5, 0, 4, 2), (0, 8, 4, 2), (6, 9, 4, 0)])  # fmt: skip
+def test_thin_products_of_half_operands_are_fp32(dtype, m, k, n, r, isa):
+    """S = s·x·Aᵀ, dS = s·dy·B, dB = dyᵀ·S and dA = dSᵀ·x with bf16/fp16 x and dy: x and dy are widened to fp32
+    exactly, block by block (several row and column blocks, a partial last, row chunks of a tall x; empty
+    extents), and multiplied in fp32, on the AVX2 and the portable code: against float64 within fp32 summation
+    error (1e-5 of the largest value for these lengths). A rounded operand would be off by ~1e-3."""
+    torch.manual_seed(m + k + n + r)
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    a, b, s = torch.randn(r, k), torch.randn(n, r), torch.randn(m, r)
+    seeds = torch.zeros(1, dtype=torch.int64)
+    got_s = cpp.lora_down(x, a, [r], seeds, [0.0], [2.0])
+    got_ds, got_db = cpp.lora_up_grad(dy, b, s, [r], [2.0])
+    got_da = cpp.lora_down_grad(s, x, [r], seeds, [0.0])
+    x64, dy64 = x.double(), dy.double()
+    wanted = (2.0 * x64 @ a.double().t(), 2.0 * dy64 @ b.double(), dy64.t() @ s.double(), s.double().t() @ x64)
+    for got, want in zip((got_s, got_ds, got_db, got_da), wanted):
+        assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
+        if want.numel():
+            assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 # ---- through PEFT: the candidates, and the numerics against PEFT's -------------------------------------------------
 
 

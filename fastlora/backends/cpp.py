@@ -31,7 +31,7 @@ from torch import Tensor
 from fastlora.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
-SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_half.cpp")
+SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_half.cpp", "half_thin.cpp")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
