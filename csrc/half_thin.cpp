@@ -15,7 +15,8 @@
 #include <vector>
 
 #include "base_weight.h"  // kElementGrain, kPanelAlign
-#include "lora_half.h"    // is_half
+#include "half_thin_avx512.h"
+#include "lora_half.h"  // is_half
 
 namespace fastlora {
 namespace {
@@ -82,6 +83,16 @@ void add_rounded_rows(T* out, const float* term, int64_t count) {
   });
 }
 
+// fn(pointer) with t's data as c10::BFloat16* or c10::Half*.
+template <typename Fn>
+void with_half_data(const at::Tensor& t, const Fn& fn) {
+  if (t.scalar_type() == at::kBFloat16) {
+    fn(t.data_ptr<c10::BFloat16>());
+  } else {
+    fn(t.data_ptr<c10::Half>());
+  }
+}
+
 void check_half(const at::Tensor& t, const char* name) {
   TORCH_CHECK(is_half(t.scalar_type()) && t.is_contiguous() && t.dim() == 2, name,
               " must be a contiguous bf16/fp16 matrix, got ", t.scalar_type(), " ", t.sizes());
@@ -96,11 +107,19 @@ at::Tensor half_times(const at::Tensor& x, const at::Tensor& mat) {
               k, ", r], got ", mat.scalar_type(), " ", mat.sizes());
   if (k == 0 || m == 0 || r == 0) return at::zeros({m, r}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({m, r}, x.options().dtype(at::kFloat));
+  const bool own_kernel = use_avx512();
+  const at::Tensor mat_rows = own_kernel ? mat.contiguous() : mat;
   for_blocks(m, block_extent(m, k), [&](int64_t row0, int64_t rows) {
     at::Tensor block = block_buffer(rows, k);
     widen_block(x, row0, 0, block);
     at::Tensor out_rows = out.narrow(0, row0, rows);
-    at::mm_out(out_rows, block, mat);
+#ifdef FASTLORA_X86
+    if (own_kernel) {
+      avx512::rows_times(block.data_ptr<float>(), rows, k, mat_rows.data_ptr<float>(), r, out_rows.data_ptr<float>());
+      return;
+    }
+#endif
+    at::mm_out(out_rows, block, mat_rows);
   });
   return out;
 }
@@ -112,6 +131,19 @@ at::Tensor transposed_times_half(const at::Tensor& d, const at::Tensor& x) {
               "transposed_times_half: d must be contiguous fp32 [", m, ", r], got ", d.scalar_type(), " ", d.sizes());
   if (k == 0 || m == 0 || r == 0) return at::zeros({r, k}, d.options());
   at::Tensor out = at::empty({r, k}, d.options());
+#ifdef FASTLORA_X86
+  if (use_avx512()) {  // column strips of 16, x widened in registers
+    const int64_t strips = (k + 15) / 16;
+    with_half_data(x, [&](const auto* data) {
+      at::parallel_for(0, strips, std::max<int64_t>(1, kElementGrain / (16 * m)), [&](int64_t begin, int64_t end) {
+        for (int64_t strip = begin; strip < end; ++strip) {
+          avx512::transposed_columns(d.data_ptr<float>(), m, r, data, k, strip * 16, out.data_ptr<float>());
+        }
+      });
+    });
+    return out;
+  }
+#endif
   // Column blocks of at least one SIMD-friendly width; a tall x is summed over row chunks that keep the block small.
   const int64_t cols_per = std::min(k, std::max(kPanelAlign, kBlockElements / m / kPanelAlign * kPanelAlign));
   const int64_t rows_per = std::max<int64_t>(1, kBlockElements / cols_per);
@@ -140,6 +172,21 @@ void add_product_rounded(at::Tensor& out, const at::Tensor& s, const at::Tensor&
                   s.scalar_type() == at::kFloat && mat.scalar_type() == at::kFloat,
               "add_product_rounded: fp32 s [", m, ", r] and mat [r, ", n, "], got ", s.sizes(), " and ", mat.sizes());
   if (m == 0 || n == 0) return;
+#ifdef FASTLORA_X86
+  if (use_avx512()) {  // the term made in registers, added and rounded there
+    const at::Tensor s_rows = s.contiguous(), mat_rows = mat.contiguous();
+    const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const float* bias_data = bias_values.defined() ? bias_values.data_ptr<float>() : nullptr;
+    const int64_t r = s.size(1);
+    with_half_data(out, [&](auto* data) {
+      at::parallel_for(0, m, std::max<int64_t>(1, kElementGrain / (n * std::max<int64_t>(r, 1))), [&](int64_t begin, int64_t end) {
+        avx512::add_product_rows(data + begin * n, end - begin, n, s_rows.data_ptr<float>() + begin * r, r,
+                                 mat_rows.data_ptr<float>(), bias_data);
+      });
+    });
+    return;
+  }
+#endif
   for_blocks(m, block_extent(m, n), [&](int64_t row0, int64_t rows) {
     at::Tensor term = block_buffer(rows, n);
     const at::Tensor s_rows = s.narrow(0, row0, rows);

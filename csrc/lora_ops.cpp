@@ -28,6 +28,7 @@
 #include "base_weight.h"
 #include "dropout_mask.h"
 #include "half_thin.h"
+#include "half_thin_avx512.h"
 #include "lora_half.h"
 #include "lora_ops.h"
 
@@ -418,6 +419,10 @@ bool set_avx2_enabled(bool enabled) { return avx2_enabled().exchange(enabled); }
 
 bool has_avx2() { return cpu_has_avx2(); }
 
+bool set_avx512_enabled(bool enabled) { return avx512_enabled().exchange(enabled); }
+
+bool has_avx512() { return cpu_has_avx512(); }
+
 }  // namespace fastlora
 
 TORCH_LIBRARY(fastlora_cpp, m) {
@@ -438,6 +443,8 @@ TORCH_LIBRARY(fastlora_cpp, m) {
   m.def("set_fused_tokens(int tokens) -> int", &fastlora::set_fused_tokens);
   m.def("set_avx2_enabled(bool enabled) -> bool", &fastlora::set_avx2_enabled);
   m.def("has_avx2() -> bool", &fastlora::has_avx2);
+  m.def("set_avx512_enabled(bool enabled) -> bool", &fastlora::set_avx512_enabled);
+  m.def("has_avx512() -> bool", &fastlora::has_avx512);
 }
 
 TORCH_LIBRARY_IMPL(fastlora_cpp, CPU, m) {

@@ -86,7 +86,7 @@ def _float64(x, w32, bias, s, b):
 @pytest.mark.parametrize("kind", ["nf4", "int8", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout):
+def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout, thin_isa):
     """Forward and grad_input on the half path against float64 on the same inputs (W as dequantized in fp32): the
     roundings are W to x's dtype, the base GEMM's result, and the sum: within 3 ulps of the largest value (PEFT's
     own path has one more rounding, of its LoRA term). A dropped bias or LoRA term is off by tens of percent."""
@@ -105,6 +105,23 @@ def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout):
         assert got.dtype == dtype
         error = (got.double() - want).abs().max().item() / want.abs().max().item()
         assert error <= 3 * ULP[dtype], error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_sum_rounds_to_nearest_even(dtype, thin_isa):
+    """y = round(round(x·Wᵀ) + bias) with x = I and a zero LoRA term: bit for bit what torch gives for
+    (Wᵀ + bias).to(dtype), on each code path (NaN: any NaN), with exact ties (half an ulp above 1 rounds down to even, one and a
+    half up), NaN, ±inf, overflow and values that round to subnormals or zero; 21 columns: a partial SIMD tile."""
+    ulp = ULP[dtype] * 2  # of 1.0
+    n, k = 21, 5
+    weight = torch.ones(n, k, dtype=dtype)
+    bias = torch.randn(n) * 0.01
+    bias[:8] = torch.tensor([ulp / 2, 3 * ulp / 2, -ulp / 4, float("nan"), float("inf"), -float("inf"), 1e6, -1.0 + 1e-9])
+    y = cpp._direct_ops().lora_linear(torch.eye(k, dtype=dtype), weight, None, 0, bias, torch.zeros(k, 2), torch.zeros(n, 2), HALF, None)
+    want = (weight.float().t() + bias).to(dtype)
+    assert torch.equal(y.isnan(), want.isnan())  # NaN stays NaN (torch's vectorized rounding may set its sign bit)
+    numbers = ~want.isnan()
+    assert torch.equal(y[numbers].view(torch.int16), want[numbers].view(torch.int16))
 
 
 def test_half_path_with_column_scale_and_dropout():
@@ -136,14 +153,29 @@ def test_half_path_needs_half_compute():
 # ---- the thin LoRA products with a half-precision operand (csrc/half_thin.cpp) -------------------------------------
 
 
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def thin_isa(request):
+    """Run a test once per code path of the thin products: the AVX-512 kernels, the AVX2 blocks for fp32 BLAS,
+    the portable blocks (each only where the CPU has it)."""
+    if request.param == "avx512" and not cpp.has_avx512():
+        pytest.skip("CPU without AVX-512")
+    if request.param == "avx2" and not cpp.has_avx2():
+        pytest.skip("CPU without AVX2")
+    previous = cpp.set_avx2_enabled(request.param != "portable"), cpp.set_avx512_enabled(request.param == "avx512")
+    yield request.param
+    cpp.set_avx2_enabled(previous[0])
+    cpp.set_avx512_enabled(previous[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k,n,r", [(1, 7, 5, 3), (37, 300, 75, 8), (1100, 300, 130, 16), (9000, 20, 17, 4),
+@pytest.mark.parametrize("m,k,n,r", [(1, 7, 5, 3), (9, 40, 33, 21), (37, 300, 75, 8), (1100, 300, 130, 16), (9000, 20, 17, 4),
                                      (5, 0, 4, 2), (0, 8, 4, 2), (6, 9, 4, 0)])  # fmt: skip
-def test_thin_products_of_half_operands_are_fp32(dtype, m, k, n, r, isa):
+def test_thin_products_of_half_operands_are_fp32(dtype, m, k, n, r, thin_isa):
     """S = s·x·Aᵀ, dS = s·dy·B, dB = dyᵀ·S and dA = dSᵀ·x with bf16/fp16 x and dy: x and dy are widened to fp32
     exactly, block by block (several row and column blocks, a partial last, row chunks of a tall x; empty
-    extents), and multiplied in fp32, on the AVX2 and the portable code: against float64 within fp32 summation
-    error (1e-5 of the largest value for these lengths). A rounded operand would be off by ~1e-3."""
+    extents; ranks in AVX-512 tiles of 16, 8, 4, 2 and 1), and multiplied in fp32, on each code path: against
+    float64 within fp32 summation error (1e-5 of the largest value for these lengths). A rounded operand would be
+    off by ~1e-3."""
     torch.manual_seed(m + k + n + r)
     x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
     a, b, s = torch.randn(r, k), torch.randn(n, r), torch.randn(m, r)

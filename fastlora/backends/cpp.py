@@ -366,5 +366,19 @@ def has_avx2() -> bool:
     return _loaded_ops().has_avx2()
 
 
+def set_avx512_enabled(enabled: bool) -> bool:
+    """Allow (default) or forbid the AVX-512 kernels of the thin LoRA products with a bf16/fp16 operand
+    (csrc/half_thin_avx512.h); returns the previous setting. ``set_avx2_enabled(False)`` forbids them too.
+
+    Usage: ``cpp.set_avx512_enabled(False)`` runs the AVX2 paths, e.g. to test them on an AVX-512 machine.
+    """
+    return _loaded_ops().set_avx512_enabled(enabled)
+
+
+def has_avx512() -> bool:
+    """Whether this CPU runs the AVX-512 kernels (AVX-512 F, BW and VL). Usage: ``cpp.has_avx512()``."""
+    return _loaded_ops().has_avx512()
+
+
 # The grouped (mixture-of-experts) ops of fastlora.moe.ops: a separate extension, built on first use.
 from fastlora.moe.cpp import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401
