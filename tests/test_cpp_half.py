@@ -15,7 +15,6 @@ import fastlora
 from fastlora import backends, tuning
 from fastlora.backends import cpp
 from tests.conftest import lora_layer_model
-from tests.test_cpp_ops import isa  # noqa: F401 - the fixture: once per code path (AVX2, portable)
 from tests.test_layer_parity import assert_half_output_no_worse_than_peft, float64_reference, run
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None, reason="needs the C++ backend")
@@ -33,6 +32,20 @@ def _fresh_choices(tmp_path, monkeypatch):
     yield
     monkeypatch.undo()
     tuning.reset()
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def thin_isa(request):
+    """Run a test once per code path of the half path: the AVX-512 kernels (thin products, NF4 rounded in
+    registers), the AVX2 ones (blocks widened for fp32 BLAS), the portable ones (each only where the CPU has it)."""
+    if request.param == "avx512" and not cpp.has_avx512():
+        pytest.skip("CPU without AVX-512")
+    if request.param == "avx2" and not cpp.has_avx2():
+        pytest.skip("CPU without AVX2")
+    previous = cpp.set_avx2_enabled(request.param != "portable"), cpp.set_avx512_enabled(request.param == "avx512")
+    yield request.param
+    cpp.set_avx2_enabled(previous[0])
+    cpp.set_avx512_enabled(previous[1])
 
 
 @pytest.fixture(params=["whole", "panels"])
@@ -62,10 +75,10 @@ def _base(kind: str, n: int, k: int):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8", "bf16", "fp16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_weight_is_w_rounded_once(kind, dtype, layout, isa):
+def test_half_weight_is_w_rounded_once(kind, dtype, layout, thin_isa):
     """Through x = I (forward) and dy = I (grad_input), with a zero LoRA term, the half path returns W (Wᵀ) in x's
     dtype: it must equal the fp32 W rounded to that dtype (nearest even) bit for bit, whole or by panels, on the
-    AVX2 and the portable code. n·k odd: a half-used last NF4 byte."""
+    AVX-512 (NF4 rounded in registers), AVX2 and portable code. n·k odd: a half-used last NF4 byte."""
     n, k = 75, 37
     weight, absmax, blocksize, w32 = _base(kind, n, k)
     seeds = torch.zeros(1, dtype=torch.int64)
@@ -151,20 +164,6 @@ def test_half_path_needs_half_compute():
 
 
 # ---- the thin LoRA products with a half-precision operand (csrc/half_thin.cpp) -------------------------------------
-
-
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def thin_isa(request):
-    """Run a test once per code path of the thin products: the AVX-512 kernels, the AVX2 blocks for fp32 BLAS,
-    the portable blocks (each only where the CPU has it)."""
-    if request.param == "avx512" and not cpp.has_avx512():
-        pytest.skip("CPU without AVX-512")
-    if request.param == "avx2" and not cpp.has_avx2():
-        pytest.skip("CPU without AVX2")
-    previous = cpp.set_avx2_enabled(request.param != "portable"), cpp.set_avx512_enabled(request.param == "avx512")
-    yield request.param
-    cpp.set_avx2_enabled(previous[0])
-    cpp.set_avx512_enabled(previous[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
