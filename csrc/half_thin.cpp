@@ -109,7 +109,9 @@ at::Tensor half_times(const at::Tensor& x, const at::Tensor& mat) {
   at::Tensor out = at::empty({m, r}, x.options().dtype(at::kFloat));
   const bool own_kernel = use_avx512();
   const at::Tensor mat_rows = own_kernel ? mat.contiguous() : mat;
-  for_blocks(m, block_extent(m, k), [&](int64_t row0, int64_t rows) {
+  // whole 8-row tiles of the AVX-512 kernel per block, so that only the last block has a partial one
+  const int64_t extent = block_extent(m, k), rows_per = extent >= 8 && own_kernel ? extent / 8 * 8 : extent;
+  for_blocks(m, rows_per, [&](int64_t row0, int64_t rows) {
     at::Tensor block = block_buffer(rows, k);
     widen_block(x, row0, 0, block);
     at::Tensor out_rows = out.narrow(0, row0, rows);

@@ -96,7 +96,10 @@ FASTLORA_AVX512 inline void rows_times(const float* block, int64_t rows, int64_t
     const __mmask16 mask = lanes(r - j0);
     int64_t i = 0;
     for (; i + kRows <= rows; i += kRows) rows_times_tile<kRows>(block + i * k, k, mat, r, j0, mask, out + i * r);
-    for (; i < rows; ++i) rows_times_tile<1>(block + i * k, k, mat, r, j0, mask, out + i * r);
+    // the last rows in tiles of 4, 2, 1: a one-row tile waits on its FMA's latency at every step
+    if (i + 4 <= rows) rows_times_tile<4>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 4;
+    if (i + 2 <= rows) rows_times_tile<2>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 2;
+    if (i < rows) rows_times_tile<1>(block + i * k, k, mat, r, j0, mask, out + i * r);
   }
 }
 
@@ -160,7 +163,11 @@ FASTLORA_AVX512 inline void add_product_rows(T* out, int64_t rows, int64_t n, co
       add_product_tile<kRows>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
     }
   }
-  for (; i < rows; ++i) {
+  if (i + 2 <= rows) {
+    for (int64_t n0 = 0; n0 < n; n0 += 16) add_product_tile<2>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
+    i += 2;
+  }
+  if (i < rows) {
     for (int64_t n0 = 0; n0 < n; n0 += 16) add_product_tile<1>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
   }
 }
