@@ -72,18 +72,26 @@ FASTLORA_AVX512 inline void store(c10::Half* out, __mmask16 mask, __m512 value) 
   _mm256_mask_storeu_epi16(out, mask, half);
 }
 
+// acc[i] += sum over t < depth of a[i * lda + t] * w[t * ldw : +16 (mask)], for R rows: the rank-r outer-product
+// steps of both products below, one broadcast FMA per row and step, the row accumulators in registers.
+template <int R>
+FASTLORA_AVX512 inline void accumulate(Accumulator (&acc)[R], const float* __restrict__ a, int64_t lda,
+                                       const float* __restrict__ w, int64_t ldw, int64_t depth, __mmask16 mask) {
+  for (int64_t t = 0; t < depth; ++t) {
+    const __m512 row = _mm512_maskz_loadu_ps(mask, w + t * ldw);
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + t]), row, acc[i]);
+  }
+}
+
 // out[i0 : i0+R, j0 : j0+16 (mask)] = block[i0 : i0+R, :k] @ mat[:k, j0 : ...] (mat [k, r] contiguous fp32).
 template <int R>
-FASTLORA_AVX512 inline void rows_times_tile(const float* __restrict__ block, int64_t k, const float* __restrict__ mat, int64_t r,
-                                            int64_t j0, __mmask16 mask, float* __restrict__ out) {
+FASTLORA_AVX512 inline void rows_times_tile(const float* block, int64_t k, const float* mat, int64_t r, int64_t j0,
+                                            __mmask16 mask, float* out) {
   Accumulator acc[R];
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m512 w = _mm512_maskz_loadu_ps(mask, mat + kk * r + j0);
-    #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(block[i * k + kk]), w, acc[i]);
-  }
+  accumulate<R>(acc, block, k, mat + j0, r, k, mask);
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * r + j0, mask, acc[i]);
 }
@@ -137,18 +145,13 @@ FASTLORA_AVX512 inline void transposed_columns(const float* d, int64_t m, int64_
 // out[i0 : i0+R, n0 : n0+16 (mask)] = round(out + bias + s[i0 : i0+R, :] @ mat[:, n0 : ...]) (s [rows, r],
 // mat [r, n] contiguous fp32; bias fp32 or null).
 template <int R, typename T>
-FASTLORA_AVX512 inline void add_product_tile(T* __restrict__ out, int64_t n, const float* __restrict__ s, int64_t r,
-                                             const float* __restrict__ mat, const float* __restrict__ bias, int64_t n0,
-                                             __mmask16 mask) {
+FASTLORA_AVX512 inline void add_product_tile(T* out, int64_t n, const float* s, int64_t r, const float* mat,
+                                             const float* bias, int64_t n0, __mmask16 mask) {
   Accumulator acc[R];
   const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) acc[i] = _mm512_add_ps(load(out + i * n + n0, mask), start);
-  for (int64_t j = 0; j < r; ++j) {
-    const __m512 w = _mm512_maskz_loadu_ps(mask, mat + j * n + n0);
-    #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(s[i * r + j]), w, acc[i]);
-  }
+  accumulate<R>(acc, s, r, mat + n0, n, r, mask);
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) store(out + i * n + n0, mask, acc[i]);
 }

@@ -3,8 +3,9 @@
 // Signatures mirror fastlora/backends/reference.py; dropout takes host-computed thresholds and scales.
 //
 // Strategy: computed in fp32 (bf16/fp16 inputs are upcast once: on AVX2-only CPUs fp32 GEMM is several times
-// faster than bf16 GEMM), except on the "half" path (lora_half.cpp), which the run-time choice offers where the
-// CPU multiplies bf16/fp16 natively: there the base GEMM runs in x's dtype. The base product comes first, written
+// faster than bf16 GEMM; the thin LoRA products widen bf16/fp16 x and dy block by block, half_thin.cpp), except on
+// the "half" path (lora_half.cpp), which the run-time choice offers where the CPU multiplies bf16/fp16 natively:
+// there the base GEMM runs in x's dtype and the fp32 LoRA term is added to it block by block. The base product comes first, written
 // fresh, and the thin LoRA term is accumulated into it. How W reaches the base product depends on its kind and M:
 // - dense fp32 W: handed to BLAS as it is (also a strided view, e.g. a GPT-2 Conv1D weight transposed);
 // - bitsandbytes 8-bit W (int8 codes, per-row scales): converted like NF4 below, whole or by panels;
