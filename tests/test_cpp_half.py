@@ -124,12 +124,14 @@ def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout, thin_i
 def test_half_sum_rounds_to_nearest_even(dtype, thin_isa):
     """y = round(round(x·Wᵀ) + bias) with x = I and a zero LoRA term: bit for bit what torch gives for
     (Wᵀ + bias).to(dtype), on each code path (NaN: any NaN), with exact ties (half an ulp above 1 rounds down to even, one and a
-    half up), NaN, ±inf, overflow and values that round to subnormals or zero; 21 columns: a partial SIMD tile."""
+    half up), NaN, ±inf, overflow, exact zero and a subnormal sum; 21 columns: a partial SIMD tile."""
     ulp = ULP[dtype] * 2  # of 1.0
     n, k = 21, 5
+    tiny = torch.finfo(dtype).tiny  # the smallest normal: W = tiny, bias = -tiny/2 sums to a subnormal
     weight = torch.ones(n, k, dtype=dtype)
+    weight[9] = tiny
     bias = torch.randn(n) * 0.01
-    bias[:8] = torch.tensor([ulp / 2, 3 * ulp / 2, -ulp / 4, float("nan"), float("inf"), -float("inf"), 1e6, -1.0 + 1e-9])
+    bias[:10] = torch.tensor([ulp / 2, 3 * ulp / 2, -ulp / 4, float("nan"), float("inf"), -float("inf"), 1e6, -1.0 + 1e-9, -1.0, -tiny / 2])
     y = cpp._direct_ops().lora_linear(torch.eye(k, dtype=dtype), weight, None, 0, bias, torch.zeros(k, 2), torch.zeros(n, 2), HALF, None)
     want = (weight.float().t() + bias).to(dtype)
     assert torch.equal(y.isnan(), want.isnan())  # NaN stays NaN (torch's vectorized rounding may set its sign bit)
