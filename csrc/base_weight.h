@@ -14,6 +14,7 @@
 #include "int8_dequant.h"
 #include "nf4_dequant.h"
 #include "nf4_gemv.h"
+#include "nf4_half_avx512.h"
 
 namespace fastlora {
 
@@ -148,6 +149,14 @@ class BaseWeight {
       return;
     }
     const auto nf4_segment = [&](int64_t flat, int64_t count, T* dst) {
+#ifdef FASTLORA_X86
+      if constexpr (!std::is_same_v<T, float>) {
+        if (nf4_rounded_avx512(blocksize_)) {
+          dequantize_rounded_avx512(packed_.data_ptr<uint8_t>(), absmax_.data_ptr<float>(), blocksize_, flat, count, dst);
+          return;
+        }
+      }
+#endif
       produce_as(dst, count, [&](float* tile, int64_t offset, int64_t n) {
         dequantize_segment(packed_.data_ptr<uint8_t>(), absmax_.data_ptr<float>(), blocksize_, flat + offset, n, tile);
       });

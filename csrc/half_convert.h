@@ -1,6 +1,6 @@
 // fp32 values rounded to bf16 or fp16 (round to nearest even, NaN kept: bit-identical to at::Tensor::to), for the
 // half-precision base path: W is dequantized tile by tile into an L1-sized fp32 tile and stored in the GEMM's dtype,
-// never written out whole in fp32.
+// never written out whole in fp32; and bf16/fp16 values widened to fp32 (exact), for the thin LoRA products.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -63,6 +63,45 @@ inline void store_rounded(const float* in, int64_t count, T* out) {
   }
 #endif
   store_rounded_portable(in, count, out);
+}
+
+// out[0:count] = in[0:count] in fp32 (exact), the other way.
+inline void widen_portable(const c10::BFloat16* in, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+inline void widen_portable(const c10::Half* in, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+#ifdef FASTLORA_X86
+__attribute__((target("avx2,fma"))) static void widen_avx2(const c10::BFloat16* in, int64_t count, float* out) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(out + i, &wide, sizeof(wide));
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void widen_avx2(const c10::Half* in, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(half));
+  }
+  widen_portable(in + i, count - i, out + i);
+}
+#endif
+
+template <typename T>
+inline void widen(const T* in, int64_t count, float* out) {
+#ifdef FASTLORA_X86
+  if (use_avx2()) {
+    widen_avx2(in, count, out);
+    return;
+  }
+#endif
+  widen_portable(in, count, out);
 }
 
 // out[0:count] = produce(tile, offset, n) rounded to T, one kConvertTile-sized fp32 tile at a time; for T = float

@@ -7,8 +7,6 @@
 // LoRA term added and the sum rounded once: one rounding fewer than PEFT, which also rounds its LoRA term.
 #include "lora_half.h"
 
-#include <ATen/Parallel.h>
-
 namespace fastlora {
 namespace {
 
@@ -18,17 +16,6 @@ at::Tensor whole_weight(const BaseWeight& base, int64_t n, int64_t k, at::Scalar
   at::Tensor w = scratch(n, k, dtype);
   if (n * k > 0) base.fill(0, 0, w);
   return w;
-}
-
-template <typename T>
-void add_rounded_as(T* out, const float* term, int64_t count) {
-  at::parallel_for(0, count, kElementGrain, [&](int64_t begin, int64_t end) {
-    produce_as(out + begin, end - begin, [&](float* tile, int64_t offset, int64_t n) {
-      const T* current = out + begin + offset;
-      const float* add = term + begin + offset;
-      for (int64_t i = 0; i < n; ++i) tile[i] = static_cast<float>(current[i]) + add[i];
-    });
-  });
 }
 
 }  // namespace
@@ -61,18 +48,6 @@ at::Tensor half_grad_input(const BaseWeight& base, const at::Tensor& dy, int64_t
     dx.narrow(1, col0, cols).copy_(at::mm(dy, panel));
   }
   return dx;
-}
-
-void add_rounded(at::Tensor& out, const at::Tensor& term) {
-  TORCH_CHECK(out.is_contiguous() && term.is_contiguous() && term.scalar_type() == at::kFloat &&
-                  out.sizes() == term.sizes(),
-              "add_rounded: a contiguous half output and an fp32 term of its shape");
-  if (out.scalar_type() == at::kBFloat16) {
-    add_rounded_as(out.data_ptr<c10::BFloat16>(), term.data_ptr<float>(), out.numel());
-  } else {
-    TORCH_CHECK(out.scalar_type() == at::kHalf, "add_rounded: bf16 or fp16 output, not ", out.scalar_type());
-    add_rounded_as(out.data_ptr<c10::Half>(), term.data_ptr<float>(), out.numel());
-  }
 }
 
 }  // namespace fastlora

@@ -19,7 +19,4 @@ at::Tensor half_forward(const BaseWeight& base, const at::Tensor& x, int64_t n, 
 // dy[m, n] @ W in dy's dtype ([m, k]), W whole (panel_cols == 0) or by column panels of `panel_cols`.
 at::Tensor half_grad_input(const BaseWeight& base, const at::Tensor& dy, int64_t n, int64_t k, int64_t panel_cols);
 
-// out[i] = round(float(out[i]) + term[i]) for a contiguous bf16/fp16 `out` and a contiguous fp32 `term` of its shape.
-void add_rounded(at::Tensor& out, const at::Tensor& term);
-
 }  // namespace fastlora

@@ -3,8 +3,9 @@
 // Signatures mirror fastlora/backends/reference.py; dropout takes host-computed thresholds and scales.
 //
 // Strategy: computed in fp32 (bf16/fp16 inputs are upcast once: on AVX2-only CPUs fp32 GEMM is several times
-// faster than bf16 GEMM), except on the "half" path (lora_half.cpp), which the run-time choice offers where the
-// CPU multiplies bf16/fp16 natively: there the base GEMM runs in x's dtype. The base product comes first, written
+// faster than bf16 GEMM; the thin LoRA products widen bf16/fp16 x and dy block by block, half_thin.cpp), except on
+// the "half" path (lora_half.cpp), which the run-time choice offers where the CPU multiplies bf16/fp16 natively:
+// there the base GEMM runs in x's dtype and the fp32 LoRA term is added to it block by block. The base product comes first, written
 // fresh, and the thin LoRA term is accumulated into it. How W reaches the base product depends on its kind and M:
 // - dense fp32 W: handed to BLAS as it is (also a strided view, e.g. a GPT-2 Conv1D weight transposed);
 // - bitsandbytes 8-bit W (int8 codes, per-row scales): converted like NF4 below, whole or by panels;
@@ -27,6 +28,8 @@
 
 #include "base_weight.h"
 #include "dropout_mask.h"
+#include "half_thin.h"
+#include "half_thin_avx512.h"
 #include "lora_half.h"
 #include "lora_ops.h"
 
@@ -214,11 +217,14 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, at::IntArray
                      at::IntArrayRef thresholds, at::ArrayRef<double> keep_scales, at::ArrayRef<double> lora_scales) {
   const NoAutocast fp32_compute;
   const Adapters adapters(ranks, seeds, thresholds, keep_scales);
-  const at::Tensor x32 = as_f32(x), a32 = as_f32(lora_a);
+  const at::Tensor a32 = as_f32(lora_a);
   at::Tensor s32;
-  if (!adapters.any_dropout()) {
-    s32 = at::mm(x32, a32.t());  // a view of A^T: measured as fast as or faster than a contiguous copy
+  if (!adapters.any_dropout() && is_half(x.scalar_type())) {
+    s32 = half_times(x.contiguous(), a32.t());  // x converted block by block, never whole
+  } else if (!adapters.any_dropout()) {
+    s32 = at::mm(as_f32(x), a32.t());  // a view of A^T: measured as fast as or faster than a contiguous copy
   } else {
+    const at::Tensor x32 = as_f32(x);
     std::vector<at::Tensor> parts;
     for (size_t i = 0; i < adapters.ranks.size(); ++i) {
       const at::Tensor a = a32.narrow(0, adapters.offsets[i], adapters.ranks[i]);
@@ -244,7 +250,7 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   const bool scaled = col_scale.has_value();
   if (half && !scaled) {  // x W^T rounded to x's dtype, then (bias + S B^T) in fp32 added and the sum rounded
     at::Tensor y = half_forward(base, x.contiguous(), n, k, half_panel_extent(k, n));
-    add_rounded(y, bias.has_value() ? at::addmm(as_f32(*bias), s32, b32.t()) : at::mm(s32, b32.t()));
+    add_product_rounded(y, s32, b32.t(), bias.has_value() ? std::optional<at::Tensor>(as_f32(*bias)) : std::nullopt);
     return y;
   }
   const at::Tensor x32 = half ? at::Tensor() : as_f32(x);
@@ -296,8 +302,14 @@ std::tuple<at::Tensor, at::Tensor> lora_up_grad(const at::Tensor& grad_out, cons
                                                 const at::Tensor& lora_s, at::IntArrayRef ranks,
                                                 at::ArrayRef<double> lora_scales) {
   const NoAutocast fp32_compute;
-  const at::Tensor dy32 = as_f32(grad_out);
   const at::Tensor s32 = as_f32(lora_s);
+  if (is_half(grad_out.scalar_type())) {  // dy converted block by block, never whole
+    const at::Tensor dy = grad_out.contiguous();
+    at::Tensor grad_s = half_times(dy, as_f32(lora_b));
+    scale_adapter_columns(grad_s, ranks, lora_scales);
+    return {grad_s, transposed_times_half(s32.contiguous(), dy).t().contiguous()};
+  }
+  const at::Tensor dy32 = as_f32(grad_out);
   at::Tensor grad_s = at::mm(dy32, as_f32(lora_b));
   scale_adapter_columns(grad_s, ranks, lora_scales);
   // For large dy MKL runs S^T @ dy (dy untransposed) up to 1.6x faster than dy^T @ S here, and transposing [R, N]
@@ -312,10 +324,11 @@ at::Tensor lora_down_grad(const at::Tensor& grad_s, const at::Tensor& x, at::Int
                           const at::Tensor& seeds, at::IntArrayRef thresholds, at::ArrayRef<double> keep_scales) {
   const NoAutocast fp32_compute;
   const Adapters adapters(ranks, seeds, thresholds, keep_scales);
-  const at::Tensor ds32 = as_f32(grad_s), x32 = as_f32(x);
+  const at::Tensor ds32 = as_f32(grad_s);
   if (!adapters.any_dropout()) {
-    return at::mm(ds32.t(), x32);
+    return is_half(x.scalar_type()) ? transposed_times_half(ds32.contiguous(), x.contiguous()) : at::mm(ds32.t(), as_f32(x));
   }
+  const at::Tensor x32 = as_f32(x);
   std::vector<at::Tensor> parts;
   for (size_t i = 0; i < adapters.ranks.size(); ++i) {
     const at::Tensor ds = ds32.narrow(1, adapters.offsets[i], adapters.ranks[i]);
@@ -343,7 +356,7 @@ at::Tensor lora_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
   const bool half = chosen == kHalf && !base.is_dense_f32();
   if (half && !adapters.any_dropout()) {  // dy W rounded to dy's dtype, then dS A in fp32 added and rounded
     at::Tensor dx = half_grad_input(base, grad_out.contiguous(), n, k, half_panel_extent(n, k));
-    add_rounded(dx, at::mm(ds32, a32));
+    add_product_rounded(dx, ds32, a32, std::nullopt);
     return dx;
   }
   const at::Tensor dy32 = half ? at::Tensor() : as_f32(grad_out);
@@ -407,6 +420,10 @@ bool set_avx2_enabled(bool enabled) { return avx2_enabled().exchange(enabled); }
 
 bool has_avx2() { return cpu_has_avx2(); }
 
+bool set_avx512_enabled(bool enabled) { return avx512_enabled().exchange(enabled); }
+
+bool has_avx512() { return cpu_has_avx512(); }
+
 }  // namespace fastlora
 
 TORCH_LIBRARY(fastlora_cpp, m) {
@@ -427,6 +444,8 @@ TORCH_LIBRARY(fastlora_cpp, m) {
   m.def("set_fused_tokens(int tokens) -> int", &fastlora::set_fused_tokens);
   m.def("set_avx2_enabled(bool enabled) -> bool", &fastlora::set_avx2_enabled);
   m.def("has_avx2() -> bool", &fastlora::has_avx2);
+  m.def("set_avx512_enabled(bool enabled) -> bool", &fastlora::set_avx512_enabled);
+  m.def("has_avx512() -> bool", &fastlora::has_avx512);
 }
 
 TORCH_LIBRARY_IMPL(fastlora_cpp, CPU, m) {

@@ -15,7 +15,6 @@ import fastlora
 from fastlora import backends, tuning
 from fastlora.backends import cpp
 from tests.conftest import lora_layer_model
-from tests.test_cpp_ops import isa  # noqa: F401 - the fixture: once per code path (AVX2, portable)
 from tests.test_layer_parity import assert_half_output_no_worse_than_peft, float64_reference, run
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None, reason="needs the C++ backend")
@@ -33,6 +32,20 @@ def _fresh_choices(tmp_path, monkeypatch):
     yield
     monkeypatch.undo()
     tuning.reset()
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def thin_isa(request):
+    """Run a test once per code path of the half path: the AVX-512 kernels (thin products, NF4 rounded in
+    registers), the AVX2 ones (blocks widened for fp32 BLAS), the portable ones (each only where the CPU has it)."""
+    if request.param == "avx512" and not cpp.has_avx512():
+        pytest.skip("CPU without AVX-512")
+    if request.param == "avx2" and not cpp.has_avx2():
+        pytest.skip("CPU without AVX2")
+    previous = cpp.set_avx2_enabled(request.param != "portable"), cpp.set_avx512_enabled(request.param == "avx512")
+    yield request.param
+    cpp.set_avx2_enabled(previous[0])
+    cpp.set_avx512_enabled(previous[1])
 
 
 @pytest.fixture(params=["whole", "panels"])
@@ -62,10 +75,10 @@ def _base(kind: str, n: int, k: int):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8", "bf16", "fp16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_weight_is_w_rounded_once(kind, dtype, layout, isa):
+def test_half_weight_is_w_rounded_once(kind, dtype, layout, thin_isa):
     """Through x = I (forward) and dy = I (grad_input), with a zero LoRA term, the half path returns W (Wᵀ) in x's
     dtype: it must equal the fp32 W rounded to that dtype (nearest even) bit for bit, whole or by panels, on the
-    AVX2 and the portable code. n·k odd: a half-used last NF4 byte."""
+    AVX-512 (NF4 rounded in registers), AVX2 and portable code. n·k odd: a half-used last NF4 byte."""
     n, k = 75, 37
     weight, absmax, blocksize, w32 = _base(kind, n, k)
     seeds = torch.zeros(1, dtype=torch.int64)
@@ -86,7 +99,7 @@ def _float64(x, w32, bias, s, b):
 @pytest.mark.parametrize("kind", ["nf4", "int8", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout):
+def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout, thin_isa):
     """Forward and grad_input on the half path against float64 on the same inputs (W as dequantized in fp32): the
     roundings are W to x's dtype, the base GEMM's result, and the sum: within 3 ulps of the largest value (PEFT's
     own path has one more rounding, of its LoRA term). A dropped bias or LoRA term is off by tens of percent."""
@@ -105,6 +118,25 @@ def test_half_products_round_like_peft_at_most(kind, dtype, bias, layout):
         assert got.dtype == dtype
         error = (got.double() - want).abs().max().item() / want.abs().max().item()
         assert error <= 3 * ULP[dtype], error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_sum_rounds_to_nearest_even(dtype, thin_isa):
+    """y = round(round(x·Wᵀ) + bias) with x = I and a zero LoRA term: bit for bit what torch gives for
+    (Wᵀ + bias).to(dtype), on each code path (NaN: any NaN), with exact ties (half an ulp above 1 rounds down to even, one and a
+    half up), NaN, ±inf, overflow, exact zero and a subnormal sum; 21 columns: a partial SIMD tile."""
+    ulp = ULP[dtype] * 2  # of 1.0
+    n, k = 21, 5
+    tiny = torch.finfo(dtype).tiny  # the smallest normal: W = tiny, bias = -tiny/2 sums to a subnormal
+    weight = torch.ones(n, k, dtype=dtype)
+    weight[9] = tiny
+    bias = torch.randn(n) * 0.01
+    bias[:10] = torch.tensor([ulp / 2, 3 * ulp / 2, -ulp / 4, float("nan"), float("inf"), -float("inf"), 1e6, -1.0 + 1e-9, -1.0, -tiny / 2])
+    y = cpp._direct_ops().lora_linear(torch.eye(k, dtype=dtype), weight, None, 0, bias, torch.zeros(k, 2), torch.zeros(n, 2), HALF, None)
+    want = (weight.float().t() + bias).to(dtype)
+    assert torch.equal(y.isnan(), want.isnan())  # NaN stays NaN (torch's vectorized rounding may set its sign bit)
+    numbers = ~want.isnan()
+    assert torch.equal(y[numbers].view(torch.int16), want[numbers].view(torch.int16))
 
 
 def test_half_path_with_column_scale_and_dropout():
@@ -131,6 +163,33 @@ def test_half_path_needs_half_compute():
     weight, absmax, blocksize, _ = _base("nf4", 16, 32)
     with pytest.raises(RuntimeError, match="bf16 or fp16"):
         cpp._direct_ops().lora_linear(torch.randn(2, 32), weight, absmax, blocksize, None, torch.zeros(2, 2), torch.zeros(16, 2), HALF, None)
+
+
+# ---- the thin LoRA products with a half-precision operand (csrc/half_thin.cpp) -------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n,r", [(1, 7, 5, 3), (9, 40, 33, 21), (37, 300, 75, 8), (1100, 300, 130, 16), (9000, 20, 17, 4),
+                                     (5, 0, 4, 2), (0, 8, 4, 2), (6, 9, 4, 0)])  # fmt: skip
+def test_thin_products_of_half_operands_are_fp32(dtype, m, k, n, r, thin_isa):
+    """S = s·x·Aᵀ, dS = s·dy·B, dB = dyᵀ·S and dA = dSᵀ·x with bf16/fp16 x and dy: x and dy are widened to fp32
+    exactly, block by block (several row and column blocks, a partial last, row chunks of a tall x; empty
+    extents; ranks in AVX-512 tiles of 16, 8, 4, 2 and 1), and multiplied in fp32, on each code path: against
+    float64 within fp32 summation error (1e-5 of the largest value for these lengths). A rounded operand would be
+    off by ~1e-3."""
+    torch.manual_seed(m + k + n + r)
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    a, b, s = torch.randn(r, k), torch.randn(n, r), torch.randn(m, r)
+    seeds = torch.zeros(1, dtype=torch.int64)
+    got_s = cpp.lora_down(x, a, [r], seeds, [0.0], [2.0])
+    got_ds, got_db = cpp.lora_up_grad(dy, b, s, [r], [2.0])
+    got_da = cpp.lora_down_grad(s, x, [r], seeds, [0.0])
+    x64, dy64 = x.double(), dy.double()
+    wanted = (2.0 * x64 @ a.double().t(), 2.0 * dy64 @ b.double(), dy64.t() @ s.double(), s.double().t() @ x64)
+    for got, want in zip((got_s, got_ds, got_db, got_da), wanted):
+        assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
+        if want.numel():
+            assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 # ---- through PEFT: the candidates, and the numerics against PEFT's -------------------------------------------------

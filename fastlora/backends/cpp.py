@@ -31,7 +31,7 @@ from torch import Tensor
 from fastlora.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
-SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_half.cpp")
+SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_half.cpp", "half_thin.cpp")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -381,6 +381,20 @@ def set_avx2_enabled(enabled: bool) -> bool:
 def has_avx2() -> bool:
     """Whether this CPU runs the AVX2 code paths. Usage: ``cpp.has_avx2()``."""
     return _loaded_ops().has_avx2()
+
+
+def set_avx512_enabled(enabled: bool) -> bool:
+    """Allow (default) or forbid the AVX-512 kernels of the thin LoRA products with a bf16/fp16 operand
+    (csrc/half_thin_avx512.h); returns the previous setting. ``set_avx2_enabled(False)`` forbids them too.
+
+    Usage: ``cpp.set_avx512_enabled(False)`` runs the AVX2 paths, e.g. to test them on an AVX-512 machine.
+    """
+    return _loaded_ops().set_avx512_enabled(enabled)
+
+
+def has_avx512() -> bool:
+    """Whether this CPU runs the AVX-512 kernels (AVX-512 F, BW and VL). Usage: ``cpp.has_avx512()``."""
+    return _loaded_ops().has_avx512()
 
 
 # The grouped (mixture-of-experts) ops of fastlora.moe.ops: a separate extension, built on first use.

@@ -1,0 +1,181 @@
+// AVX-512 kernels of the thin LoRA products with a bf16/fp16 operand (half_thin.cpp): fp32 FMAs, the half operand
+// widened in registers, the LoRA rank in the register tile. At rank 16 MKL's fp32 GEMM runs these skinny shapes at
+// about half the speed of oneDNN's bf16 GEMM (which the split practice uses, rounding A, B and S to bf16); these
+// keep fp32 operands and run at about the bf16 GEMM's speed. Elsewhere half_thin.cpp widens blocks for fp32 BLAS.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "nf4_dequant.h"  // FASTLORA_X86, use_avx2
+
+namespace fastlora {
+
+inline bool cpu_has_avx512() {
+#ifdef FASTLORA_X86
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Tests switch the AVX-512 kernels off to exercise the AVX2 ones on AVX-512 machines.
+inline std::atomic<bool>& avx512_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
+// The portable switch (set_avx2_enabled(false)) turns these off too.
+inline bool use_avx512() { return cpu_has_avx512() && use_avx2() && avx512_enabled().load(std::memory_order_relaxed); }
+
+#ifdef FASTLORA_X86
+#define FASTLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+
+namespace avx512 {
+
+// An accumulator register: __m512 without its may_alias attribute, so that the compiler keeps an array of them in
+// registers (with __m512 it assumes they may alias the float loads and stores them back every iteration).
+typedef float Accumulator __attribute__((vector_size(64)));
+
+FASTLORA_AVX512 inline __mmask16 lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Up to 16 half values widened to fp32 (exact); lanes outside `mask` are zero.
+FASTLORA_AVX512 inline __m512 load(const c10::BFloat16* in, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, in);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+FASTLORA_AVX512 inline __m512 load(const c10::Half* in, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, in));
+}
+
+// Up to 16 fp32 values rounded to nearest even (bf16: as c10::BFloat16, NaN kept; fp16: F16C, as c10::Half).
+FASTLORA_AVX512 inline void store(c10::BFloat16* out, __mmask16 mask, __m512 value) {
+  const __m512i bits = _mm512_castps_si512(value);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  _mm512_mask_cvtepi32_storeu_epi16(out, mask, rounded);
+}
+
+FASTLORA_AVX512 inline void store(c10::Half* out, __mmask16 mask, __m512 value) {
+  const __m256i half = _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_mask_storeu_epi16(out, mask, half);
+}
+
+// acc[i] += sum over t < depth of a[i * lda + t] * w[t * ldw : +16 (mask)], for R rows: the rank-r outer-product
+// steps of both products below, one broadcast FMA per row and step, the row accumulators in registers.
+template <int R>
+FASTLORA_AVX512 inline void accumulate(Accumulator (&acc)[R], const float* __restrict__ a, int64_t lda,
+                                       const float* __restrict__ w, int64_t ldw, int64_t depth, __mmask16 mask) {
+  for (int64_t t = 0; t < depth; ++t) {
+    const __m512 row = _mm512_maskz_loadu_ps(mask, w + t * ldw);
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + t]), row, acc[i]);
+  }
+}
+
+// out[i0 : i0+R, j0 : j0+16 (mask)] = block[i0 : i0+R, :k] @ mat[:k, j0 : ...] (mat [k, r] contiguous fp32).
+template <int R>
+FASTLORA_AVX512 inline void rows_times_tile(const float* block, int64_t k, const float* mat, int64_t r, int64_t j0,
+                                            __mmask16 mask, float* out) {
+  Accumulator acc[R];
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  accumulate<R>(acc, block, k, mat + j0, r, k, mask);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * r + j0, mask, acc[i]);
+}
+
+// out[rows, r] = block[rows, k] @ mat[k, r] (fp32, contiguous).
+FASTLORA_AVX512 inline void rows_times(const float* block, int64_t rows, int64_t k, const float* mat, int64_t r,
+                                       float* out) {
+  constexpr int kRows = 8;
+  for (int64_t j0 = 0; j0 < r; j0 += 16) {
+    const __mmask16 mask = lanes(r - j0);
+    int64_t i = 0;
+    for (; i + kRows <= rows; i += kRows) rows_times_tile<kRows>(block + i * k, k, mat, r, j0, mask, out + i * r);
+    // the last rows in tiles of 4, 2, 1: a one-row tile waits on its FMA's latency at every step
+    if (i + 4 <= rows) rows_times_tile<4>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 4;
+    if (i + 2 <= rows) rows_times_tile<2>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 2;
+    if (i < rows) rows_times_tile<1>(block + i * k, k, mat, r, j0, mask, out + i * r);
+  }
+}
+
+// out[j0 : j0+J, col0 : col0+16 (mask)] = d[:m, j0 : j0+J]^T @ x[:m, col0 : ...] (d [m, r], x [m, k], out [r, k]).
+template <int J, typename T>
+FASTLORA_AVX512 inline void transposed_tile(const float* __restrict__ d, int64_t m, int64_t r, int64_t j0,
+                                            const T* __restrict__ x, int64_t k, int64_t col0, __mmask16 mask,
+                                            float* __restrict__ out) {
+  Accumulator acc[J];
+  #pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 xv = load(x + i * k + col0, mask);
+    const float* row = d + i * r + j0;
+    #pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(row[j]), xv, acc[j]);
+  }
+  #pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) _mm512_mask_storeu_ps(out + (j0 + j) * k + col0, mask, acc[j]);
+}
+
+// out[:, col0 : col0+16] of d^T @ x, the rank in tiles of 16, then 8, 4, 2, 1.
+template <typename T>
+FASTLORA_AVX512 inline void transposed_columns(const float* d, int64_t m, int64_t r, const T* x, int64_t k,
+                                               int64_t col0, float* out) {
+  const __mmask16 mask = lanes(k - col0);
+  int64_t j = 0;
+  for (; j + 16 <= r; j += 16) transposed_tile<16>(d, m, r, j, x, k, col0, mask, out);
+  if (j + 8 <= r) transposed_tile<8>(d, m, r, j, x, k, col0, mask, out), j += 8;
+  if (j + 4 <= r) transposed_tile<4>(d, m, r, j, x, k, col0, mask, out), j += 4;
+  if (j + 2 <= r) transposed_tile<2>(d, m, r, j, x, k, col0, mask, out), j += 2;
+  if (j < r) transposed_tile<1>(d, m, r, j, x, k, col0, mask, out);
+}
+
+// out[i0 : i0+R, n0 : n0+16 (mask)] = round(out + bias + s[i0 : i0+R, :] @ mat[:, n0 : ...]) (s [rows, r],
+// mat [r, n] contiguous fp32; bias fp32 or null).
+template <int R, typename T>
+FASTLORA_AVX512 inline void add_product_tile(T* out, int64_t n, const float* s, int64_t r, const float* mat,
+                                             const float* bias, int64_t n0, __mmask16 mask) {
+  Accumulator acc[R];
+  const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_add_ps(load(out + i * n + n0, mask), start);
+  accumulate<R>(acc, s, r, mat + n0, n, r, mask);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) store(out + i * n + n0, mask, acc[i]);
+}
+
+template <typename T>
+FASTLORA_AVX512 inline void add_product_rows(T* out, int64_t rows, int64_t n, const float* s, int64_t r,
+                                             const float* mat, const float* bias) {
+  constexpr int kRows = 4;
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows) {
+    for (int64_t n0 = 0; n0 < n; n0 += 16) {
+      add_product_tile<kRows>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
+    }
+  }
+  if (i + 2 <= rows) {
+    for (int64_t n0 = 0; n0 < n; n0 += 16) add_product_tile<2>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
+    i += 2;
+  }
+  if (i < rows) {
+    for (int64_t n0 = 0; n0 < n; n0 += 16) add_product_tile<1>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
+  }
+}
+
+}  // namespace avx512
+#endif
+
+}  // namespace fastlora
