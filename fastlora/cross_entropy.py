@@ -38,6 +38,10 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, CHUNK_LOGITS // vocab_size)
 
 
+def _chunk_starts(rows: int, chunk: int) -> range:
+    return range(0, rows, chunk)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Sum over valid tokens of ``-log softmax(f(h·Wᵀ + b))[y]``, divided by ``denominator``; f is the logit
     scaling and softcapping. Gradients are computed during forward, chunk by chunk."""
@@ -52,7 +56,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         inv_denominator = 1.0 / denominator
         weight_low = weight.to(hidden.dtype)  # for dh = g·W in the compute dtype, as lm_head's own backward
-        for start in range(0, hidden.shape[0], chunk):
+        for start in _chunk_starts(hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], targets[start : start + chunk]
             logits = nn.functional.linear(h, weight, bias).float()
             if scale != 1.0:

@@ -126,3 +126,35 @@ def test_plan_command(capsys, tmp_path):
     code = main(["plan", "--model", str(tmp_path / "config.json"), "--seq", "256", "--budget", "1", "--contenders", "peft,fastlora+loss"])
     out = capsys.readouterr().out
     assert code == 0 and "fastlora+loss: fits" in out and "Qwen2ForCausalLM" in out and "longest sequence that fits" in out
+
+
+def test_sampled_loops_equal_every_iteration(monkeypatch):
+    """The meta run iterates the loss's, the tiled MLP's and the norms' loops over their first three and last steps
+    (fastlora.memory.loops); the CPU run does every step. Chunks made small so each loop runs many (odd-sized) steps:
+    the loss 16 tokens of the 512 vocab, the norms 24 rows of hidden 128, the MLP 128-token shards."""
+    from fastlora import cross_entropy, rms_norm
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS", 16 * 512)
+    monkeypatch.setattr(rms_norm, "CHUNK_ELEMENTS", 24 * 128)
+    spec = StepSpec("micro", method="qlora", seq=1000 + 7, batch=1, checkpointing="non-reentrant", dtype="bfloat16")
+    meta = account(spec, "fastlora+all", device="meta", attention="cpu-flash", backend="torch")
+    real = account(spec, "fastlora+all", device="cpu", backend="torch")
+    assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
+    for category, nbytes in real.breakdown.items():
+        assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+
+
+@pytest.mark.parametrize(
+    "checkpointing,contender,seq",
+    [("off", "peft", 700), ("non-reentrant", "fastlora", 64), ("reentrant", "fastlora+loss", 1500),
+     ("offload", "fastlora+all", 3000), ("non-reentrant", "fastlora+all", 2500)],
+)  # fmt: skip
+def test_extrapolated_layers_equal_the_full_accounting(checkpointing, contender, seq):
+    """"small" has 8 decoder layers: accounted with 3 and 4 and extrapolated (fastlora.memory.layers), the peak, its
+    breakdown, phase and host memory equal the accounting of all 8, to the byte. The cases cover peaks in forward,
+    backward and the optimizer step, and the tiled MLP (shards of 1024 tokens) with offloaded checkpoints."""
+    spec = StepSpec("small", method="qlora", rank=8, seq=seq, checkpointing=checkpointing)
+    fast, full = account(spec, contender), account(spec, contender, extrapolate=False)
+    assert fast.notes[0].startswith("accounted with 3 and 4 decoder layers")
+    assert (fast.peak, fast.breakdown, fast.phase, fast.host_peak) == (full.peak, full.breakdown, full.phase, full.host_peak)
+    assert set(full.notes) <= set(fast.notes)  # counts in the notes ("8 MLPs tiled") extrapolated too

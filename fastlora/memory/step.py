@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from fastlora.memory.execution import MetaTruth, attention_implementation
+from fastlora.memory.loops import sampled_loops
+from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
 from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
 CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
@@ -56,6 +58,7 @@ class StepSpec:
     checkpointing: str = "non-reentrant"
     dtype: str = "bfloat16"
     dropout: float = 0.0
+    layers: Optional[int] = None  # decoder layers to build (None: the model's); see fastlora.memory.layers
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,6 +81,7 @@ class Accounting:
     phase: str
     notes: list[str]
     host_peak: int = 0  # host memory the offloaded checkpoints hold at most (pinned on a GPU)
+    segment_peaks: dict = dataclasses.field(default_factory=dict, repr=False)  # (phase, layer position) -> (bytes, breakdown)
 
     def as_dict(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "contender": self.contender, "peak": self.peak,
@@ -117,6 +121,8 @@ def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attent
     dtype = getattr(torch, spec.dtype)
     config = model_config(spec.model)
     config.use_cache = False
+    if spec.layers is not None:
+        with_layers(config, spec.layers)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     if spec.method == "qlora":
@@ -225,7 +231,7 @@ def _split_scratch(func, args) -> int:
 # The meta models of the last specs accounted (keyed without seq and batch): the planner accounts one model at many
 # sequence lengths, and building an 8B model with PEFT takes longer than its step. A step leaves the model as it was.
 _META_MODELS: dict[tuple, nn.Module] = {}
-_META_MODELS_KEPT = 2
+_META_MODELS_KEPT = 4
 
 
 def _meta_model(spec: StepSpec, attention: str) -> nn.Module:
@@ -238,13 +244,19 @@ def _meta_model(spec: StepSpec, attention: str) -> nn.Module:
 
 
 def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: str = "cuda-flash",
-            backend: str = "triton") -> Accounting:  # fmt: skip
+            backend: str = "triton", extrapolate: bool = True) -> Accounting:  # fmt: skip
     """Peak bytes of one training step of ``spec`` for ``contender`` (see the module doc).
 
+    On meta, a model of uniform decoder layers is accounted with 3 and 4 layers and extrapolated to all of them
+    (exact: :mod:`fastlora.memory.layers`); ``extrapolate=False`` accounts every layer.
     For the tests' check against real allocations: ``device="cpu"`` runs the same step for real on CPU tensors
     (small models only; fastlora with ``backend``, "torch" or "cpp"), and ``attention="cpu-flash"`` with
     ``backend="torch"`` makes the meta run execute what that CPU run executes.
     """
+    if device == "meta" and extrapolate and spec.layers is None:
+        config = model_config(spec.model)
+        if uniform_reason(config) is None:
+            return _extrapolated(spec, contender, config.num_hidden_layers, attention=attention, backend=backend)
     if contender not in CONTENDERS:
         raise ValueError(f"contender {contender!r}: choose one of {CONTENDERS}")
     if device == "meta" and contender != "peft" and spec.method == "lora" and spec.dtype == "float32":
@@ -275,9 +287,12 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
             _installed(stack, notes, *install(model))
         if contender == "fastlora+all":
             _install_long_context(model, stack, notes, tracker)
+        if device == "meta":
+            stack.enter_context(sampled_loops())
         ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
         model.train()
-        with tracker.tracking(model):
+        layers = decoder_layers(model, model.get_base_model().config.num_hidden_layers)
+        with tracker.tracking(model), marking_layers(layers, tracker):
             with MetaTruth() if device == "meta" else contextlib.nullcontext():
                 tracker.phase = "forward"
                 loss = model(input_ids=ids, labels=ids).loss
@@ -289,7 +304,21 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
-    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak)
+    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak,
+                      tracker.segment_peaks)  # fmt: skip
+
+
+def _extrapolated(spec: StepSpec, contender: str, layers: int, **options) -> Accounting:
+    """:func:`account` of ``spec`` with FEW_LAYERS decoder layers, extrapolated to ``layers``."""
+    few, more = (account(dataclasses.replace(spec, layers=n), contender, **options) for n in FEW_LAYERS)
+    peak, breakdown, phase, host = extrapolated((few.segment_peaks, few.host_peak), (more.segment_peaks, more.host_peak), layers)
+    notes = [f"accounted with {FEW_LAYERS[0]} and {FEW_LAYERS[1]} decoder layers, extrapolated to {layers} (every layer "
+             "runs the same ops: fastlora.memory.layers)"]  # fmt: skip
+    model_notes = [[n for n in a.notes if ".layers." not in n] for a in (few, more)]
+    notes += [extrapolated_note(a, b, layers) for a, b in zip(*model_notes)]
+    layer_notes = sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in more.notes if ".layers." in n})
+    notes += [f"every decoder layer's {n}" for n in layer_notes]
+    return Accounting(spec, contender, peak, breakdown, phase, notes, host)
 
 
 def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description: str) -> None:
