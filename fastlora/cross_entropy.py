@@ -149,6 +149,8 @@ _HEADS: dict[str, Callable[[object], tuple[float, Optional[float]]]] = {
         for name in (
             "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
             "Phi3ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+            # Mixture-of-experts heads: the same loss while the router's auxiliary loss is off (refused otherwise).
+            "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM",
         )
     },  # fmt: skip
     "Gemma2ForCausalLM": lambda config: (1.0, getattr(config, "final_logit_softcapping", None)),
@@ -182,6 +184,8 @@ def _refusal(lm: nn.Module) -> Optional[str]:
         return "lm_head has a LoRA adapter"
     if type(head) is not nn.Linear:
         return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"
+    if getattr(lm.config, "output_router_logits", False):
+        return "the router's auxiliary loss is on (output_router_logits): the fused loss does not add it"
     if "_loss_function" in lm.__dict__:
         return "the model has a custom loss_function"
     if not isinstance(getattr(lm, "model", None), nn.Module):

@@ -8,6 +8,8 @@
   "fastlora-accounting-cpu" variant runs the CPU's flash kernel (grouped k/v as they are, like the CPU's SDPA): the
   tests use it to check the accounting against a real CPU step. Registered functions stay active in backward,
   where gradient checkpointing recomputes attention (a ``TorchFunctionMode`` would not).
+- **Autocast.** ``torch.autocast(device_type="meta")`` raises; PEFT opens one (disabled) around its
+  ``ParamWrapper`` delta. :func:`meta_autocast` lets it open as the CPU's.
 - **Data-dependent checks.** transformers asks ``bool(tensor)`` of a few all-true checks (packed sequences,
   skippable causal masks) before the decoder layers, which meta tensors cannot answer. The synthetic batch has one
   unpadded sequence per row, so those checks are true: :class:`MetaTruth` answers a meta tensor's truth value True.
@@ -19,6 +21,9 @@ Usage::
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -64,3 +69,18 @@ class MetaTruth(TorchFunctionMode):
         if func is torch.Tensor.__bool__ and args[0].device.type == "meta":
             return True
         return func(*args, **(kwargs or {}))
+
+
+class _MetaAutocast(torch.autocast):
+    def __init__(self, device_type: str, *args, **kwargs):
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_autocast() -> Iterator[None]:
+    """``torch.autocast(device_type="meta", ...)`` opens as the CPU's inside the block (see the module doc)."""
+    original, torch.autocast = torch.autocast, _MetaAutocast
+    try:
+        yield
+    finally:
+        torch.autocast = original

@@ -87,8 +87,9 @@ class LiveBytes(TorchDispatchMode):
             self._record_peak(scratch)
         return out
 
-    def add(self, tensor: torch.Tensor, category: Optional[str] = None) -> None:
-        """Count ``tensor``'s storage if it is new (``category`` overrides the guess from its shape and phase)."""
+    def add(self, tensor: torch.Tensor, category: Optional[str] = None, nbytes: Optional[int] = None) -> None:
+        """Count ``tensor``'s storage if it is new (``category`` overrides the guess from its shape and phase;
+        ``nbytes`` its size, for a tensor standing for another format, e.g. NF4 experts kept dense on meta)."""
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live or key in self._host:
@@ -96,7 +97,7 @@ class LiveBytes(TorchDispatchMode):
         if self._host_next:
             self._add_host(tensor)
             return
-        nbytes = storage.nbytes()
+        nbytes = storage.nbytes() if nbytes is None else nbytes
         category = category or self._new_category or self._guess(tensor)
         self._live[key] = [nbytes, category]
         weakref.finalize(storage, self._free, key)
