@@ -8,6 +8,8 @@ on the first real run (fastlora's dropout seeds, 8 bytes each; observed differen
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -158,3 +160,48 @@ def test_extrapolated_layers_equal_the_full_accounting(checkpointing, contender,
     assert fast.notes[0].startswith("accounted with 3 and 4 decoder layers")
     assert (fast.peak, fast.breakdown, fast.phase, fast.host_peak) == (full.peak, full.breakdown, full.phase, full.host_peak)
     assert set(full.notes) <= set(fast.notes)  # counts in the notes ("8 MLPs tiled") extrapolated too
+
+
+def _tiny_moe_config(tmp_path, layers: int):
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                   vocab_size=300).save_pretrained(tmp_path)  # fmt: skip
+    return str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("contender,experts", [("peft", "dense"), ("fastlora+loss", "dense"), ("fastlora+loss", "nf4")])
+def test_moe_extrapolated_layers_equal_the_full_accounting(tmp_path, contender, experts):
+    """A 6-layer Qwen3-MoE, LoRA on attention and the 3-D experts: accounted with 3 and 4 layers and extrapolated,
+    equal to the accounting of all 6 (PEFT's ParamWrapper path, fastlora's fused expert path, NF4 experts)."""
+    spec = StepSpec(_tiny_moe_config(tmp_path, 6), method="qlora", seq=200, checkpointing="non-reentrant",
+                    targets="attention+experts", experts=experts)  # fmt: skip
+    fast, full = account(spec, contender), account(spec, contender, extrapolate=False)
+    assert fast.notes[0].startswith("accounted with 3 and 4 decoder layers")
+    assert (fast.peak, fast.breakdown, fast.phase) == (full.peak, full.breakdown, full.phase)
+    assert fast.phase_peaks() == full.phase_peaks()
+
+
+def test_moe_accounting_counts_nf4_experts_and_no_expert_delta(tmp_path):
+    """NF4 experts are counted at the size bitsandbytes' quantize_4bit gives each expert slice (double quantization);
+    PEFT's ParamWrapper builds W + s·B·A over the expert stack per call, fastlora's fused path does not, so its
+    forward/backward peak above the weights is lower; PEFT cannot be accounted with NF4 experts."""
+    import bitsandbytes.functional as bnb_functional
+
+    from fastlora.memory.presets import nf4_nbytes
+
+    w = torch.randn(64, 96)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    one = packed.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes + state.offset.nbytes
+    assert nf4_nbytes(3, 64, 96) == 3 * one + state.state2.code.nbytes
+    spec = StepSpec(_tiny_moe_config(tmp_path, 2), method="qlora", seq=512, checkpointing="non-reentrant",
+                    targets="attention+experts")  # fmt: skip
+    dense, nf4 = account(spec, "fastlora+loss"), account(dataclasses.replace(spec, experts="nf4"), "fastlora+loss")
+    stacks = 2 * (nf4_nbytes(8, 64, 64) + nf4_nbytes(8, 64, 32))  # layers x (gate_up [E, 2I, H] + down [E, H, I])
+    assert dense.breakdown["weights"] - nf4.breakdown["weights"] == 2 * 2 * (8 * 64 * 64 + 8 * 64 * 32) - stacks
+    peft = account(spec, "peft")
+    above = lambda a: max(a.phase_peaks()["forward"], a.phase_peaks()["backward"]) - a.breakdown["weights"]  # noqa: E731
+    assert above(dense) < above(peft)
+    with pytest.raises(ValueError, match="bitsandbytes quantizes nn.Linear only"):
+        account(dataclasses.replace(spec, experts="nf4"), "peft")

@@ -4,7 +4,9 @@
   [seq, seq] scores a GPU's flash kernel never holds. The accounting builds models with an attention function
   registered in transformers' ``AttentionInterface`` ("fastlora-accounting-cuda"): for calls without a mask
   it runs ``aten._scaled_dot_product_flash_attention`` (CUDA's flash kernel, which saves q, k, v, the output and
-  an fp32 logsumexp; grouped-query k/v are not expanded), and transformers' SDPA otherwise. The
+  an fp32 logsumexp; grouped-query k/v are not expanded), and transformers' SDPA otherwise. No mask tensor is
+  built (:func:`_no_mask`): sliding-window layers (gpt-oss, Mistral) hold what flash holds; attention sinks
+  (gpt-oss) add one logit per head, not counted. The
   "fastlora-accounting-cpu" variant runs the CPU's flash kernel (grouped k/v as they are, like the CPU's SDPA): the
   tests use it to check the accounting against a real CPU step. Registered functions stay active in backward,
   where gradient checkpointing recomputes attention (a ``TorchFunctionMode`` would not).
@@ -50,8 +52,14 @@ def attention_implementation(kernel: str) -> str:
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, sdpa_mask if kernel == "cpu-flash" else _no_mask)
     return name
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The accounting batch is unpadded: CUDA's flash kernels apply causal and sliding-window masks themselves,
+    building no [seq, seq] tensor (a windowed layer holds what a full one holds)."""
+    return None
 
 
 def _cuda_flash(query, key, value, dropout_p, is_causal, scale):

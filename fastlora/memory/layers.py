@@ -20,7 +20,7 @@ Usage::
 
     with marking_layers(model, tracker):   # inside tracker.tracking(model)
         ...
-    peak, breakdown, phase, host = extrapolated(three_layers, four_layers, 32)
+    segment_peaks, host_peak = extrapolated(three_layers, four_layers, 32)
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def marking_layers(layers: nn.ModuleList, tracker) -> Iterator[None]:
             handle.remove()
 
 
-def extrapolated(few: tuple, more: tuple, layers: int) -> tuple[int, dict[str, int], str, int]:
-    """(peak, breakdown, phase, host peak) at ``layers`` decoder layers from two accountings with FEW_LAYERS[0]
-    and FEW_LAYERS[1] layers, each given as (segment peaks, host peak): every segment's peak and breakdown, and the
+def extrapolated(few: tuple, more: tuple, layers: int) -> tuple[dict, int]:
+    """(segment peaks, host peak) at ``layers`` decoder layers from two accountings with FEW_LAYERS[0] and
+    FEW_LAYERS[1] layers, each given as (segment peaks, host peak): every segment's peak and breakdown, and the
     host peak, continued on the line through the two."""
     (segments_few, host_few), (segments_more, host_more) = few, more
     if set(segments_few) != set(segments_more):
@@ -114,14 +114,11 @@ def extrapolated(few: tuple, more: tuple, layers: int) -> tuple[int, dict[str, i
     def line(a: int, b: int) -> int:
         return b + steps * (b - a)
 
-    best = None
+    segments = {}
     for key, (peak_more, breakdown_more) in segments_more.items():
         peak_few, breakdown_few = segments_few[key]
-        peak = line(peak_few, peak_more)
-        if best is None or peak > best[0]:
-            best = (peak, {c: line(breakdown_few[c], n) for c, n in breakdown_more.items()}, key[0])
-    peak, breakdown, phase = best
-    return peak, breakdown, phase, line(host_few, host_more)
+        segments[key] = (line(peak_few, peak_more), {c: line(breakdown_few[c], n) for c, n in breakdown_more.items()})
+    return segments, line(host_few, host_more)
 
 
 def extrapolated_note(few: str, more: str, layers: int) -> str:

@@ -91,9 +91,17 @@ class Accounting:
     host_peak: int = 0  # host memory the offloaded checkpoints hold at most (pinned on a GPU)
     segment_peaks: dict = dataclasses.field(default_factory=dict, repr=False)  # (phase, layer position) -> (bytes, breakdown)
 
+    def phase_peaks(self) -> dict[str, int]:
+        """The peak of each phase of the step (forward, backward, optimizer step)."""
+        peaks: dict[str, int] = {}
+        for (phase, _), (nbytes, _) in self.segment_peaks.items():
+            peaks[phase] = max(peaks.get(phase, 0), nbytes)
+        return peaks
+
     def as_dict(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "contender": self.contender, "peak": self.peak,
-                "breakdown": self.breakdown, "phase": self.phase, "host_peak": self.host_peak, "notes": self.notes}  # fmt: skip
+                "breakdown": self.breakdown, "phase": self.phase, "host_peak": self.host_peak, "notes": self.notes,
+                "phase_peaks": self.phase_peaks()}  # fmt: skip
 
 
 def model_config(model: str):
@@ -340,14 +348,15 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
 def _extrapolated(spec: StepSpec, contender: str, layers: int, **options) -> Accounting:
     """:func:`account` of ``spec`` with FEW_LAYERS decoder layers, extrapolated to ``layers``."""
     few, more = (account(dataclasses.replace(spec, layers=n), contender, **options) for n in FEW_LAYERS)
-    peak, breakdown, phase, host = extrapolated((few.segment_peaks, few.host_peak), (more.segment_peaks, more.host_peak), layers)
+    segments, host = extrapolated((few.segment_peaks, few.host_peak), (more.segment_peaks, more.host_peak), layers)
+    (phase, _), (peak, breakdown) = max(segments.items(), key=lambda item: item[1][0])
     notes = [f"accounted with {FEW_LAYERS[0]} and {FEW_LAYERS[1]} decoder layers, extrapolated to {layers} (every layer "
              "runs the same ops: fastlora.memory.layers)"]  # fmt: skip
     model_notes = [[n for n in a.notes if ".layers." not in n] for a in (few, more)]
     notes += [extrapolated_note(a, b, layers) for a, b in zip(*model_notes)]
     layer_notes = sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in more.notes if ".layers." in n})
     notes += [f"every decoder layer's {n}" for n in layer_notes]
-    return Accounting(spec, contender, peak, breakdown, phase, notes, host)
+    return Accounting(spec, contender, peak, breakdown, phase, notes, host, segments)
 
 
 def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description: str) -> None:
