@@ -20,16 +20,23 @@ from fastlora.memory.tracker import CATEGORIES, LiveBytes
 TOLERANCE = 4096
 
 
-@pytest.mark.parametrize("checkpointing", ["off", "non-reentrant", "reentrant"])
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-@pytest.mark.parametrize("contender", ["peft", "fastlora", "fastlora+loss"])
-def test_accounting_equals_real_cpu_allocations(method, checkpointing, contender):
-    spec = StepSpec("micro", method=method, seq=96 + 7, batch=2, checkpointing=checkpointing, dtype="bfloat16")
+def _meta_equals_real(spec: StepSpec, contender: str, both: bool = False):
+    """Account ``spec`` on meta (CPU flash attention, torch backend) and run it for real on the CPU; assert the
+    peaks and every category agree within TOLERANCE. Returns the real accounting (and the meta one first if ``both``)."""
     meta = account(spec, contender, device="meta", attention="cpu-flash", backend="torch")
     real = account(spec, contender, device="cpu", backend="torch")
     assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
     for category, nbytes in real.breakdown.items():
         assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+    return (meta, real) if both else real
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "non-reentrant", "reentrant"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("contender", ["peft", "fastlora", "fastlora+loss"])
+def test_accounting_equals_real_cpu_allocations(method, checkpointing, contender):
+    spec = StepSpec("micro", method=method, seq=96 + 7, batch=2, checkpointing=checkpointing, dtype="bfloat16")
+    real = _meta_equals_real(spec, contender)
     assert real.breakdown["weights"] > 0 and real.breakdown["adapters"] > 0
 
 
@@ -38,11 +45,7 @@ def test_accounting_with_offload_and_tiling_equals_real_cpu_allocations():
     equals the CPU step, device and host counted apart. micro: hidden 128, so 4,124 tokens make a 1 MiB layer input
     (offload's floor) and the MLP runs in 33 shards of 128 tokens; the host holds one input per layer."""
     spec = StepSpec("micro", method="qlora", seq=1024 + 7, batch=4, checkpointing="non-reentrant", dtype="bfloat16")
-    meta = account(spec, "fastlora+all", device="meta", attention="cpu-flash", backend="torch")
-    real = account(spec, "fastlora+all", device="cpu", backend="torch")
-    assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
-    for category, nbytes in real.breakdown.items():
-        assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+    meta, real = _meta_equals_real(spec, "fastlora+all", both=True)
     layer_inputs = 2 * 4 * 1031 * 128 * 2  # layers x tokens x hidden x bf16
     assert meta.host_peak == real.host_peak == layer_inputs
 
@@ -139,11 +142,7 @@ def test_sampled_loops_equal_every_iteration(monkeypatch):
     monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS", 16 * 512)
     monkeypatch.setattr(rms_norm, "CHUNK_ELEMENTS", 24 * 128)
     spec = StepSpec("micro", method="qlora", seq=1000 + 7, batch=1, checkpointing="non-reentrant", dtype="bfloat16")
-    meta = account(spec, "fastlora+all", device="meta", attention="cpu-flash", backend="torch")
-    real = account(spec, "fastlora+all", device="cpu", backend="torch")
-    assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
-    for category, nbytes in real.breakdown.items():
-        assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+    _meta_equals_real(spec, "fastlora+all")
 
 
 @pytest.mark.parametrize(
