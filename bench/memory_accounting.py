@@ -147,6 +147,56 @@ def render_longest_context(results: dict, step_time_note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The MoE cases of issue 22 (seq 4096, r=16, checkpointing on, the fused loss for fastlora): per row (method,
+#: LoRA targets, expert storage, contender). PEFT + bitsandbytes cannot hold NF4 experts (bitsandbytes quantizes
+#: nn.Linear only): its QLoRA rows keep them dense.
+MOE_CASES = (
+    ("lora", "attention+experts", "dense", "peft"), ("lora", "attention+experts", "dense", "fastlora+loss"),
+    ("qlora", "attention+experts", "dense", "peft"), ("qlora", "attention+experts", "nf4", "fastlora+loss"),
+    ("qlora", "attention", "dense", "peft"), ("qlora", "attention", "nf4", "fastlora+loss"),
+)  # fmt: skip
+
+
+def run_moe(models: list[str], seq: int = 4096, rank: int = 16, show_progress: bool = True) -> list[dict]:
+    """:data:`MOE_CASES` per MoE preset: the step's peak, its breakdown and the peak of each phase."""
+    cases = [(model, *case) for model in models for case in MOE_CASES]
+    rows = []
+    for model, method, targets, experts, contender in tqdm(cases, desc="accounting MoE", unit="step", disable=not show_progress):
+        spec = StepSpec(model, method=method, rank=rank, seq=seq, checkpointing="non-reentrant", targets=targets, experts=experts)
+        a = account(spec, contender)
+        rows.append({"model": model, "method": method, "targets": targets, "experts": experts, "contender": contender,
+                     "peak": a.peak, "breakdown": a.breakdown, "phase": a.phase, "phase_peaks": a.phase_peaks(),
+                     "notes": a.notes})  # fmt: skip
+    return rows
+
+
+def render_moe(rows: list[dict], seq: int, environment: str) -> str:
+    """report.md for :func:`run_moe`'s rows."""
+    lines = [
+        f"# MoE memory, accounted: seq {seq}, batch 1, LoRA r=16, bf16, gradient checkpointing (non-reentrant)",
+        "",
+        "**Accounted, not measured on a device** (fastlora.memory; NF4 experts counted by bitsandbytes' byte formula). "
+        "fastlora rows: fused expert path and the fused loss. \"above weights\": peak minus frozen weights (it "
+        "includes the LoRA parameters, their gradients and AdamW state). Forward/backward: the largest peak of those "
+        "phases, above the weights.",
+        "",
+        environment,
+        "",
+        "| model | method | LoRA on | experts | contender | peak GiB | above weights | forward/backward above weights | "
+        "AdamW step above weights | weights | adapters+grads+AdamW | activations | logits | transient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w, phases = r["breakdown"]["weights"], r["phase_peaks"]
+        fwd_bwd = max(phases.get("forward", 0), phases.get("backward", 0))
+        cells = " | ".join(f"{r['breakdown'][c] / GIB:.2f}" for c in CATEGORIES)
+        lines.append(f"| {r['model']} | {r['method']} | {r['targets']} | {r['experts']} | {r['contender']} | "
+                     f"{r['peak'] / GIB:.2f} | {(r['peak'] - w) / GIB:.2f} | {(fwd_bwd - w) / GIB:.2f} | "
+                     f"{(phases.get('optimizer step', 0) - w) / GIB:.2f} | {cells} |")  # fmt: skip
+    notes = sorted({n for r in rows for n in r["notes"]})
+    return "\n".join(lines + ["", "Notes:", *[f"- {n}" for n in notes]]) + "\n"
+
+
 def run_matrix(models: list[str], methods: list[str], checkpointings: list[str], seq: int, batch: int, rank: int = 16,
                show_progress: bool = True) -> list[dict]:  # fmt: skip
     """One accounting per (model, method, checkpointing, contender) at one sequence length and batch."""
@@ -229,6 +279,7 @@ def main(argv=None) -> int:
                    help="instead: the longest-context table (QLoRA r=32, batch 1, PEFT and every fastlora option)")
     p.add_argument("--matrix", action="store_true",
                    help="instead: every model (comma list) x method (lora,qlora) x checkpointing at the first seq and batch")
+    p.add_argument("--moe", action="store_true", help="instead: the MoE cases (MOE_CASES) for the models (comma list) at the first seq")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     env = describe_environment()
@@ -242,6 +293,11 @@ def main(argv=None) -> int:
         results.update(environment=env, date=date)
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (args.out / "report.md").write_text(f"# Longest context (accounted)\n\n{environment}\n\n" + render_longest_context(results))
+        return 0
+    if args.moe:
+        rows = run_moe(args.model.split(","), seqs[0])
+        (args.out / "results.json").write_text(json.dumps({"rows": rows, "environment": env, "date": date}, indent=1, default=str))
+        (args.out / "report.md").write_text(render_moe(rows, seqs[0], environment))
         return 0
     if args.matrix:
         rows = run_matrix(args.model.split(","), ["lora", "qlora"], list(CHECKPOINTING), seqs[0], batches[0], args.rank)

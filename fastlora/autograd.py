@@ -20,7 +20,6 @@ from fastlora import graph, ops, tuning
 from fastlora.dora import DoRA, dora_linear
 from fastlora.dropout import draw_seeds
 from fastlora.nf4 import KEEP_UP_TO_TOKENS, NestedAbsmax, resolve_absmax
-from fastlora.tensor_cache import lasting
 
 
 # NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
@@ -73,7 +72,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, absmax, bias, seeds, row_mask, config, *adapter_tensors):
         y, lora_a, lora_b, lora_s = _forward(x, weight, absmax, bias, seeds, row_mask, config, adapter_tensors)
-        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds, row_mask)
+        dropout = any(p > 0.0 for p in config.dropout_p)
+        ctx.save_for_backward(x, weight, absmax, lora_a, lora_b, lora_s, seeds if dropout else None, row_mask)
         ctx.config = config
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.adapter_dtypes = [t.dtype for t in adapter_tensors]
@@ -83,6 +83,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, absmax, lora_a, lora_b, lora_s, seeds, row_mask = ctx.saved_tensors
         blocksize, ranks, scales, dropout_p, backend, nested = ctx.config
+        if seeds is None:
+            seeds = _unused_seeds(len(ranks), x.device)
         impl = ops.implementation(backend, x.device.type)
         grad_out = grad_out.contiguous()
         grad_s, grad_b_all = impl.lora_up_grad(grad_out, lora_b, lora_s, ranks, scales)
@@ -140,19 +142,16 @@ def _stack_adapters(adapter_tensors) -> tuple[Tensor, Tensor]:
     return torch.cat([a.float() for a in adapter_tensors[0::2]]), torch.cat([b.float() for b in adapter_tensors[1::2]], dim=1)
 
 
-# Seeds for calls without dropout: never read by the kernels, so one constant tensor per (device, count) serves
-# every call (and stays valid inside CUDA graphs). CPU tensors are keyed without building x.device (every call).
-_UNUSED_SEEDS: dict[tuple[object, int], Tensor] = {}
-
-
 def _seeds(adapters: Sequence[Adapter], x: Tensor) -> Tensor:
     if adapters[0].dropout_p > 0.0 or (len(adapters) > 1 and any(a.dropout_p > 0.0 for a in adapters)):
         return draw_seeds(len(adapters), x.device)
-    key = ("cpu" if x.is_cpu else x.device, len(adapters))
-    seeds = _UNUSED_SEEDS.get(key)
-    if seeds is None:
-        seeds = _UNUSED_SEEDS[key] = lasting(lambda: torch.zeros(len(adapters), dtype=torch.int64, device=x.device))
-    return seeds
+    return _unused_seeds(len(adapters), x.device)
+
+
+def _unused_seeds(count: int, device: torch.device) -> Tensor:
+    """Seeds for a call without dropout: never read by the kernels, so uninitialized; made per call and not saved
+    for backward (a cached device tensor would sit above PEFT's peak; an empty allocation is a pool lookup)."""
+    return torch.empty(count, dtype=torch.int64, device=device)
 
 
 def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend: str) -> Tensor:

@@ -38,6 +38,10 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, CHUNK_LOGITS // vocab_size)
 
 
+def _chunk_starts(rows: int, chunk: int) -> range:
+    return range(0, rows, chunk)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Sum over valid tokens of ``-log softmax(f(h·Wᵀ + b))[y]``, divided by ``denominator``; f is the logit
     scaling and softcapping. Gradients are computed during forward, chunk by chunk."""
@@ -52,7 +56,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         inv_denominator = 1.0 / denominator
         weight_low = weight.to(hidden.dtype)  # for dh = g·W in the compute dtype, as lm_head's own backward
-        for start in range(0, hidden.shape[0], chunk):
+        for start in _chunk_starts(hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], targets[start : start + chunk]
             logits = nn.functional.linear(h, weight, bias).float()
             if scale != 1.0:
@@ -145,6 +149,8 @@ _HEADS: dict[str, Callable[[object], tuple[float, Optional[float]]]] = {
         for name in (
             "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
             "Phi3ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+            # Mixture-of-experts heads: the same loss while the router's auxiliary loss is off (refused otherwise).
+            "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM",
         )
     },  # fmt: skip
     "Gemma2ForCausalLM": lambda config: (1.0, getattr(config, "final_logit_softcapping", None)),
@@ -178,6 +184,8 @@ def _refusal(lm: nn.Module) -> Optional[str]:
         return "lm_head has a LoRA adapter"
     if type(head) is not nn.Linear:
         return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"
+    if getattr(lm.config, "output_router_logits", False):
+        return "the router's auxiliary loss is on (output_router_logits): the fused loss does not add it"
     if "_loss_function" in lm.__dict__:
         return "the model has a custom loss_function"
     if not isinstance(getattr(lm, "model", None), nn.Module):

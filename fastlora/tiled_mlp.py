@@ -37,6 +37,18 @@ def _shards(tokens: int, shard: int) -> list[slice]:
     return [slice(start, min(start + shard, tokens)) for start in range(0, tokens, shard)]
 
 
+def _sharded(run: Callable[[Tensor], Tensor], x: Tensor, shard: int) -> Tensor:
+    """``run`` over row shards of ``x``, written into one output (a list of shards and their cat would hold it twice)."""
+    out = None
+    for s in _shards(x.shape[0], shard):
+        y = run(x[s])
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out[s] = y
+        del y
+    return out
+
+
 class TiledMLPFunction(torch.autograd.Function):
     """``run`` over row shards of ``x`` [tokens, hidden] (see the module doc); params: the trainable tensors ``run``
     reads, so that their gradients come back through autograd."""
@@ -49,7 +61,7 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.state = ForwardState.capture(x.device)
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return torch.cat([run(x[s]) for s in _shards(x.shape[0], shard)])
+            return _sharded(run, x, shard)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -92,7 +104,7 @@ class TiledForward:
         if flat.shape[0] <= shard:
             return self.original(x)
         if not torch.is_grad_enabled():
-            return torch.cat([self.original(flat[s]) for s in _shards(flat.shape[0], shard)]).view(*x.shape[:-1], -1)
+            return _sharded(self.original, flat, shard).view(*x.shape[:-1], -1)
         params = [p for p in self.mlp.parameters() if p.requires_grad]
         y = TiledMLPFunction.apply(self.original, shard, flat, *params)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -117,6 +117,30 @@ def test_refuses_lora_on_lm_head_and_unknown_heads():
     assert undo is None and reason.startswith("unknown head")
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss", "olmoe"])
+def test_install_on_moe_heads_matches_and_refuses_the_router_loss(kind):
+    """MoE causal LMs (LoRA on attention and the 3-D experts): the fused loss and LoRA gradients equal the model's
+    own, fp32 (tolerances as for Llama); with the router's auxiliary loss on, the fused loss is refused."""
+    from moe_models import VOCAB, peft_moe_model
+
+    model = peft_moe_model(kind, target_modules=["q_proj", "v_proj"]).train()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ref = model(input_ids=ids, labels=ids)
+    ref_grads = torch.autograd.grad(ref.loss, trainable)
+    undo, description = install(model)
+    assert undo is not None, description
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(out.loss, trainable), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    undo()
+    model.get_base_model().config.output_router_logits = True
+    undo, reason = install(model)
+    assert undo is None and "output_router_logits" in reason
+
+
 def test_gemma2_softcapping_honoured():
     from transformers import Gemma2Config
 

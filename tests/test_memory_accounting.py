@@ -8,6 +8,8 @@ on the first real run (fastlora's dropout seeds, 8 bytes each; observed differen
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,16 +20,23 @@ from fastlora.memory.tracker import CATEGORIES, LiveBytes
 TOLERANCE = 4096
 
 
-@pytest.mark.parametrize("checkpointing", ["off", "non-reentrant", "reentrant"])
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-@pytest.mark.parametrize("contender", ["peft", "fastlora", "fastlora+loss"])
-def test_accounting_equals_real_cpu_allocations(method, checkpointing, contender):
-    spec = StepSpec("micro", method=method, seq=96 + 7, batch=2, checkpointing=checkpointing, dtype="bfloat16")
+def _meta_equals_real(spec: StepSpec, contender: str, both: bool = False):
+    """Account ``spec`` on meta (CPU flash attention, torch backend) and run it for real on the CPU; assert the
+    peaks and every category agree within TOLERANCE. Returns the real accounting (and the meta one first if ``both``)."""
     meta = account(spec, contender, device="meta", attention="cpu-flash", backend="torch")
     real = account(spec, contender, device="cpu", backend="torch")
     assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
     for category, nbytes in real.breakdown.items():
         assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+    return (meta, real) if both else real
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "non-reentrant", "reentrant"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("contender", ["peft", "fastlora", "fastlora+loss"])
+def test_accounting_equals_real_cpu_allocations(method, checkpointing, contender):
+    spec = StepSpec("micro", method=method, seq=96 + 7, batch=2, checkpointing=checkpointing, dtype="bfloat16")
+    real = _meta_equals_real(spec, contender)
     assert real.breakdown["weights"] > 0 and real.breakdown["adapters"] > 0
 
 
@@ -36,11 +45,7 @@ def test_accounting_with_offload_and_tiling_equals_real_cpu_allocations():
     equals the CPU step, device and host counted apart. micro: hidden 128, so 4,124 tokens make a 1 MiB layer input
     (offload's floor) and the MLP runs in 33 shards of 128 tokens; the host holds one input per layer."""
     spec = StepSpec("micro", method="qlora", seq=1024 + 7, batch=4, checkpointing="non-reentrant", dtype="bfloat16")
-    meta = account(spec, "fastlora+all", device="meta", attention="cpu-flash", backend="torch")
-    real = account(spec, "fastlora+all", device="cpu", backend="torch")
-    assert abs(meta.peak - real.peak) <= TOLERANCE, (meta.breakdown, real.breakdown)
-    for category, nbytes in real.breakdown.items():
-        assert abs(meta.breakdown[category] - nbytes) <= TOLERANCE, category
+    meta, real = _meta_equals_real(spec, "fastlora+all", both=True)
     layer_inputs = 2 * 4 * 1031 * 128 * 2  # layers x tokens x hidden x bf16
     assert meta.host_peak == real.host_peak == layer_inputs
 
@@ -126,3 +131,76 @@ def test_plan_command(capsys, tmp_path):
     code = main(["plan", "--model", str(tmp_path / "config.json"), "--seq", "256", "--budget", "1", "--contenders", "peft,fastlora+loss"])
     out = capsys.readouterr().out
     assert code == 0 and "fastlora+loss: fits" in out and "Qwen2ForCausalLM" in out and "longest sequence that fits" in out
+
+
+def test_sampled_loops_equal_every_iteration(monkeypatch):
+    """The meta run iterates the loss's, the tiled MLP's and the norms' loops over their first three and last steps
+    (fastlora.memory.loops); the CPU run does every step. Chunks made small so each loop runs many (odd-sized) steps:
+    the loss 16 tokens of the 512 vocab, the norms 24 rows of hidden 128, the MLP 128-token shards."""
+    from fastlora import cross_entropy, rms_norm
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS", 16 * 512)
+    monkeypatch.setattr(rms_norm, "CHUNK_ELEMENTS", 24 * 128)
+    spec = StepSpec("micro", method="qlora", seq=1000 + 7, batch=1, checkpointing="non-reentrant", dtype="bfloat16")
+    _meta_equals_real(spec, "fastlora+all")
+
+
+@pytest.mark.parametrize(
+    "checkpointing,contender,seq",
+    [("off", "peft", 700), ("non-reentrant", "fastlora", 64), ("reentrant", "fastlora+loss", 1500),
+     ("offload", "fastlora+all", 3000), ("non-reentrant", "fastlora+all", 2500)],
+)  # fmt: skip
+def test_extrapolated_layers_equal_the_full_accounting(checkpointing, contender, seq):
+    """"small" has 8 decoder layers: accounted with 3 and 4 and extrapolated (fastlora.memory.layers), the peak, its
+    breakdown, phase and host memory equal the accounting of all 8, to the byte. The cases cover peaks in forward,
+    backward and the optimizer step, and the tiled MLP (shards of 1024 tokens) with offloaded checkpoints."""
+    spec = StepSpec("small", method="qlora", rank=8, seq=seq, checkpointing=checkpointing)
+    fast, full = account(spec, contender), account(spec, contender, extrapolate=False)
+    assert fast.notes[0].startswith("accounted with 3 and 4 decoder layers")
+    assert (fast.peak, fast.breakdown, fast.phase, fast.host_peak) == (full.peak, full.breakdown, full.phase, full.host_peak)
+    assert set(full.notes) <= set(fast.notes)  # counts in the notes ("8 MLPs tiled") extrapolated too
+
+
+def _tiny_moe_config(tmp_path, layers: int):
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                   vocab_size=300).save_pretrained(tmp_path)  # fmt: skip
+    return str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("contender,experts", [("peft", "dense"), ("fastlora+loss", "dense"), ("fastlora+loss", "nf4")])
+def test_moe_extrapolated_layers_equal_the_full_accounting(tmp_path, contender, experts):
+    """A 6-layer Qwen3-MoE, LoRA on attention and the 3-D experts: accounted with 3 and 4 layers and extrapolated,
+    equal to the accounting of all 6 (PEFT's ParamWrapper path, fastlora's fused expert path, NF4 experts)."""
+    spec = StepSpec(_tiny_moe_config(tmp_path, 6), method="qlora", seq=200, checkpointing="non-reentrant",
+                    targets="attention+experts", experts=experts)  # fmt: skip
+    fast, full = account(spec, contender), account(spec, contender, extrapolate=False)
+    assert fast.notes[0].startswith("accounted with 3 and 4 decoder layers")
+    assert (fast.peak, fast.breakdown, fast.phase) == (full.peak, full.breakdown, full.phase)
+    assert fast.phase_peaks() == full.phase_peaks()
+
+
+def test_moe_accounting_counts_nf4_experts_and_no_expert_delta(tmp_path):
+    """NF4 experts are counted at the size bitsandbytes' quantize_4bit gives each expert slice (double quantization);
+    PEFT's ParamWrapper builds W + s·B·A over the expert stack per call, fastlora's fused path does not, so its
+    forward/backward peak above the weights is lower; PEFT cannot be accounted with NF4 experts."""
+    import bitsandbytes.functional as bnb_functional
+
+    from fastlora.memory.presets import nf4_nbytes
+
+    w = torch.randn(64, 96)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    one = packed.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes + state.offset.nbytes
+    assert nf4_nbytes(3, 64, 96) == 3 * one + state.state2.code.nbytes
+    spec = StepSpec(_tiny_moe_config(tmp_path, 2), method="qlora", seq=512, checkpointing="non-reentrant",
+                    targets="attention+experts")  # fmt: skip
+    dense, nf4 = account(spec, "fastlora+loss"), account(dataclasses.replace(spec, experts="nf4"), "fastlora+loss")
+    stacks = 2 * (nf4_nbytes(8, 64, 64) + nf4_nbytes(8, 64, 32))  # layers x (gate_up [E, 2I, H] + down [E, H, I])
+    assert dense.breakdown["weights"] - nf4.breakdown["weights"] == 2 * 2 * (8 * 64 * 64 + 8 * 64 * 32) - stacks
+    peft = account(spec, "peft")
+    above = lambda a: max(a.phase_peaks()["forward"], a.phase_peaks()["backward"]) - a.breakdown["weights"]  # noqa: E731
+    assert above(dense) < above(peft)
+    with pytest.raises(ValueError, match="bitsandbytes quantizes nn.Linear only"):
+        account(dataclasses.replace(spec, experts="nf4"), "peft")

@@ -27,11 +27,11 @@ _UNCACHEABLE = object()
 def _describe(value: Any) -> Any:
     """A hashable description of one argument, or raise TypeError (then the op runs itself)."""
     if isinstance(value, torch.Tensor):
-        if value.device.type != "meta":
+        if not value.is_meta:
             raise TypeError("not a meta tensor")
-        return (value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+        return (value.dtype, value.shape, value.stride(), value.storage_offset())
     if isinstance(value, (list, tuple)):
-        return tuple(_describe(v) for v in value)
+        return tuple([_describe(v) for v in value])
     if isinstance(value, dict):
         return tuple((k, _describe(v)) for k, v in sorted(value.items()))
     hash(value)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
+from fastlora.memory.presets import TARGETS, moe_config
 from fastlora.memory.step import CONTENDERS, Accounting, StepSpec, account
 from fastlora.memory.tracker import CATEGORIES
 
@@ -126,6 +127,10 @@ def _options(spec: StepSpec, contender: str) -> list[tuple[str, StepSpec, str]]:
         ))  # fmt: skip
     if spec.method == "lora":
         options.append(("QLoRA (NF4 base weights)", dataclasses.replace(spec, method="qlora"), contender))
+    if spec.experts == "dense" and moe_config(spec.model) is not None:
+        who = contender if contender != "peft" else "fastlora+loss"
+        options.append(("QLoRA with NF4 experts (fastlora.patch(model, quantize_experts='nf4'); bitsandbytes leaves 3-D "
+                        "experts dense)", dataclasses.replace(spec, method="qlora", experts="nf4"), who))  # fmt: skip
     if spec.batch > 1:
         options.append((f"batch 1 with {spec.batch} gradient-accumulation steps", dataclasses.replace(spec, batch=1), contender))
     return options
@@ -175,7 +180,8 @@ def render(spec: StepSpec, budgets_gib: tuple[float, ...], answer: dict[str, Con
     """The plan as text: one block per contender."""
     host = f", host {host_budget_gib:g} GiB" if host_budget_gib is not None else ""
     lines = [
-        f"{spec.model}, {spec.method} r={spec.rank} on all linear layers, {spec.dtype}, batch {spec.batch}, seq {spec.seq}, "
+        f"{spec.model}, {spec.method} r={spec.rank} on {spec.targets}{', NF4 experts' if spec.experts == 'nf4' else ''}, "
+        f"{spec.dtype}, batch {spec.batch}, seq {spec.seq}, "
         f"checkpointing {spec.checkpointing}; budget {budgets_gib[0]:g} GiB{host} (accounted, not measured on a device)"
     ]
     for contender, p in answer.items():
@@ -187,6 +193,9 @@ def render(spec: StepSpec, budgets_gib: tuple[float, ...], answer: dict[str, Con
         lines.append(f"\n{contender}: {verdict}: peak {a.peak / GIB:.2f} GiB (in {a.phase})")
         for category in CATEGORIES:
             lines.append(f"  {LABELS[category]:<36} {a.breakdown[category] / GIB:8.2f} GiB")
+        phases = {phase: nbytes for phase, nbytes in a.phase_peaks().items() if phase}
+        if phases:
+            lines.append("  peak per phase: " + ", ".join(f"{phase} {nbytes / GIB:.2f} GiB" for phase, nbytes in phases.items()))
         if a.host_peak:
             lines.append(f"  {'host memory (offloaded checkpoints)':<36} {a.host_peak / GIB:8.2f} GiB")
         for b, seq in p.longest_by_budget.items():
@@ -217,6 +226,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default="non-reentrant")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--targets", choices=tuple(TARGETS), default="all-linear",
+                   help="LoRA targets; MoE presets (qwen3-30b-a3b, gpt-oss-20b): attention or attention+experts")
+    p.add_argument("--experts", choices=("dense", "nf4"), default="dense",
+                   help="MoE expert weights: dense, or NF4 (fastlora.patch(model, quantize_experts='nf4'); fastlora only)")
     p.add_argument("--budget", default="24", help="device memory budget in GiB, or a comma list (longest sequence per budget; "
                    "the first decides fits)")
     p.add_argument("--host-budget", type=float, help="host memory in GiB for offloaded checkpoints (default: unlimited)")
@@ -228,7 +241,7 @@ def add_parser(subparsers) -> None:
 def cmd_plan(args) -> int:
     """Run ``fastlora plan``: print the answer; exit status 0 if some contender fits, 1 if none does."""
     spec = StepSpec(args.model, method=args.method, rank=args.rank, seq=args.seq, batch=args.batch,
-                    checkpointing=args.checkpointing, dtype=args.dtype)  # fmt: skip
+                    checkpointing=args.checkpointing, dtype=args.dtype, targets=args.targets, experts=args.experts)  # fmt: skip
     contenders = tuple(c for c in args.contenders.split(",") if c)
     budgets = tuple(float(b) for b in str(args.budget).split(",") if b)
     answer = plan(spec, budgets, contenders, longest=not args.no_longest, host_budget_gib=args.host_budget)

@@ -31,7 +31,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from fastlora.memory.execution import MetaTruth, attention_implementation
+from fastlora.memory.execution import MetaTruth, attention_implementation, meta_autocast
+from fastlora.memory.experts import MetaOps, count_nf4_experts, fused_experts_on_meta
+from fastlora.memory.loops import sampled_loops
+from fastlora.memory.presets import TARGETS, moe_config
+from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
 from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
 CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
@@ -56,12 +60,19 @@ class StepSpec:
     checkpointing: str = "non-reentrant"
     dtype: str = "bfloat16"
     dropout: float = 0.0
+    layers: Optional[int] = None  # decoder layers to build (None: the model's); see fastlora.memory.layers
+    targets: str = "all-linear"  # LoRA targets: "all-linear", or for MoE models "attention" / "attention+experts"
+    experts: str = "dense"  # MoE expert weights: "dense" (the model's dtype) or "nf4" (fastlora.patch(quantize_experts="nf4"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: choose one of {METHODS}")
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing {self.checkpointing!r}: choose one of {CHECKPOINTING}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets {self.targets!r}: choose one of {tuple(TARGETS)}")
+        if self.experts not in ("dense", "nf4"):
+            raise ValueError(f"experts {self.experts!r}: choose 'dense' or 'nf4'")
 
     def with_seq(self, seq: int) -> "StepSpec":
         return dataclasses.replace(self, seq=seq)
@@ -78,16 +89,28 @@ class Accounting:
     phase: str
     notes: list[str]
     host_peak: int = 0  # host memory the offloaded checkpoints hold at most (pinned on a GPU)
+    segment_peaks: dict = dataclasses.field(default_factory=dict, repr=False)  # (phase, layer position) -> (bytes, breakdown)
+
+    def phase_peaks(self) -> dict[str, int]:
+        """The peak of each phase of the step (forward, backward, optimizer step)."""
+        peaks: dict[str, int] = {}
+        for (phase, _), (nbytes, _) in self.segment_peaks.items():
+            peaks[phase] = max(peaks.get(phase, 0), nbytes)
+        return peaks
 
     def as_dict(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "contender": self.contender, "peak": self.peak,
-                "breakdown": self.breakdown, "phase": self.phase, "host_peak": self.host_peak, "notes": self.notes}  # fmt: skip
+                "breakdown": self.breakdown, "phase": self.phase, "host_peak": self.host_peak, "notes": self.notes,
+                "phase_peaks": self.phase_peaks()}  # fmt: skip
 
 
 def model_config(model: str):
     """The transformers config of a preset name (see ``fastlora.bench.models``) or of a config.json path/folder."""
     from transformers import AutoConfig, LlamaConfig
 
+    moe = moe_config(model)
+    if moe is not None:
+        return moe
     path = Path(model)
     if path.suffix == ".json" or path.is_dir():
         config_dir = path.parent if path.suffix == ".json" else path
@@ -117,6 +140,8 @@ def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attent
     dtype = getattr(torch, spec.dtype)
     config = model_config(spec.model)
     config.use_cache = False
+    if spec.layers is not None:
+        with_layers(config, spec.layers)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     if spec.method == "qlora":
@@ -140,8 +165,9 @@ def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attent
             activation_checkpointing_kwargs={"use_reentrant": spec.checkpointing == "reentrant"},
             offload=spec.checkpointing == "offload",
         )
-    lora = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=spec.dropout, target_modules="all-linear",
-                      task_type="CAUSAL_LM")  # fmt: skip
+    modules, parameters = TARGETS[spec.targets]
+    lora = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=spec.dropout, target_modules=modules,
+                      target_parameters=parameters, task_type="CAUSAL_LM")  # fmt: skip
     return get_peft_model(lm, lora)
 
 
@@ -174,19 +200,22 @@ class _MetaFusedForward:
 
 
 @contextlib.contextmanager
-def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str]) -> Iterator[None]:
-    """fastlora's fused forward on every LoRA layer of a meta model. With ``backend="triton"`` (the GPU's) its ops
-    are answered by their fake implementations through the registered ops; "torch" runs the reference ops on meta
-    (the tests compare that with the same backend on real CPU tensors)."""
+def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_experts: bool) -> Iterator[None]:
+    """fastlora's fused forward on every LoRA layer of a meta model, and its expert path on MoE experts
+    (:mod:`fastlora.memory.experts`). With ``backend="triton"`` (the GPU's) its ops are answered by their fake
+    implementations through the registered ops; "torch" runs the reference ops on meta (the tests compare that with
+    the same backend on real CPU tensors)."""
     from fastlora import backends, ops
+    from fastlora.moe.wiring import param_wrapper_class
     from fastlora.plan import structural_reason
 
     served_key = ("triton", "meta")
-    backends._served[served_key] = ops._REGISTERED["triton"]
+    backends._served[served_key] = MetaOps(ops._REGISTERED["triton"], "triton")
     installed = []
+    wrapper_class = param_wrapper_class()
     try:
         for name, layer in model.named_modules():
-            if not hasattr(layer, "lora_A") or not hasattr(layer, "base_layer"):
+            if not hasattr(layer, "lora_A") or not hasattr(layer, "base_layer") or isinstance(layer, wrapper_class):
                 continue
             reason = structural_reason(layer)
             if reason not in (None, "weights on the meta device"):
@@ -194,11 +223,18 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str]) -> Itera
                 continue
             layer.forward = _MetaFusedForward(layer, backend)
             installed.append(layer)
-        yield
+        with fused_experts_on_meta(model, backend, notes, nf4_experts):
+            yield
     finally:
         for layer in installed:
             del layer.forward
         backends._served.pop(served_key, None)
+
+
+def _summed(*scratches):
+    """One scratch function (see ``LiveBytes``) adding those given (None: none)."""
+    present = [s for s in scratches if s is not None]
+    return lambda func, args: sum(s(func, args) for s in present)
 
 
 def _split_scratch(func, args) -> int:
@@ -225,7 +261,7 @@ def _split_scratch(func, args) -> int:
 # The meta models of the last specs accounted (keyed without seq and batch): the planner accounts one model at many
 # sequence lengths, and building an 8B model with PEFT takes longer than its step. A step leaves the model as it was.
 _META_MODELS: dict[tuple, nn.Module] = {}
-_META_MODELS_KEPT = 2
+_META_MODELS_KEPT = 4
 
 
 def _meta_model(spec: StepSpec, attention: str) -> nn.Module:
@@ -238,15 +274,24 @@ def _meta_model(spec: StepSpec, attention: str) -> nn.Module:
 
 
 def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: str = "cuda-flash",
-            backend: str = "triton") -> Accounting:  # fmt: skip
+            backend: str = "triton", extrapolate: bool = True) -> Accounting:  # fmt: skip
     """Peak bytes of one training step of ``spec`` for ``contender`` (see the module doc).
 
+    On meta, a model of uniform decoder layers is accounted with 3 and 4 layers and extrapolated to all of them
+    (exact: :mod:`fastlora.memory.layers`); ``extrapolate=False`` accounts every layer.
     For the tests' check against real allocations: ``device="cpu"`` runs the same step for real on CPU tensors
     (small models only; fastlora with ``backend``, "torch" or "cpp"), and ``attention="cpu-flash"`` with
     ``backend="torch"`` makes the meta run execute what that CPU run executes.
     """
+    if device == "meta" and extrapolate and spec.layers is None:
+        config = model_config(spec.model)
+        if uniform_reason(config) is None:
+            return _extrapolated(spec, contender, config.num_hidden_layers, attention=attention, backend=backend)
     if contender not in CONTENDERS:
         raise ValueError(f"contender {contender!r}: choose one of {CONTENDERS}")
+    if spec.experts == "nf4" and (contender == "peft" or device != "meta"):
+        raise ValueError("NF4 experts: accounted for fastlora on meta only (PEFT + bitsandbytes keep 3-D expert weights "
+                         "dense: bitsandbytes quantizes nn.Linear only)")  # fmt: skip
     if device == "meta" and contender != "peft" and spec.method == "lora" and spec.dtype == "float32":
         raise ValueError("fastlora times two autograd graphs for fp32 dense LoRA layers on the device and keeps the faster "
                          "(fastlora.graph): a meta run cannot choose; account bfloat16/float16 or QLoRA")  # fmt: skip
@@ -258,12 +303,15 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
     vocab = model.get_base_model().config.vocab_size
     split = contender.startswith("fastlora") and backend == "triton"
     tracker = LiveBytes(vocab_size=vocab, scratch=_split_scratch if split else None)
+    if spec.experts == "nf4":
+        tracker.scratch = _summed(tracker.scratch, count_nf4_experts(model, tracker))
+        notes.append("expert weights counted in NF4 (fastlora.patch(model, quantize_experts='nf4')); absmax resolved per call")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     stack = contextlib.ExitStack()
     with stack:
         if contender.startswith("fastlora"):
             if device == "meta":
-                stack.enter_context(_fastlora_on_meta(model, backend, notes))
+                stack.enter_context(_fastlora_on_meta(model, backend, notes, spec.experts == "nf4"))
             else:
                 import fastlora
 
@@ -275,9 +323,13 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
             _installed(stack, notes, *install(model))
         if contender == "fastlora+all":
             _install_long_context(model, stack, notes, tracker)
+        if device == "meta":
+            stack.enter_context(sampled_loops())
+            stack.enter_context(meta_autocast())
         ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
         model.train()
-        with tracker.tracking(model):
+        layers = decoder_layers(model, model.get_base_model().config.num_hidden_layers)
+        with tracker.tracking(model), marking_layers(layers, tracker):
             with MetaTruth() if device == "meta" else contextlib.nullcontext():
                 tracker.phase = "forward"
                 loss = model(input_ids=ids, labels=ids).loss
@@ -289,7 +341,22 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
-    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak)
+    return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak,
+                      tracker.segment_peaks)  # fmt: skip
+
+
+def _extrapolated(spec: StepSpec, contender: str, layers: int, **options) -> Accounting:
+    """:func:`account` of ``spec`` with FEW_LAYERS decoder layers, extrapolated to ``layers``."""
+    few, more = (account(dataclasses.replace(spec, layers=n), contender, **options) for n in FEW_LAYERS)
+    segments, host = extrapolated((few.segment_peaks, few.host_peak), (more.segment_peaks, more.host_peak), layers)
+    (phase, _), (peak, breakdown) = max(segments.items(), key=lambda item: item[1][0])
+    notes = [f"accounted with {FEW_LAYERS[0]} and {FEW_LAYERS[1]} decoder layers, extrapolated to {layers} (every layer "
+             "runs the same ops: fastlora.memory.layers)"]  # fmt: skip
+    model_notes = [[n for n in a.notes if ".layers." not in n] for a in (few, more)]
+    notes += [extrapolated_note(a, b, layers) for a, b in zip(*model_notes)]
+    layer_notes = sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in more.notes if ".layers." in n})
+    notes += [f"every decoder layer's {n}" for n in layer_notes]
+    return Accounting(spec, contender, peak, breakdown, phase, notes, host, segments)
 
 
 def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description: str) -> None:

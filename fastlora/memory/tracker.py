@@ -61,6 +61,10 @@ class LiveBytes(TorchDispatchMode):
         self.host_peak = 0
         self._host_next = False  # the storages allocated now are host buffers (see host_allocations)
         self._new_category: Optional[str] = None
+        # The peak of each segment of the step, (phase, segment) -> (bytes, breakdown): ``segment`` is set by the
+        # caller (the decoder layer running now, see fastlora.memory.layers), so that peaks can be extrapolated.
+        self.segment: Optional[str] = None
+        self.segment_peaks: dict[tuple[str, Optional[str]], tuple[int, dict[str, int]]] = {}
 
     # -- recording --------------------------------------------------------------------------------------------
 
@@ -79,14 +83,13 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.add(t)
         scratch = self.scratch(func, args) if self.scratch is not None else 0
-        if scratch and self.current + scratch > self.peak:
-            self.peak = self.current + scratch
-            self.peak_breakdown = dict(self.by_category, transient=self.by_category["transient"] + scratch)
-            self.peak_phase = self.phase
+        if scratch:
+            self._record_peak(scratch)
         return out
 
-    def add(self, tensor: torch.Tensor, category: Optional[str] = None) -> None:
-        """Count ``tensor``'s storage if it is new (``category`` overrides the guess from its shape and phase)."""
+    def add(self, tensor: torch.Tensor, category: Optional[str] = None, nbytes: Optional[int] = None) -> None:
+        """Count ``tensor``'s storage if it is new (``category`` overrides the guess from its shape and phase;
+        ``nbytes`` its size, for a tensor standing for another format, e.g. NF4 experts kept dense on meta)."""
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live or key in self._host:
@@ -94,16 +97,26 @@ class LiveBytes(TorchDispatchMode):
         if self._host_next:
             self._add_host(tensor)
             return
-        nbytes = storage.nbytes()
+        nbytes = storage.nbytes() if nbytes is None else nbytes
         category = category or self._new_category or self._guess(tensor)
         self._live[key] = [nbytes, category]
         weakref.finalize(storage, self._free, key)
         self.by_category[category] += nbytes
         self.current += nbytes
-        if self.current > self.peak:
-            self.peak = self.current
-            self.peak_breakdown = dict(self.by_category)
-            self.peak_phase = self.phase
+        self._record_peak()
+
+    def _record_peak(self, scratch: int = 0) -> None:
+        """Update the step's peak and the current segment's with the live bytes (plus an op's ``scratch``)."""
+        total = self.current + scratch
+        key = (self.phase, self.segment)
+        known = self.segment_peaks.get(key)
+        if known is not None and total <= known[0] and total <= self.peak:
+            return
+        breakdown = dict(self.by_category, transient=self.by_category["transient"] + scratch)
+        if known is None or total > known[0]:
+            self.segment_peaks[key] = (total, breakdown)
+        if total > self.peak:
+            self.peak, self.peak_breakdown, self.peak_phase = total, breakdown, self.phase
 
     def _guess(self, tensor: torch.Tensor) -> str:
         if self.vocab_size and tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
