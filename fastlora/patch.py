@@ -162,6 +162,11 @@ class FusedForward:
         self.backend = backend
         self._backends: dict[str, str] = {}
         self._unavailable: dict[str, str] = {}
+        # Resolved now for the device the layer is on: a compiled trace must not fill the dict (its guards would
+        # see it change, and recompile).
+        device_type = layer_device(layer).type
+        if device_type != "meta":
+            self._backend_for(device_type)
         self.report = report
         # An instance-level forward that was there before (e.g. an accelerate hook); None means the class's.
         self.previous = previous

@@ -103,7 +103,7 @@ def test_dora_row_norms_a_chunk_of_rows_at_a_time(base):
         weight, absmax = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) + 0.5
         w32 = reference.int8_dequantize(weight, absmax, torch.float32)
     with LargestInt64() as largest:
-        norms = _squared_row_norms(SimpleNamespace(weight=weight, absmax=absmax, blocksize=64, out_features=n), k)
+        norms = _squared_row_norms(SimpleNamespace(weight=weight, absmax=absmax, nested=None, blocksize=64, out_features=n), k)
     assert largest.numel <= CHUNK
     torch.testing.assert_close(norms, w32.double().square().sum(1).float(), rtol=1e-6, atol=0)  # fp32 row sums
 
