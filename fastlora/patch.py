@@ -163,9 +163,9 @@ class FusedForward:
         self._backends: dict[str, str] = {}
         self._unavailable: dict[str, str] = {}
         # Resolved now for the device the layer is on: a compiled trace must not fill the dict (its guards would
-        # see it change, and recompile).
+        # see it change, and recompile). Not Triton on CPU tensors: that depends on TRITON_INTERPRET at call time.
         device_type = layer_device(layer).type
-        if device_type != "meta":
+        if device_type != "meta" and not (device_type == "cpu" and self.requested == "triton"):
             self._backend_for(device_type)
         self.report = report
         # An instance-level forward that was there before (e.g. an accelerate hook); None means the class's.
