@@ -83,4 +83,5 @@ def test_offset_read_once_per_quant_state_when_the_weight_is_rewrapped():
     with torch.no_grad():
         weight.quant_state.offset.add_(1.0)
     moved = nf4.NF4Weight.from_params4bit(rewrapped())
-    assert nf4._OFFSETS.misses == before + 2 and moved.nested.offset == first.nested.offset + 1.0
+    # the offset is a float32 tensor: compare with its stored value, not a float64 sum (which rounds differently)
+    assert nf4._OFFSETS.misses == before + 2 and moved.nested.offset == weight.quant_state.offset.item()
