@@ -119,3 +119,26 @@ def test_fake_implementation_gives_shapes_for_compile():
         y, lora_s = moe_ops.grouped_lora_forward(x, offsets, weight, a, b, [a.shape[1]], [s], "torch")
     assert y.shape == (x.shape[0], weight.shape[1]) and lora_s.shape == (x.shape[0], a.shape[1])
     assert lora_s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpp"])  # the C++ ops take the scales as a list
+def test_rank_scales_are_built_once_not_per_call(backend, monkeypatch):
+    """The per-rank-column scales are one cached tensor per (device, ranks, scales): built by ``torch.tensor`` from
+    host values, each build is a blocking host-to-device copy on CUDA, and every MoE layer's forward and backward
+    ask for them. Three forward+backward calls with scales not seen before build that tensor once."""
+    x, offsets, weight, adapters = _case(5)
+    (a, b, _), = adapters[:1]
+    ranks, scales = [a.shape[1]], [1.0 + torch.rand(()).item()]  # fresh scales: not cached by another test
+    built = []
+    host_tensor = torch.tensor
+
+    def counted(*args, **kwargs):
+        built.append(kwargs.get("device"))
+        return host_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counted)
+    ops = moe_ops.implementation(backend, "cpu")
+    for _ in range(3):
+        y, lora_s = ops.grouped_lora_forward(x, offsets, weight, a, b, ranks, scales)
+        ops.grouped_lora_backward(torch.ones_like(y), x, lora_s, offsets, weight, a, b, ranks, scales, True)
+    assert len(built) == 1, built

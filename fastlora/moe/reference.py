@@ -17,8 +17,12 @@ Usage::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+from fastlora.tensor_cache import lasting
 
 
 def expert_ranges(offsets: Tensor) -> list[tuple[int, int, int]]:
@@ -32,9 +36,20 @@ def expert_ranges(offsets: Tensor) -> list[tuple[int, int, int]]:
     return ranges
 
 
+@functools.lru_cache(maxsize=256)
+def _rank_scales(device: torch.device, ranks: tuple[int, ...], scales: tuple[float, ...]) -> Tensor:
+    values = [s for r, s in zip(ranks, scales) for _ in range(r)]
+    return lasting(lambda: torch.tensor(values, dtype=torch.float32, device=device))
+
+
 def rank_scales(ranks: list[int], scales: list[float], device: torch.device) -> Tensor:
-    """fp32 [R]: each adapter's LoRA scale repeated over its rank slice."""
-    return torch.tensor([s for r, s in zip(ranks, scales) for _ in range(r)], dtype=torch.float32, device=device)
+    """fp32 [R]: each adapter's LoRA scale repeated over its rank slice. Cached per (device, ranks, scales): built
+    once, since on CUDA each build is a blocking host-to-device copy (the forward and backward of every MoE layer
+    ask for it). Read-only for callers.
+
+    Usage: ``rank_scales([16], [2.0], x.device)``
+    """
+    return _rank_scales(torch.device(device), tuple(ranks), tuple(scales))
 
 
 def grouped_lora_forward(
