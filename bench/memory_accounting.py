@@ -157,42 +157,58 @@ MOE_CASES = (
 )  # fmt: skip
 
 
-def run_moe(models: list[str], seq: int = 4096, rank: int = 16, show_progress: bool = True) -> list[dict]:
-    """:data:`MOE_CASES` per MoE preset: the step's peak, its breakdown and the peak of each phase."""
-    cases = [(model, *case) for model in models for case in MOE_CASES]
+def run_moe(models: list[str], seq: int = 4096, rank: int = 16, optimizers: tuple[str, ...] = ("adamw-foreach",),
+            optimizer_state: str = "steady", cases=MOE_CASES, show_progress: bool = True) -> list[dict]:  # fmt: skip
+    """``cases`` (default :data:`MOE_CASES`) per MoE preset and optimizer: the step's peak, its breakdown and the
+    peak of each phase."""
+    runs = [(model, *case, optimizer) for model in models for case in cases for optimizer in optimizers]
     rows = []
-    for model, method, targets, experts, contender in tqdm(cases, desc="accounting MoE", unit="step", disable=not show_progress):
-        spec = StepSpec(model, method=method, rank=rank, seq=seq, checkpointing="non-reentrant", targets=targets, experts=experts)
+    for model, method, targets, experts, contender, optimizer in tqdm(runs, desc="accounting MoE", unit="step",
+                                                                       disable=not show_progress):  # fmt: skip
+        spec = StepSpec(model, method=method, rank=rank, seq=seq, checkpointing="non-reentrant", targets=targets,
+                        experts=experts, optimizer=optimizer, optimizer_state=optimizer_state)  # fmt: skip
         a = account(spec, contender)
         rows.append({"model": model, "method": method, "targets": targets, "experts": experts, "contender": contender,
-                     "peak": a.peak, "breakdown": a.breakdown, "phase": a.phase, "phase_peaks": a.phase_peaks(),
-                     "notes": a.notes})  # fmt: skip
+                     "optimizer": optimizer, "optimizer_state": optimizer_state, "peak": a.peak, "breakdown": a.breakdown,
+                     "phase": a.phase, "phase_peaks": a.phase_peaks(), "notes": a.notes})  # fmt: skip
     return rows
 
 
 def render_moe(rows: list[dict], seq: int, environment: str) -> str:
-    """report.md for :func:`run_moe`'s rows."""
+    """report.md for :func:`run_moe`'s rows. "vs PEFT": above weights over PEFT's (same model, method, LoRA targets
+    and optimizer state; PEFT with torch's AdamW with foreach, as it trains by default)."""
     lines = [
         f"# MoE memory, accounted: seq {seq}, batch 1, LoRA r=16, bf16, gradient checkpointing (non-reentrant)",
         "",
         "**Accounted, not measured on a device** (fastlora.memory; NF4 experts counted by bitsandbytes' byte formula). "
         "fastlora rows: fused expert path and the fused loss. \"above weights\": peak minus frozen weights (it "
         "includes the LoRA parameters, their gradients and AdamW state). Forward/backward: the largest peak of those "
-        "phases, above the weights.",
+        "phases, above the weights. Optimizers: torch.optim.AdamW with foreach (its CUDA default) or without, and "
+        "fastlora's AdamW in backward (fastlora.optimizer_in_backward; its updates run in the backward phase). "
+        "Steady step: AdamW's two moments live from the step's start (every step but the first); first-step: the "
+        "step makes them.",
         "",
         environment,
         "",
-        "| model | method | LoRA on | experts | contender | peak GiB | above weights | forward/backward above weights | "
-        "AdamW step above weights | weights | adapters+grads+AdamW | activations | logits | transient |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | LoRA on | experts | contender | optimizer | step | peak GiB | above weights | vs PEFT | "
+        "forward/backward above weights | optimizer step above weights | weights | adapters+grads+AdamW | activations | "
+        "logits | transient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    peft = {(r["model"], r["method"], r["targets"], r.get("optimizer_state")): r["peak"] - r["breakdown"]["weights"]
+            for r in rows if r["contender"] == "peft" and r.get("optimizer", "adamw-foreach") == "adamw-foreach"}  # fmt: skip
     for r in rows:
         w, phases = r["breakdown"]["weights"], r["phase_peaks"]
         fwd_bwd = max(phases.get("forward", 0), phases.get("backward", 0))
         cells = " | ".join(f"{r['breakdown'][c] / GIB:.2f}" for c in CATEGORIES)
+        base = peft.get((r["model"], r["method"], r["targets"], r.get("optimizer_state")))
+        ratio = f"{(r['peak'] - w) / base:.2f}x" if base else "-"
+        # AdamW in backward allocates nothing in the optimizer step phase: its updates ran in backward
+        step_cell = f"{(phases['optimizer step'] - w) / GIB:.2f}" if "optimizer step" in phases else "(in backward)"
         lines.append(f"| {r['model']} | {r['method']} | {r['targets']} | {r['experts']} | {r['contender']} | "
-                     f"{r['peak'] / GIB:.2f} | {(r['peak'] - w) / GIB:.2f} | {(fwd_bwd - w) / GIB:.2f} | "
-                     f"{(phases.get('optimizer step', 0) - w) / GIB:.2f} | {cells} |")  # fmt: skip
+                     f"{r.get('optimizer', 'adamw-foreach')} | {r.get('optimizer_state', 'first-step')} | "
+                     f"{r['peak'] / GIB:.2f} | {(r['peak'] - w) / GIB:.2f} | {ratio} | {(fwd_bwd - w) / GIB:.2f} | "
+                     f"{step_cell} | {cells} |")  # fmt: skip
     notes = sorted({n for r in rows for n in r["notes"]})
     return "\n".join(lines + ["", "Notes:", *[f"- {n}" for n in notes]]) + "\n"
 
@@ -280,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--matrix", action="store_true",
                    help="instead: every model (comma list) x method (lora,qlora) x checkpointing at the first seq and batch")
     p.add_argument("--moe", action="store_true", help="instead: the MoE cases (MOE_CASES) for the models (comma list) at the first seq")
+    p.add_argument("--optimizers", default="adamw-foreach", help="--moe: comma list of StepSpec optimizers")
+    p.add_argument("--optimizer-state", default="steady", help="--moe: steady or first-step (StepSpec.optimizer_state)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     env = describe_environment()
@@ -295,7 +313,8 @@ def main(argv=None) -> int:
         (args.out / "report.md").write_text(f"# Longest context (accounted)\n\n{environment}\n\n" + render_longest_context(results))
         return 0
     if args.moe:
-        rows = run_moe(args.model.split(","), seqs[0])
+        rows = run_moe(args.model.split(","), seqs[0], optimizers=tuple(args.optimizers.split(",")),
+                       optimizer_state=args.optimizer_state)  # fmt: skip
         (args.out / "results.json").write_text(json.dumps({"rows": rows, "environment": env, "date": date}, indent=1, default=str))
         (args.out / "report.md").write_text(render_moe(rows, seqs[0], environment))
         return 0

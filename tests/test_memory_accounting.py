@@ -182,13 +182,20 @@ def test_moe_extrapolated_layers_equal_the_full_accounting(tmp_path, contender, 
     assert fast.phase_peaks() == full.phase_peaks()
 
 
-def test_moe_accounting_counts_nf4_experts_and_no_expert_delta(tmp_path):
-    """NF4 experts are counted at the size bitsandbytes' quantize_4bit gives each expert slice (double quantization);
-    PEFT's ParamWrapper builds W + s·B·A over the expert stack per call, fastlora's fused path does not, so its
-    forward/backward peak above the weights is lower; PEFT cannot be accounted with NF4 experts."""
+def _nf4_buffer_bytes(model) -> dict[str, int]:
+    return {name: b.nbytes for name, b in model.named_buffers() if "_nf4_" in name}
+
+
+def test_moe_accounting_counts_nf4_experts_as_quantize_experts_stores_them(tmp_path):
+    """NF4 experts are accounted through the real fastlora.moe.quantize_experts, run on the meta model: its buffers
+    on meta have the bytes it makes on the CPU with bitsandbytes, the byte formula (nf4_nbytes: its summary's figure)
+    equals them and one slice of bitsandbytes' quantize_4bit, and the accounted weights drop by the dense stacks
+    minus those buffers. PEFT's ParamWrapper builds W + s·B·A over the expert stack per call, fastlora's fused path
+    does not, so its forward/backward peak above the weights is lower; PEFT cannot be accounted with NF4 experts."""
     import bitsandbytes.functional as bnb_functional
 
-    from fastlora.memory.presets import nf4_nbytes
+    from fastlora.memory.step import build_peft_model
+    from fastlora.moe import nf4_nbytes
 
     w = torch.randn(64, 96)
     packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -196,11 +203,57 @@ def test_moe_accounting_counts_nf4_experts_and_no_expert_delta(tmp_path):
     assert nf4_nbytes(3, 64, 96) == 3 * one + state.state2.code.nbytes
     spec = StepSpec(_tiny_moe_config(tmp_path, 2), method="qlora", seq=512, checkpointing="non-reentrant",
                     targets="attention+experts")  # fmt: skip
-    dense, nf4 = account(spec, "fastlora+loss"), account(dataclasses.replace(spec, experts="nf4"), "fastlora+loss")
-    stacks = 2 * (nf4_nbytes(8, 64, 64) + nf4_nbytes(8, 64, 32))  # layers x (gate_up [E, 2I, H] + down [E, H, I])
-    assert dense.breakdown["weights"] - nf4.breakdown["weights"] == 2 * 2 * (8 * 64 * 64 + 8 * 64 * 32) - stacks
+    nf4_spec = dataclasses.replace(spec, experts="nf4")
+    on_meta, on_cpu = (_nf4_buffer_bytes(build_peft_model(nf4_spec, device)) for device in ("meta", "cpu"))
+    assert on_meta == on_cpu and len(on_meta) == 2 * 2 * 5  # layers x projections x (packed, absmax, absmax2, offset, code2)
+    per_layer = nf4_nbytes(8, 64, 64) + nf4_nbytes(8, 64, 32)  # gate_up [E, 2I, H] + down [E, H, I]
+    assert sum(on_meta.values()) == 2 * per_layer
+    dense, nf4 = account(spec, "fastlora+loss"), account(nf4_spec, "fastlora+loss")
+    assert dense.breakdown["weights"] - nf4.breakdown["weights"] == 2 * 2 * (8 * 64 * 64 + 8 * 64 * 32) - 2 * per_layer
     peft = account(spec, "peft")
     above = lambda a: max(a.phase_peaks()["forward"], a.phase_peaks()["backward"]) - a.breakdown["weights"]  # noqa: E731
     assert above(dense) < above(peft)
     with pytest.raises(ValueError, match="bitsandbytes quantizes nn.Linear only"):
-        account(dataclasses.replace(spec, experts="nf4"), "peft")
+        account(nf4_spec, "peft")
+
+
+def _trainable_bytes(spec: StepSpec) -> tuple[int, int, int]:
+    """(bytes, count, largest bytes) of the trainable parameters of ``spec``'s model."""
+    from fastlora.memory.step import build_peft_model
+
+    sizes = [p.nbytes for p in build_peft_model(spec, "meta").parameters() if p.requires_grad]
+    return sum(sizes), len(sizes), max(sizes)
+
+
+def _adapters_in(accounting, phase: str) -> int:
+    """The adapters' bytes at the peaks of ``phase``'s segments, the largest."""
+    return max(b["adapters"] for (p, _), (_, b) in accounting.segment_peaks.items() if p == phase)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-in-backward"])
+@pytest.mark.parametrize("optimizer_state", ["steady", "first-step"])
+@pytest.mark.parametrize("contender", ["peft", "fastlora+loss"])
+def test_optimizer_accounting_equals_real_cpu_allocations(optimizer, optimizer_state, contender):
+    """AdamW without foreach and fastlora's AdamW in backward, in a steady step (moments made before it) and a
+    first one: the meta accounting equals the real CPU step."""
+    spec = StepSpec("micro", method="qlora", seq=96 + 7, batch=2, checkpointing="non-reentrant", optimizer=optimizer,
+                    optimizer_state=optimizer_state)  # fmt: skip
+    _meta_equals_real(spec, contender)
+
+
+def test_steady_step_holds_the_moments_and_in_backward_no_gradient_set():
+    """What each optimizer holds, to the byte (P: the fp32 LoRA parameters' bytes, n of them; each AdamW state has a
+    4-byte step counter): a steady step holds the parameters and both moments from its forward on (3P), a first step
+    only the parameters (P); the foreach step holds parameters, gradients, moments and its temporaries (over 4P);
+    with AdamW in backward, the optimizer step allocates nothing, and no moment of the backward holds more than the
+    parameters, the moments and one parameter's gradient and update temporaries."""
+    spec = StepSpec("micro", method="qlora", seq=512, checkpointing="non-reentrant")
+    params, count, largest = _trainable_bytes(spec)
+    state = 3 * params + 4 * count
+    steady, first = account(spec, "fastlora+loss"), account(dataclasses.replace(spec, optimizer_state="first-step"), "fastlora+loss")
+    assert _adapters_in(steady, "forward") == state and _adapters_in(first, "forward") == params
+    assert _adapters_in(steady, "optimizer step") > state + params
+    in_backward = account(dataclasses.replace(spec, optimizer="adamw-in-backward"), "fastlora+loss")
+    assert "optimizer step" not in in_backward.phase_peaks()  # it allocates nothing: the updates ran in backward
+    assert state <= _adapters_in(in_backward, "backward") <= state + 3 * largest  # its gradient, sqrt and denominator
+    assert in_backward.peak < steady.peak

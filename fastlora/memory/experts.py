@@ -5,11 +5,12 @@
   does not go there) and runs :func:`fastlora.moe.experts.grouped_experts_forward`, whose grouped LoRA ops are
   answered by their fake implementations (y and the thin S; dx, dA, dB: no [E, N, K] delta, no weight gradient).
   PEFT's contender runs its own ``ParamWrapper`` (W + s·B·A over the whole stack, per call) as it is.
-- **NF4 experts** (``StepSpec.experts="nf4"``: ``fastlora.patch(model, quantize_experts="nf4")``). The expert
-  stacks keep their dense meta shapes for the computation but are counted at bitsandbytes' NF4 size
-  (:func:`fastlora.memory.presets.nf4_nbytes`: codes, absmax with double quantization); the grouped ops count, while
-  they run, the fp32 absmax they resolve per call (4 bytes per 64 weights: the Triton kernel decodes the codes in
-  its tiles, nothing the size of W). Experts modules without LoRA run the same grouped path with rank 0.
+- **NF4 experts** (``StepSpec.experts="nf4"``: ``fastlora.patch(model, quantize_experts="nf4")``). The meta model
+  is quantized by the real :func:`fastlora.moe.quantize_experts` (on meta it makes the NF4 buffers' shapes: packed
+  codes, u8 absmax, absmax2, offset, code2), so the weights count what it keeps. :func:`nf4_experts_on_meta` runs
+  the Triton NF4 grouped path: its per-call absmax resolution runs for real on meta (counted), W is decoded in the
+  kernel's tiles (nothing its size), and the grouped op's fake gives the outputs. Experts modules without LoRA run
+  the same grouped path with rank 0.
 
 Usage::
 
@@ -20,14 +21,10 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
-
-from fastlora.memory.presets import nf4_nbytes
-
-_GROUPED_OPS = ("fastlora::grouped_lora_forward", "fastlora::grouped_lora_backward")
 
 
 class MetaOps:
@@ -99,31 +96,41 @@ def fused_experts_on_meta(model: nn.Module, backend: str, notes: list[str], nf4:
                 experts.forward = _MetaExpertsForward([], experts, backend)
                 installed.append(experts)
     try:
-        yield
+        with nf4_experts_on_meta() if nf4 else contextlib.nullcontext():
+            yield
     finally:
         for module in installed:
             del module.forward
 
 
-def count_nf4_experts(model: nn.Module, tracker) -> Callable[..., int]:
-    """Count every expert stack of ``model`` at its NF4 size in ``tracker`` (before ``tracker.tracking``), and
-    return the scratch function of the grouped ops on them: the fp32 absmax resolved per call."""
-    from fastlora.moe.experts import expert_weight, up_projection_name
+@contextlib.contextmanager
+def nf4_experts_on_meta() -> Iterator[None]:
+    """The Triton NF4 grouped forward and backward (:mod:`fastlora.moe.triton`) for meta tensors: the absmax
+    resolved as they resolve it (real ops on meta, live while the op runs), W as a stride-0 stand-in (the kernel
+    decodes the codes in its tiles) and the dense grouped op's fake implementation for the outputs."""
+    from fastlora.moe import nf4_grouped
+    from fastlora.moe import ops as moe_ops
 
-    resolved: dict[int, int] = {}
-    for experts in experts_modules(model):
-        for name in (up_projection_name(experts), "down_proj"):
-            weight = expert_weight(experts, name)  # [E, N, K]
-            tracker.add(weight, "weights", nbytes=nf4_nbytes(*weight.shape))
-            resolved[id(weight.untyped_storage())] = 4 * weight.shape[0] * -(-weight.shape[1] * weight.shape[2] // 64)
+    forward, backward = nf4_grouped._forward, nf4_grouped._backward
 
-    def absmax_scratch(func, args) -> int:
-        name = getattr(func, "_name", "")
-        if name not in _GROUPED_OPS:
-            return 0
-        if name == _GROUPED_OPS[1] and not args[9]:  # backward without dx reads no W
-            return 0
-        weight = args[2] if name == _GROUPED_OPS[0] else args[4]
-        return resolved.get(id(weight.untyped_storage()), 0)
+    def decoded_in_tiles(stack, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((), dtype=stack.dtype).expand(stack.shape)
 
-    return absmax_scratch
+    def meta_forward(backend, x, offsets, stack, lora_a, lora_b, ranks, scales):
+        if x.device.type != "meta":
+            return forward(backend, x, offsets, stack, lora_a, lora_b, ranks, scales)
+        absmax = stack.resolved_absmax()  # noqa: F841 - live during the op, as in the kernel's launch
+        return moe_ops.grouped_lora_forward(x, offsets, decoded_in_tiles(stack, x), lora_a, lora_b, ranks, scales, backend)
+
+    def meta_backward(backend, grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x):
+        if x.device.type != "meta":
+            return backward(backend, grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x)
+        absmax = stack.resolved_absmax() if needs_x else None  # noqa: F841 - dA and dB read no W
+        return moe_ops.grouped_lora_backward(grad_out, x, lora_s, offsets, decoded_in_tiles(stack, x), lora_a, lora_b,
+                                             ranks, scales, needs_x, backend)  # fmt: skip
+
+    nf4_grouped._forward, nf4_grouped._backward = meta_forward, meta_backward
+    try:
+        yield
+    finally:
+        nf4_grouped._forward, nf4_grouped._backward = forward, backward

@@ -131,6 +131,10 @@ def _options(spec: StepSpec, contender: str) -> list[tuple[str, StepSpec, str]]:
         who = contender if contender != "peft" else "fastlora+loss"
         options.append(("QLoRA with NF4 experts (fastlora.patch(model, quantize_experts='nf4'); bitsandbytes leaves 3-D "
                         "experts dense)", dataclasses.replace(spec, method="qlora", experts="nf4"), who))  # fmt: skip
+    if spec.optimizer != "adamw-in-backward":
+        options.append(("AdamW in backward (fastlora.optimizer_in_backward.AdamWInBackward: no full set of gradients, no "
+                        "foreach temporaries; no gradient clipping)", dataclasses.replace(spec, optimizer="adamw-in-backward"),
+                        contender))  # fmt: skip
     if spec.batch > 1:
         options.append((f"batch 1 with {spec.batch} gradient-accumulation steps", dataclasses.replace(spec, batch=1), contender))
     return options
@@ -182,7 +186,7 @@ def render(spec: StepSpec, budgets_gib: tuple[float, ...], answer: dict[str, Con
     lines = [
         f"{spec.model}, {spec.method} r={spec.rank} on {spec.targets}{', NF4 experts' if spec.experts == 'nf4' else ''}, "
         f"{spec.dtype}, batch {spec.batch}, seq {spec.seq}, "
-        f"checkpointing {spec.checkpointing}; budget {budgets_gib[0]:g} GiB{host} (accounted, not measured on a device)"
+        f"checkpointing {spec.checkpointing}, {spec.optimizer} ({spec.optimizer_state} step); budget {budgets_gib[0]:g} GiB{host} (accounted, not measured on a device)"
     ]
     for contender, p in answer.items():
         a = p.accounting
@@ -214,7 +218,7 @@ def render(spec: StepSpec, budgets_gib: tuple[float, ...], answer: dict[str, Con
 
 def add_parser(subparsers) -> None:
     """The ``fastlora plan`` subcommand's arguments."""
-    from fastlora.memory.step import CHECKPOINTING, METHODS
+    from fastlora.memory.step import CHECKPOINTING, METHODS, OPTIMIZER_STATES, OPTIMIZERS
 
     p = subparsers.add_parser(
         "plan", help="will a LoRA/QLoRA training step fit in a memory budget? (accounted on meta tensors, no download)"
@@ -230,6 +234,11 @@ def add_parser(subparsers) -> None:
                    help="LoRA targets; MoE presets (qwen3-30b-a3b, gpt-oss-20b): attention or attention+experts")
     p.add_argument("--experts", choices=("dense", "nf4"), default="dense",
                    help="MoE expert weights: dense, or NF4 (fastlora.patch(model, quantize_experts='nf4'); fastlora only)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0],
+                   help="torch AdamW with foreach (its CUDA default) or without, or fastlora's AdamW in backward "
+                   "(fastlora.optimizer_in_backward: each parameter updated as its gradient completes)")
+    p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default=OPTIMIZER_STATES[0],
+                   help="steady: AdamW's moments live through the step (every step but the first); first-step: made by it")
     p.add_argument("--budget", default="24", help="device memory budget in GiB, or a comma list (longest sequence per budget; "
                    "the first decides fits)")
     p.add_argument("--host-budget", type=float, help="host memory in GiB for offloaded checkpoints (default: unlimited)")
@@ -241,7 +250,8 @@ def add_parser(subparsers) -> None:
 def cmd_plan(args) -> int:
     """Run ``fastlora plan``: print the answer; exit status 0 if some contender fits, 1 if none does."""
     spec = StepSpec(args.model, method=args.method, rank=args.rank, seq=args.seq, batch=args.batch,
-                    checkpointing=args.checkpointing, dtype=args.dtype, targets=args.targets, experts=args.experts)  # fmt: skip
+                    checkpointing=args.checkpointing, dtype=args.dtype, targets=args.targets, experts=args.experts,
+                    optimizer=args.optimizer, optimizer_state=args.optimizer_state)  # fmt: skip
     contenders = tuple(c for c in args.contenders.split(",") if c)
     budgets = tuple(float(b) for b in str(args.budget).split(",") if b)
     answer = plan(spec, budgets, contenders, longest=not args.no_longest, host_budget_gib=args.host_budget)

@@ -1,5 +1,5 @@
 """Mixture-of-experts model shapes for the accounting and ``fastlora plan`` (the dense presets are
-``fastlora.bench.models``), and the byte size of NF4 expert storage.
+``fastlora.bench.models``).
 
 The shapes are those of the public ``config.json`` files (random weights; nothing is downloaded):
 
@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 MOE_PRESETS: dict[str, tuple[str, dict]] = {
@@ -48,19 +47,6 @@ def moe_config(name: str):
 
     model_type, fields = MOE_PRESETS[name]
     return AutoConfig.for_model(model_type, use_cache=False, **fields)
-
-
-def nf4_nbytes(experts: int, out_features: int, in_features: int, blocksize: int = 64) -> int:
-    """Bytes of an [E, N, K] expert stack in bitsandbytes' NF4 format with double quantization, per expert slice:
-    packed codes (N·K/2), u8 absmax codes (one per block), fp32 absmax2 (one per 256 blocks) and the offset; plus
-    one 256-entry fp32 code2 table. The dense NF4 weights' formula (``bnb.functional.quantize_4bit``).
-
-    Usage: ``nf4_nbytes(128, 1536, 2048)``
-    """
-    weights = out_features * in_features
-    blocks = math.ceil(weights / blocksize)
-    per_expert = math.ceil(weights / 2) + blocks + 4 * math.ceil(blocks / 256) + 4
-    return experts * per_expert + 256 * 4
 
 
 def moe_notes(config) -> Optional[str]:

@@ -13,6 +13,11 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
   memory (:mod:`fastlora.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
   hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
 
+The optimizer is the spec's (``StepSpec.optimizer``): torch's AdamW with foreach (its default on CUDA), without
+foreach, or fastlora's AdamW in backward (:mod:`fastlora.optimizer_in_backward`: each parameter updated in its
+gradient hook, its gradient freed there). By default the step is a *steady* one: AdamW's two moments exist from its
+start, as in every step but the first (``optimizer_state="first-step"``: the first step, which creates them).
+
 Usage::
 
     result = account(StepSpec("llama-3-8b", method="qlora", seq=8192, checkpointing="non-reentrant"), "fastlora")
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 from fastlora.memory.execution import MetaTruth, attention_implementation, meta_autocast
-from fastlora.memory.experts import MetaOps, count_nf4_experts, fused_experts_on_meta
+from fastlora.memory.experts import MetaOps, fused_experts_on_meta
 from fastlora.memory.loops import sampled_loops
 from fastlora.memory.presets import TARGETS, moe_config
 from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
@@ -41,6 +46,9 @@ from fastlora.memory.tracker import CATEGORIES, LiveBytes
 CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant", "offload")
 METHODS = ("lora", "qlora")
+#: torch.optim.AdamW with foreach (torch's default on CUDA), with foreach off, and fastlora's AdamW in backward.
+OPTIMIZERS = ("adamw-foreach", "adamw", "adamw-in-backward")
+OPTIMIZER_STATES = ("steady", "first-step")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class StepSpec:
     layers: Optional[int] = None  # decoder layers to build (None: the model's); see fastlora.memory.layers
     targets: str = "all-linear"  # LoRA targets: "all-linear", or for MoE models "attention" / "attention+experts"
     experts: str = "dense"  # MoE expert weights: "dense" (the model's dtype) or "nf4" (fastlora.patch(quantize_experts="nf4"))
+    optimizer: str = "adamw-foreach"  # one of OPTIMIZERS
+    optimizer_state: str = "steady"  # "steady": AdamW's moments live from the step's start; "first-step": made by it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +83,10 @@ class StepSpec:
             raise ValueError(f"targets {self.targets!r}: choose one of {tuple(TARGETS)}")
         if self.experts not in ("dense", "nf4"):
             raise ValueError(f"experts {self.experts!r}: choose 'dense' or 'nf4'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state {self.optimizer_state!r}: choose one of {OPTIMIZER_STATES}")
 
     def with_seq(self, seq: int) -> "StepSpec":
         return dataclasses.replace(self, seq=seq)
@@ -168,7 +182,12 @@ def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attent
     modules, parameters = TARGETS[spec.targets]
     lora = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=spec.dropout, target_modules=modules,
                       target_parameters=parameters, task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(lm, lora)
+    model = get_peft_model(lm, lora)
+    if spec.experts == "nf4":
+        from fastlora.moe import quantize_experts
+
+        quantize_experts(model, progress=False)  # after PEFT, as fastlora.patch(quantize_experts="nf4") does
+    return model
 
 
 class _MetaFusedForward:
@@ -231,12 +250,6 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_expe
         backends._served.pop(served_key, None)
 
 
-def _summed(*scratches):
-    """One scratch function (see ``LiveBytes``) adding those given (None: none)."""
-    present = [s for s in scratches if s is not None]
-    return lambda func, args: sum(s(func, args) for s in present)
-
-
 def _split_scratch(func, args) -> int:
     """Bytes of the Triton split path's per-call dequantization buffer (one [N, K] W in the compute dtype) for a fused
     NF4 op call that the launchers' default path sends there (a tuned dispatch table may choose otherwise)."""
@@ -265,7 +278,7 @@ _META_MODELS_KEPT = 4
 
 
 def _meta_model(spec: StepSpec, attention: str) -> nn.Module:
-    key = (dataclasses.replace(spec, seq=1, batch=1), attention)
+    key = (dataclasses.replace(spec, seq=1, batch=1, optimizer=OPTIMIZERS[0], optimizer_state=OPTIMIZER_STATES[0]), attention)
     model = _META_MODELS.pop(key, None) or build_peft_model(spec, "meta", attention)
     _META_MODELS[key] = model  # most recent last
     while len(_META_MODELS) > _META_MODELS_KEPT:
@@ -304,11 +317,11 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
     split = contender.startswith("fastlora") and backend == "triton"
     tracker = LiveBytes(vocab_size=vocab, scratch=_split_scratch if split else None)
     if spec.experts == "nf4":
-        tracker.scratch = _summed(tracker.scratch, count_nf4_experts(model, tracker))
-        notes.append("expert weights counted in NF4 (fastlora.patch(model, quantize_experts='nf4')); absmax resolved per call")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+        notes.append("expert weights in NF4, as fastlora.moe.quantize_experts stores them (fastlora.patch(model, "
+                     "quantize_experts='nf4')); absmax resolved per call")  # fmt: skip
     stack = contextlib.ExitStack()
     with stack:
+        optimizer = _optimizer(spec, model, stack)
         if contender.startswith("fastlora"):
             if device == "meta":
                 stack.enter_context(_fastlora_on_meta(model, backend, notes, spec.experts == "nf4"))
@@ -330,6 +343,7 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
         model.train()
         layers = decoder_layers(model, model.get_base_model().config.num_hidden_layers)
         with tracker.tracking(model), marking_layers(layers, tracker):
+            _count_optimizer(optimizer, tracker, notes)
             with MetaTruth() if device == "meta" else contextlib.nullcontext():
                 tracker.phase = "forward"
                 loss = model(input_ids=ids, labels=ids).loss
@@ -343,6 +357,48 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
     breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
     return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak,
                       tracker.segment_peaks)  # fmt: skip
+
+
+def _optimizer(spec: StepSpec, model: nn.Module, stack: contextlib.ExitStack) -> torch.optim.Optimizer:
+    """``spec``'s optimizer on ``model``'s trainable parameters; for a steady step, with its state made by one step
+    on zero gradients (each optimizer's own code makes it, so it is what a real run holds)."""
+    from fastlora.optimizer_in_backward import AdamWInBackward
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adamw-in-backward":
+        optimizer = AdamWInBackward(params, lr=1e-4)
+        stack.callback(optimizer.remove_hooks)  # the meta model is kept for the next accounting
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=spec.optimizer == "adamw-foreach")
+    if spec.optimizer_state == "steady":
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _count_optimizer(optimizer: torch.optim.Optimizer, tracker: LiveBytes, notes: list[str]) -> None:
+    """Count the optimizer's state made before the step (a steady step's moments) as adapters; the in-backward
+    optimizer's updates count their allocations and the gradient they consume as adapters too."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                tracker.add(value, "adapters")
+    if optimizer.state:
+        notes.append("a steady step: AdamW's moments live from its start (as in every step but the first)")
+    apply_gradient = getattr(optimizer, "apply_gradient", None)
+    if apply_gradient is None:
+        return
+    notes.append("AdamW in backward (fastlora.optimizer_in_backward): each LoRA parameter updated, and its gradient "
+                 "freed, as soon as its gradient is complete")  # fmt: skip
+
+    def counted(param: torch.Tensor) -> None:
+        tracker.recategorize(param.grad, "adapters")
+        with tracker.category("adapters"):
+            apply_gradient(param)
+
+    optimizer.apply_gradient = counted
 
 
 def _extrapolated(spec: StepSpec, contender: str, layers: int, **options) -> Accounting:

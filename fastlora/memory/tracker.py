@@ -191,11 +191,11 @@ class LiveBytes(TorchDispatchMode):
                     self.add(t, "weights")
         for b in model.buffers():
             self.add(b, "weights")
-        handles = [
-            p.register_post_accumulate_grad_hook(lambda p: self.recategorize(p.grad, "adapters"))
-            for p in model.parameters()
-            if p.requires_grad
-        ]
+        def gradient(p: torch.Tensor) -> None:
+            if p.grad is not None:  # None: an optimizer hook before this one consumed it (fastlora.optimizer_in_backward)
+                self.recategorize(p.grad, "adapters")
+
+        handles = [p.register_post_accumulate_grad_hook(gradient) for p in model.parameters() if p.requires_grad]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             self.recategorize(t, "activations")
