@@ -154,17 +154,20 @@ MOE_CASES = (
     ("lora", "attention+experts", "dense", "peft"), ("lora", "attention+experts", "dense", "fastlora+loss"),
     ("qlora", "attention+experts", "dense", "peft"), ("qlora", "attention+experts", "nf4", "fastlora+loss"),
     ("qlora", "attention", "dense", "peft"), ("qlora", "attention", "nf4", "fastlora+loss"),
+    ("lora", "attention+experts", "dense", "fastlora+all"), ("qlora", "attention+experts", "nf4", "fastlora+all"),
 )  # fmt: skip
 
 
 def run_moe(models: list[str], seq: int = 4096, rank: int = 16, optimizers: tuple[str, ...] = ("adamw-foreach",),
-            optimizer_state: str = "steady", cases=MOE_CASES, show_progress: bool = True) -> list[dict]:  # fmt: skip
-    """``cases`` (default :data:`MOE_CASES`) per MoE preset and optimizer: the step's peak, its breakdown and the
-    peak of each phase."""
-    runs = [(model, *case, optimizer) for model in models for case in cases for optimizer in optimizers]
+            optimizer_states: tuple[str, ...] = ("steady",), cases=MOE_CASES, show_progress: bool = True) -> list[dict]:  # fmt: skip
+    """``cases`` (default :data:`MOE_CASES`) per MoE preset, optimizer and optimizer state: the step's peak, its
+    breakdown and the peak of each phase."""
+    runs = [(model, *case, optimizer, state) for model in models for state in optimizer_states for case in cases
+            for optimizer in optimizers]  # fmt: skip
     rows = []
-    for model, method, targets, experts, contender, optimizer in tqdm(runs, desc="accounting MoE", unit="step",
-                                                                       disable=not show_progress):  # fmt: skip
+    for model, method, targets, experts, contender, optimizer, optimizer_state in tqdm(
+        runs, desc="accounting MoE", unit="step", disable=not show_progress
+    ):
         spec = StepSpec(model, method=method, rank=rank, seq=seq, checkpointing="non-reentrant", targets=targets,
                         experts=experts, optimizer=optimizer, optimizer_state=optimizer_state)  # fmt: skip
         a = account(spec, contender)
@@ -180,7 +183,8 @@ def render_moe(rows: list[dict], seq: int, environment: str) -> str:
     lines = [
         f"# MoE memory, accounted: seq {seq}, batch 1, LoRA r=16, bf16, gradient checkpointing (non-reentrant)",
         "",
-        "**Accounted, not measured on a device** (fastlora.memory; NF4 experts counted by bitsandbytes' byte formula). "
+        "**Accounted, not measured on a device** (fastlora.memory; NF4 experts as fastlora.moe.quantize_experts stores "
+        "them, run on the meta model). "
         "fastlora rows: fused expert path and the fused loss. \"above weights\": peak minus frozen weights (it "
         "includes the LoRA parameters, their gradients and AdamW state). Forward/backward: the largest peak of those "
         "phases, above the weights. Optimizers: torch.optim.AdamW with foreach (its CUDA default) or without, and "
@@ -297,7 +301,7 @@ def main(argv=None) -> int:
                    help="instead: every model (comma list) x method (lora,qlora) x checkpointing at the first seq and batch")
     p.add_argument("--moe", action="store_true", help="instead: the MoE cases (MOE_CASES) for the models (comma list) at the first seq")
     p.add_argument("--optimizers", default="adamw-foreach", help="--moe: comma list of StepSpec optimizers")
-    p.add_argument("--optimizer-state", default="steady", help="--moe: steady or first-step (StepSpec.optimizer_state)")
+    p.add_argument("--optimizer-states", default="steady", help="--moe: comma list of steady, first-step (StepSpec.optimizer_state)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     env = describe_environment()
@@ -314,7 +318,7 @@ def main(argv=None) -> int:
         return 0
     if args.moe:
         rows = run_moe(args.model.split(","), seqs[0], optimizers=tuple(args.optimizers.split(",")),
-                       optimizer_state=args.optimizer_state)  # fmt: skip
+                       optimizer_states=tuple(args.optimizer_states.split(",")))  # fmt: skip
         (args.out / "results.json").write_text(json.dumps({"rows": rows, "environment": env, "date": date}, indent=1, default=str))
         (args.out / "report.md").write_text(render_moe(rows, seqs[0], environment))
         return 0
