@@ -8,7 +8,7 @@ Usage::
 """
 
 from fastlora.backends import BackendUnavailable
-from fastlora.patch import PatchReport, is_patched, patch, unpatch
+from fastlora.wiring.patch import PatchReport, is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "is_patched", "PatchReport", "BackendUnavailable", "__version__"]

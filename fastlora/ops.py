@@ -23,7 +23,7 @@ Shapes (M tokens, K in-features, N out-features, R = total LoRA rank of the acti
 - ``lora_linear_grad_input(grad_out[M, N], weight, absmax?, bs, grad_s f32[M, R], lora_a[R, K], ranks, seeds,
   dropout_p) -> grad_out.dtype[M, K]``: ``dx = dy @ W + sum_a (dS_a @ A_a) * keep_a / (1 - p_a)``
 
-Dropout masks follow :mod:`fastlora.dropout`; ``seeds`` holds one int64 seed per adapter on x's device.
+Dropout masks follow :mod:`fastlora.formats.dropout`; ``seeds`` holds one int64 seed per adapter on x's device.
 
 The module-level functions are what callers use. Under ``torch.compile`` they emit the registered op
 (``torch.ops.fastlora.*``); in eager mode they call the backend's implementation directly, skipping ~30 µs of

@@ -194,7 +194,7 @@ def test_a_triton_kernel_that_cannot_compile_falls_back(monkeypatch):
 def test_a_layer_graph_that_raises_falls_back_to_the_function(monkeypatch):
     """The C++ layer node ("native", FusedForward's graph on cpp) raises at launch: the layer's calls run on
     fastlora's Function (the tuned ops), training matches the reference backend, and the fallback is reported."""
-    from fastlora import graph
+    from fastlora.functions import graph
 
     monkeypatch.setattr(graph.cpp, "lora_layer", _raising)
     monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native")

@@ -10,7 +10,7 @@ from torch import nn
 
 import fastlora
 from fastlora import BackendUnavailable
-from fastlora.patch import FusedForward, is_patched
+from fastlora.wiring.patch import FusedForward, is_patched
 from tests.conftest import lora_layer_model, tiny_llama_peft
 
 

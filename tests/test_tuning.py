@@ -194,7 +194,7 @@ def test_patched_model_reports_its_paths():
     x = torch.randn(2, 5, 200, requires_grad=True)
     model(x).sum().backward()
     ops = {d.key.op for d in tuning.decisions()}
-    # the layer call's graph (fastlora.graph), and the ops that its "function" candidate ran while it was timed
+    # the layer call's graph (fastlora.functions.graph), and the ops that its "function" candidate ran while it was timed
     assert ops == {"lora_layer", *tuning.TUNED_OPS}
     assert all(d.key.m_bucket == 16 and d.source == "measured here" for d in tuning.decisions())
 

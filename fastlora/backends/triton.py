@@ -91,5 +91,5 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
     return "; ".join(reasons)
 
 
-# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
-from fastlora.moe.triton import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401
+# The grouped (mixture-of-experts) ops of fastlora.grouped_ops.
+from fastlora.backends.grouped_triton import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

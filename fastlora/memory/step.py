@@ -8,10 +8,10 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
 - ``fastlora``: fastlora's fused forward on every LoRA layer, its ops run through their fake implementations
   (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's per-call
   dequantization buffer where the dispatch table sends a call to it;
-- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`);
+- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.training.cross_entropy`);
 - ``fastlora+all``: every option fastlora has on: the fused loss, checkpointed layer inputs offloaded to host
-  memory (:mod:`fastlora.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
-  hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
+  memory (:mod:`fastlora.training.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.training.tiled_mlp`, shards of
+  hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.training.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
 
 Usage::
 
@@ -181,8 +181,8 @@ class _MetaFusedForward:
         self.backend = backend
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from fastlora.autograd import Adapter, BaseWeight, lora_linear
-        from fastlora.plan import call_plan
+        from fastlora.functions.lora import Adapter, BaseWeight, lora_linear
+        from fastlora.wiring.plan import call_plan
 
         layer, base = self.layer, self.layer.base_layer
         if type(base) is nn.Linear:
@@ -206,8 +206,8 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_expe
     implementations through the registered ops; "torch" runs the reference ops on meta (the tests compare that with
     the same backend on real CPU tensors)."""
     from fastlora import backends, ops
-    from fastlora.moe.wiring import param_wrapper_class
-    from fastlora.plan import structural_reason
+    from fastlora.wiring.experts import param_wrapper_class
+    from fastlora.wiring.plan import structural_reason
 
     served_key = ("triton", "meta")
     backends._served[served_key] = MetaOps(ops._REGISTERED["triton"], "triton")
@@ -294,7 +294,7 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                          "dense: bitsandbytes quantizes nn.Linear only)")  # fmt: skip
     if device == "meta" and contender != "peft" and spec.method == "lora" and spec.dtype == "float32":
         raise ValueError("fastlora times two autograd graphs for fp32 dense LoRA layers on the device and keeps the faster "
-                         "(fastlora.graph): a meta run cannot choose; account bfloat16/float16 or QLoRA")  # fmt: skip
+                         "(fastlora.functions.graph): a meta run cannot choose; account bfloat16/float16 or QLoRA")  # fmt: skip
     if device == "meta":
         model = _meta_model(spec, attention_implementation(attention))
     else:
@@ -318,7 +318,7 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                 fastlora.patch(model, backend=backend)
                 stack.callback(fastlora.unpatch, model)
         if contender in ("fastlora+loss", "fastlora+all"):
-            from fastlora.cross_entropy import install
+            from fastlora.training.cross_entropy import install
 
             _installed(stack, notes, *install(model))
         if contender == "fastlora+all":
@@ -367,10 +367,10 @@ def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description:
 
 def _install_long_context(model: nn.Module, stack: contextlib.ExitStack, notes: list[str], tracker: LiveBytes) -> None:
     """fastlora's offloaded checkpoints, tiled MLP and chunked norms on ``model``, as ``patch`` installs them
-    (:mod:`fastlora.long_context`); the offload's host buffers are counted as host memory."""
+    (:mod:`fastlora.training.long_context`); the offload's host buffers are counted as host memory."""
     from collections import Counter
 
-    from fastlora import offload, rms_norm, tiled_mlp
+    from fastlora.training import offload, rms_norm, tiled_mlp
 
     _installed(stack, notes, *offload.install(model, Counter()))
     new_host_buffer = offload.HostCopies._new_host_buffer

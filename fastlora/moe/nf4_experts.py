@@ -184,7 +184,7 @@ class QuantizationSummary:
 
 def experts_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every transformers experts module (``use_experts_implementation``) in ``model``."""
-    from fastlora.moe.wiring import EXPERTS_INTERFACE
+    from fastlora.wiring.experts import EXPERTS_INTERFACE
 
     for name, module in model.named_modules():
         if all(hasattr(module, attr) for attr in EXPERTS_INTERFACE) and (
@@ -340,7 +340,7 @@ def _dequantize_module(experts: nn.Module) -> list[str]:
 
 class NF4ExpertsForward:
     """The forward of a quantized experts module: transformers' grouped experts steps with NF4 weights and no
-    LoRA (fused LoRA on expert weights runs in the ParamWrapper's forward, :mod:`fastlora.moe.wiring`). Inside
+    LoRA (fused LoRA on expert weights runs in the ParamWrapper's forward, :mod:`fastlora.wiring.experts`). Inside
     :func:`materialized` (PEFT's own forward) it is the module's class forward, on the dense copies."""
 
     def __init__(self, experts: nn.Module, backend: str):  # noqa: D107
@@ -351,7 +351,7 @@ class NF4ExpertsForward:
         if not is_quantized(experts) or experts.__dict__.get(_MATERIALIZED):
             return type(experts).forward(experts, hidden_states, top_k_index, top_k_weights)
         from fastlora.moe.experts import grouped_experts_forward
-        from fastlora.moe.wiring import grouped_backend
+        from fastlora.wiring.experts import grouped_backend
 
         if self.chosen is None:
             self.chosen = grouped_backend(self.backend, projection_device(experts, "down_proj"))
@@ -361,7 +361,7 @@ class NF4ExpertsForward:
 def _merge_dequantized(wrapper: nn.Module, *args, **kwargs) -> None:
     """PEFT's ``merge`` of a ParamWrapper over NF4 experts: dequantize that experts module for good, then merge
     into the dense weights (the result is a dense model, see docs/moe.md)."""
-    from fastlora.moe.wiring import expert_chain
+    from fastlora.wiring.experts import expert_chain
 
     _dequantize_module(expert_chain(wrapper)[1])
     type(wrapper).merge(wrapper, *args, **kwargs)
@@ -369,7 +369,7 @@ def _merge_dequantized(wrapper: nn.Module, *args, **kwargs) -> None:
 
 def _install_hooks(model: nn.Module, backend: str) -> None:
     """The NF4 forward on every quantized experts module, and the dequantizing merge on the ParamWrappers over them."""
-    from fastlora.moe.wiring import expert_chain, param_wrapper_class
+    from fastlora.wiring.experts import expert_chain, param_wrapper_class
 
     wrapper_class = param_wrapper_class()
     for _, experts in experts_modules(model):

@@ -70,7 +70,7 @@ TIE_MARGIN = 0.03
 #: Largest M bucket: every larger M shares it.
 MAX_M_BUCKET = 16384
 TUNED_OPS = ("lora_down", "lora_linear", "lora_up_grad", "lora_down_grad", "lora_linear_grad_input")
-#: What FASTLORA_PATH can name per op: the tuned ops and the autograd graph of a layer call (fastlora.graph).
+#: What FASTLORA_PATH can name per op: the tuned ops and the autograd graph of a layer call (fastlora.functions.graph).
 FORCEABLE = TUNED_OPS + ("lora_layer", "lora_layer_inference")
 #: A kernel backend's ops without candidates, served by its module with the first launch guarded.
 UNTUNED_OPS = ("nf4_resolve_absmax", "nf4_dequantize", "lora_linear_scaled")

@@ -1,7 +1,7 @@
 """Tuning ahead of time (``fastlora tune``): every choice a training step would time, made now and cached.
 
 A training step of a patched model times, on the first call of each shape key: the layer call's graph
-(:mod:`fastlora.graph`, op "lora_layer", forward and backward) and the five tuned ops (forward, grad_input and the
+(:mod:`fastlora.functions.graph`, op "lora_layer", forward and backward) and the five tuned ops (forward, grad_input and the
 thin LoRA products), per M bucket, with and without dropout. :func:`tune` makes each of those calls once on random
 inputs of the given layer shapes, so their choices land in the cache (``FASTLORA_TUNING_CACHE``); a training process
 that starts afterwards with the same cache, device, versions, rank, dtype and dropout times nothing
@@ -63,7 +63,7 @@ def tune(
 
 def _layer_call(backend: str, x, dy, weight, absmax, blocksize: int, lora_a, lora_b, dropout_p: float) -> None:
     """One training call of a LoRA layer as a patched model makes it: its graph is chosen (and timed) here."""
-    from fastlora.autograd import Adapter, BaseWeight, lora_linear
+    from fastlora.functions.lora import Adapter, BaseWeight, lora_linear
 
     base = BaseWeight(weight, None, lora_b.shape[0], absmax, blocksize)
     adapter = Adapter(lora_a.detach().requires_grad_(), lora_b.detach().requires_grad_(), 2.0, dropout_p)

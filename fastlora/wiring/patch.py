@@ -27,11 +27,12 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fastlora import backends, long_context
-from fastlora import verify as verification
-from fastlora.autograd import lora_linear
-from fastlora.plan import call_plan, layer_device, lora_classes, structural_reason
-from fastlora.plan_memo import PlanMemo
+from fastlora import backends
+from fastlora.training import long_context
+from fastlora.wiring import verify as verification
+from fastlora.functions.lora import lora_linear
+from fastlora.wiring.plan import call_plan, layer_device, lora_classes, structural_reason
+from fastlora.wiring.plan_memo import PlanMemo
 
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
@@ -76,15 +77,15 @@ class PatchReport:
     #: The fused linear cross-entropy (``fused_cross_entropy=True``): what was installed, or "PEFT's loss (not
     #: fused: <why>)"; None when not asked for.
     fused_loss: Optional[str] = None
-    #: Offloaded checkpoints (``offload_checkpoints=True``, :mod:`fastlora.offload`): what was installed, or "not
+    #: Offloaded checkpoints (``offload_checkpoints=True``, :mod:`fastlora.training.offload`): what was installed, or "not
     #: offloaded: <why>"; None when not asked for. ``offload_calls`` counts checkpointed calls since, per outcome.
     offload: Optional[str] = None
     offload_calls: Counter = field(default_factory=Counter)
-    #: Tiled MLP (``tiled_mlp=``, :mod:`fastlora.tiled_mlp`): what was installed (None when not asked for), and the
+    #: Tiled MLP (``tiled_mlp=``, :mod:`fastlora.training.tiled_mlp`): what was installed (None when not asked for), and the
     #: MLPs left untiled with the reason.
     tiled_mlp: Optional[str] = None
     untiled_mlps: dict[str, str] = field(default_factory=dict)
-    #: Chunked RMSNorms (``chunked_norms=True``, :mod:`fastlora.rms_norm`): what was installed (None when not asked
+    #: Chunked RMSNorms (``chunked_norms=True``, :mod:`fastlora.training.rms_norm`): what was installed (None when not asked
     #: for), and the norms left as they are with the reason.
     chunked_norms: Optional[str] = None
     unchunked_norms: dict[str, str] = field(default_factory=dict)
@@ -175,7 +176,7 @@ class FusedForward:
         self._verified: Optional[set[tuple]] = set() if verify else None
         # Why every call of this layer runs PEFT's forward for good (a verify failure, an internal error), or None.
         self._disabled: Optional[str] = None
-        # The last plan and the layer state it was read from (fastlora.plan_memo): reused while that state holds.
+        # The last plan and the layer state it was read from (fastlora.wiring.plan_memo): reused while that state holds.
         self._memo: Optional[PlanMemo] = None
 
     def original(self, *args, **kwargs):
@@ -342,14 +343,14 @@ def patch(
 
     ``verify`` (default: the ``FASTLORA_VERIFY`` environment variable): check each layer's first call per input
     signature against PEFT's forward and backward; a layer that differs falls back to PEFT for good
-    (:mod:`fastlora.verify`). ``fused_cross_entropy``: compute a causal LM's loss from the hidden states and
-    ``lm_head`` in chunks, never materializing the logits (:mod:`fastlora.cross_entropy`).
+    (:mod:`fastlora.wiring.verify`). ``fused_cross_entropy``: compute a causal LM's loss from the hidden states and
+    ``lm_head`` in chunks, never materializing the logits (:mod:`fastlora.training.cross_entropy`).
 
     Long context: ``offload_checkpoints=True`` keeps the inputs of checkpointed decoder layers in host memory
-    until backward (:mod:`fastlora.offload`; gradient checkpointing must be on, now or later); ``tiled_mlp=True``
-    (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.tiled_mlp`);
+    until backward (:mod:`fastlora.training.offload`; gradient checkpointing must be on, now or later); ``tiled_mlp=True``
+    (or tokens per shard) runs each gated MLP in sequence shards, saving only its input (:mod:`fastlora.training.tiled_mlp`);
     ``chunked_norms=True`` computes Llama-form RMSNorms in row chunks, saving x and one fp32 per row
-    (:mod:`fastlora.rms_norm`).
+    (:mod:`fastlora.training.rms_norm`).
 
     ``quantize_experts="nf4"``: store the 3-D expert weights of mixture-of-experts models (which bitsandbytes
     leaves in bf16) in bitsandbytes' NF4 format, freeing the dense stacks (:mod:`fastlora.moe.nf4_experts`);
@@ -386,7 +387,7 @@ def patch(
         watched.extend(_watch_new_adapters(model, backend, report))
         long_context_undo.extend(long_context.install(model, report, offload_checkpoints, tiled_mlp, chunked_norms))
         if fused_cross_entropy:
-            from fastlora.cross_entropy import install
+            from fastlora.training.cross_entropy import install
 
             undo, description = install(model)
             if undo is not None:
@@ -471,13 +472,13 @@ def _backend_at_patch_time(requested: str, device: torch.device) -> str:
 def _split_expert_layers(layers, backend: str, report: PatchReport):
     """PEFT's ParamWrappers (LoRA on 3-D expert weights) are fused per experts module by :mod:`fastlora.moe`:
     returns the other layers and the expert chains to install (reasons for unfusable ones go in ``report``)."""
-    from fastlora.moe import wiring
+    from fastlora.wiring import experts as wiring
 
     return wiring.split_param_wrappers(layers, backend, report)
 
 
 def _install_expert_chains(expert_chains, report: PatchReport):
-    from fastlora.moe import wiring
+    from fastlora.wiring import experts as wiring
 
     for chain in expert_chains:
         yield wiring.install(chain, report)

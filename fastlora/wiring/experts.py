@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from fastlora import backends
 from fastlora.moe.experts import grouped_experts_forward, up_projection_name
 from fastlora.moe.nf4_experts import is_quantized, materialized, projection_device
-from fastlora.patch import FusedForward, PatchReport, is_compiling, logger
+from fastlora.wiring.patch import FusedForward, PatchReport, is_compiling, logger
 
 #: Attributes ``transformers.integrations.moe.use_experts_implementation`` puts on an experts module.
 EXPERTS_INTERFACE = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
@@ -194,7 +194,7 @@ def grouped_backend(requested: str, device: torch.device) -> str:
     build sends "auto" to the torch reference (logged) and an explicit "cpp" to BackendUnavailable."""
     chosen = backends.resolve(requested, device)
     if chosen == "cpp":
-        from fastlora.moe import cpp
+        from fastlora.backends import grouped_cpp as cpp
 
         reason = cpp.unavailable_reason()
         if reason is not None:
