@@ -15,8 +15,8 @@ import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
 from fastlora.formats.dropout import dropout_threshold
+from fastlora.formats.nf4 import nf4_table
 from fastlora.kernels import resources
-from fastlora.functions.nf4_weight import nf4_table
 
 #: Smallest tile edge ``tl.dot`` accepts; thin operands (LoRA rank) are padded up to it.
 MIN_DOT = 16

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastlora.formats import dropout
 from fastlora.backends import reference
+from fastlora.formats import dropout
 
 CHUNK = 256
 

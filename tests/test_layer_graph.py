@@ -13,8 +13,8 @@ import torch
 
 import fastlora
 from fastlora import backends, tuning
-from fastlora.functions.lora import LoRALinearFunction, _Config
 from fastlora.formats.dropout import draw_seeds
+from fastlora.functions.lora import LoRALinearFunction, _Config
 from tests.conftest import lora_layer_model
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None, reason="needs the C++ backend")

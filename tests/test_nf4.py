@@ -5,7 +5,8 @@ import torch
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
-from fastlora.functions.nf4_weight import NF4_TABLE, NF4Weight, UnsupportedQuantization, nf4_table
+from fastlora.formats.nf4 import NF4_TABLE, nf4_table
+from fastlora.functions.nf4_weight import NF4Weight, UnsupportedQuantization
 
 
 def _params4bit(n, k, blocksize, nested, quant_type="nf4"):

@@ -20,7 +20,7 @@ TOLERANCE = 1e-5
 @pytest.fixture
 def planning(monkeypatch):
     """Counts ``call_plan`` calls of patched layers."""
-    patch_module = sys.modules["fastlora.wiring.patch"]
+    patch_module = sys.modules["fastlora.wiring.fused_forward"]
     calls = []
     real = patch_module.call_plan
 

@@ -12,7 +12,8 @@ from torch import nn
 
 import fastlora
 from fastlora.backends import reference
-from fastlora.wiring.patch import FusedForward, is_patched
+from fastlora.wiring.fused_forward import FusedForward
+from fastlora.wiring.patch import is_patched
 from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model
 from tests.conftest import lora_layer_model, randomize_lora
 
@@ -282,7 +283,7 @@ def test_verify_still_catches_a_broken_fused_path_on_an_ill_conditioned_layer(mo
     """The same layer with the fused path dropping the adapter: off by ~2e7, caught."""
     import importlib
 
-    patch_module = importlib.import_module("fastlora.wiring.patch")
+    patch_module = importlib.import_module("fastlora.wiring.fused_forward")
     model = _ill_conditioned_model(0)
     report = fastlora.patch(model, backend="torch", verify=True)
     real = patch_module.lora_linear

@@ -316,8 +316,8 @@ def candidates(device_type: str = "cpu") -> dict:
 
     Usage: ``cpp.candidates()["lora_linear"]["panels"].fn(x, packed, absmax, 64, None, s, b)``
     """
+    from fastlora.backends import Candidate
     from fastlora.backends.composite import Composite, without_dropout
-    from fastlora.tuning import Candidate
 
     composite = Composite(dequantize=nf4_dequantize)
     dense_f32 = lambda key: key.base == "float32"  # noqa: E731
@@ -395,7 +395,3 @@ def set_avx512_enabled(enabled: bool) -> bool:
 def has_avx512() -> bool:
     """Whether this CPU runs the AVX-512 kernels (AVX-512 F, BW and VL). Usage: ``cpp.has_avx512()``."""
     return _loaded_ops().has_avx512()
-
-
-# The grouped (mixture-of-experts) ops of fastlora.grouped_ops: a separate extension, built on first use.
-from fastlora.backends.grouped_cpp import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlora.backends.grouped_reference import rank_scales
 from fastlora.kernels.grouped_lora import NF4Operand, grouped_lora_matmul
 from fastlora.kernels.grouped_lora_weight_grad import grouped_weight_grad
-from fastlora.backends.grouped_reference import rank_scales
 
 
 def grouped_lora_forward(x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks, scales):

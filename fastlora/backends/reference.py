@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastlora.formats.dropout import apply_dropout
-from fastlora.functions.nf4_weight import nf4_table
+from fastlora.formats.nf4 import nf4_table
 
 
 def nf4_resolve_absmax(absmax_q: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float) -> Tensor:
@@ -143,7 +143,3 @@ def lora_linear_grad_input(
         lora_dx = grad_s[:, cols].float() @ lora_a[cols].float()
         dx = dx + apply_dropout(lora_dx, seeds[i], dropout_p[i])
     return dx.to(grad_out.dtype)
-
-
-# The grouped (mixture-of-experts) ops of fastlora.grouped_ops.
-from fastlora.backends.grouped_reference import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

@@ -16,10 +16,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastlora.functions import graph
 from fastlora import ops, tuning
-from fastlora.functions.dora import DoRA, dora_linear
 from fastlora.formats.dropout import draw_seeds
+from fastlora.functions import graph
+from fastlora.functions.dora import DoRA, dora_linear
 from fastlora.functions.nf4_weight import KEEP_UP_TO_TOKENS, NestedAbsmax, resolve_absmax
 
 
@@ -252,3 +252,16 @@ def _row_mask(adapters: Sequence[Adapter], m: int) -> Tensor:
     # a host sync per layer call on a GPU.
     per_row = torch.cat([a.rows[:, None].expand(-1, a.lora_a.shape[0]) for a in adapters], dim=1)  # [rows, R]
     return per_row.repeat_interleave(m // per_row.shape[0], dim=0)
+
+
+def _tuning_layer_call(backend: str, x, dy, weight, absmax, blocksize: int, lora_a, lora_b, dropout_p: float) -> None:
+    """One training call of a LoRA layer as a patched model makes it (``fastlora tune``): its graph is chosen here."""
+    base = BaseWeight(weight, None, lora_b.shape[0], absmax, blocksize)
+    adapter = Adapter(lora_a.detach().requires_grad_(), lora_b.detach().requires_grad_(), 2.0, dropout_p)
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = lora_linear(x, base, [adapter], backend)
+        torch.autograd.grad(y, [x, adapter.lora_a, adapter.lora_b], dy)
+
+
+tuning.ahead.register_layer_call(_tuning_layer_call)

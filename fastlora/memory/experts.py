@@ -77,7 +77,7 @@ class _MetaExpertsForward:
 def fused_experts_on_meta(model: nn.Module, backend: str, notes: list[str], nf4: bool) -> Iterator[None]:
     """fastlora's expert path on every experts module of a meta ``model``: fused on PEFT's ParamWrapper chains, and
     (``nf4``) the grouped path with rank 0 on experts modules without LoRA."""
-    from fastlora.wiring.experts import chain_reason, expert_chain, param_wrapper_class
+    from fastlora.moe.structure import chain_reason, expert_chain, param_wrapper_class
 
     wrapper_class = param_wrapper_class()
     installed, covered = [], set()

@@ -33,9 +33,9 @@ from torch import nn
 
 from fastlora.memory.execution import MetaTruth, attention_implementation, meta_autocast
 from fastlora.memory.experts import MetaOps, count_nf4_experts, fused_experts_on_meta
+from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
 from fastlora.memory.loops import sampled_loops
 from fastlora.memory.presets import TARGETS, moe_config
-from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
 from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
 CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
@@ -172,7 +172,7 @@ def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attent
 
 
 class _MetaFusedForward:
-    """fastlora's fused branch of ``patch.FusedForward`` for a LoRA layer on meta, where ``patch`` does not go
+    """fastlora's fused branch of ``FusedForward`` for a LoRA layer on meta, where ``patch`` does not go
     (nothing can run there, and autocast cannot be asked about meta): the same ``call_plan`` inputs for NF4 bases,
     the plain dense plan (no autocast) for dense ones, and the same ``lora_linear``."""
 
@@ -206,11 +206,13 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_expe
     implementations through the registered ops; "torch" runs the reference ops on meta (the tests compare that with
     the same backend on real CPU tensors)."""
     from fastlora import backends, ops
-    from fastlora.wiring.experts import param_wrapper_class
+    from fastlora.moe.structure import param_wrapper_class
+    from fastlora.tuning import choice
     from fastlora.wiring.plan import structural_reason
 
-    served_key = ("triton", "meta")
-    backends._served[served_key] = MetaOps(ops._REGISTERED["triton"], "triton")
+    # The ops served for ("triton", "meta"): dense (through the run-time choice) and grouped (the backend's module).
+    served_key, grouped_key = ("triton", "meta"), ("triton", "meta", True)
+    choice._served[served_key] = backends._checked[grouped_key] = MetaOps(ops._REGISTERED["triton"], "triton")
     installed = []
     wrapper_class = param_wrapper_class()
     try:
@@ -228,7 +230,8 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_expe
     finally:
         for layer in installed:
             del layer.forward
-        backends._served.pop(served_key, None)
+        choice._served.pop(served_key, None)
+        backends._checked.pop(grouped_key, None)
 
 
 def _summed(*scratches):

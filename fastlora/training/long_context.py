@@ -19,7 +19,7 @@ logger = logging.getLogger("fastlora")
 
 
 def install(model: nn.Module, report: Any, offload_checkpoints: bool, tiled_mlp: bool | int, chunked_norms: bool) -> list[Callable[[], None]]:
-    """Install the options asked for on ``model``, fill ``report`` (a :class:`fastlora.wiring.patch.PatchReport`) and
+    """Install the options asked for on ``model``, fill ``report`` (a :class:`fastlora.wiring.report.PatchReport`) and
     return the undo functions. Anything left as it was is in the report with its reason, and logged.
 
     Usage: ``undos = install(model, report, True, 4096, False)``

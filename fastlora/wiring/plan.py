@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastlora.functions.lora import Adapter, BaseWeight
 from fastlora.functions.dora import DoRA
+from fastlora.functions.lora import Adapter, BaseWeight
 from fastlora.functions.nf4_weight import NF4Weight, UnsupportedQuantization
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
