@@ -188,7 +188,7 @@ def render_moe(rows: list[dict], seq: int, environment: str) -> str:
         "fastlora rows: fused expert path and the fused loss. \"above weights\": peak minus frozen weights (it "
         "includes the LoRA parameters, their gradients and AdamW state). Forward/backward: the largest peak of those "
         "phases, above the weights. Optimizers: torch.optim.AdamW with foreach (its CUDA default) or without, and "
-        "fastlora's AdamW in backward (fastlora.optimizer_in_backward; its updates run in the backward phase). "
+        "fastlora's AdamW in backward (fastlora.training.optimizer_in_backward; its updates run in the backward phase). "
         "Steady step: AdamW's two moments live from the step's start (every step but the first); first-step: the "
         "step makes them.",
         "",

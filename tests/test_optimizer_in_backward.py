@@ -1,4 +1,4 @@
-"""AdamW in backward (fastlora.optimizer_in_backward) against torch.optim.AdamW(foreach=False) on tiny PEFT models.
+"""AdamW in backward (fastlora.training.optimizer_in_backward) against torch.optim.AdamW(foreach=False) on tiny PEFT models.
 
 Tolerance: none (bitwise equal parameters and state), in fp32 and in bf16 adapters alike. Each in-backward update is
 AdamW's own single-tensor step on the same gradient (a parameter's gradient is complete when its hook runs, and no
@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from fastlora.optimizer_in_backward import AdamWInBackward
+from fastlora.training.optimizer_in_backward import AdamWInBackward
 
 HYPER = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
 

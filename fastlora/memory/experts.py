@@ -1,6 +1,6 @@
 """Mixture-of-experts models in the accounting: fastlora's fused expert path on meta tensors, and NF4 expert storage.
 
-- **Fused experts.** ``fastlora.patch`` puts :class:`fastlora.moe.wiring.FusedExpertsForward` on the outermost
+- **Fused experts.** ``fastlora.patch`` puts :class:`fastlora.wiring.experts.FusedExpertsForward` on the outermost
   PEFT ``ParamWrapper`` of each experts module; :func:`fused_experts_on_meta` does the same on a meta model (patch
   does not go there) and runs :func:`fastlora.moe.experts.grouped_experts_forward`, whose grouped LoRA ops are
   answered by their fake implementations (y and the thin S; dx, dA, dB: no [E, N, K] delta, no weight gradient).
@@ -32,22 +32,12 @@ class MetaOps:
     the same backend name, both answered by fake implementations."""
 
     def __init__(self, dense, backend: str):
-        from fastlora.moe.ops import _Bound
+        from fastlora.grouped_ops import _Bound
 
         self._dense, self._grouped = dense, _Bound(backend)
 
     def __getattr__(self, name: str):
         return getattr(self._grouped if name.startswith("grouped_") else self._dense, name)
-
-
-def experts_modules(model: nn.Module) -> list[nn.Module]:
-    """The transformers experts modules of ``model`` (3-D ``down_proj`` with one slice per expert)."""
-    found = []
-    for module in model.modules():
-        weight = module._parameters.get("down_proj") if hasattr(module, "num_experts") else None
-        if weight is not None and weight.dim() == 3:
-            found.append(module)
-    return found
 
 
 class _MetaExpertsForward:
@@ -59,7 +49,7 @@ class _MetaExpertsForward:
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         from fastlora.moe.experts import grouped_experts_forward
-        from fastlora.moe.wiring import _adapters
+        from fastlora.wiring.experts import _adapters
 
         adapters = {}
         for wrapper in self.chain:
@@ -74,10 +64,11 @@ class _MetaExpertsForward:
 def fused_experts_on_meta(model: nn.Module, backend: str, notes: list[str], nf4: bool) -> Iterator[None]:
     """fastlora's expert path on every experts module of a meta ``model``: fused on PEFT's ParamWrapper chains, and
     (``nf4``) the grouped path with rank 0 on experts modules without LoRA."""
-    from fastlora.moe.wiring import chain_reason, expert_chain, param_wrapper_class
+    from fastlora.moe.nf4_quantize import experts_modules
+    from fastlora.moe.structure import chain_reason, expert_chain, param_wrapper_class
 
     wrapper_class = param_wrapper_class()
-    installed, covered = [], set()
+    installed, covered = [], set()  # installed: (module, the forward it had as an attribute, if any)
     for name, module in model.named_modules():
         if not isinstance(module, wrapper_class) or id(module) in covered:
             continue
@@ -87,29 +78,32 @@ def fused_experts_on_meta(model: nn.Module, backend: str, notes: list[str], nf4:
         if reason not in (None, "weights on the meta device"):
             notes.append(f"{name}: left on PEFT ({reason})")
             continue
+        installed.append((module, module.__dict__.get("forward")))
         module.forward = _MetaExpertsForward(chain, experts, backend)
-        installed.append(module)
         covered.add(id(experts))
     if nf4:
-        for experts in experts_modules(model):
-            if id(experts) not in covered:
+        for _, experts in experts_modules(model):
+            if id(experts) not in covered:  # quantize_experts' NF4ExpertsForward, put back afterwards
+                installed.append((experts, experts.__dict__.get("forward")))
                 experts.forward = _MetaExpertsForward([], experts, backend)
-                installed.append(experts)
     try:
         with nf4_experts_on_meta() if nf4 else contextlib.nullcontext():
             yield
     finally:
-        for module in installed:
-            del module.forward
+        for module, previous in installed:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
 
 @contextlib.contextmanager
 def nf4_experts_on_meta() -> Iterator[None]:
-    """The Triton NF4 grouped forward and backward (:mod:`fastlora.moe.triton`) for meta tensors: the absmax
+    """The Triton NF4 grouped forward and backward (:mod:`fastlora.backends.grouped_triton`) for meta tensors: the absmax
     resolved as they resolve it (real ops on meta, live while the op runs), W as a stride-0 stand-in (the kernel
     decodes the codes in its tiles) and the dense grouped op's fake implementation for the outputs."""
+    from fastlora import grouped_ops
     from fastlora.moe import nf4_grouped
-    from fastlora.moe import ops as moe_ops
 
     forward, backward = nf4_grouped._forward, nf4_grouped._backward
 
@@ -120,13 +114,14 @@ def nf4_experts_on_meta() -> Iterator[None]:
         if x.device.type != "meta":
             return forward(backend, x, offsets, stack, lora_a, lora_b, ranks, scales)
         absmax = stack.resolved_absmax()  # noqa: F841 - live during the op, as in the kernel's launch
-        return moe_ops.grouped_lora_forward(x, offsets, decoded_in_tiles(stack, x), lora_a, lora_b, ranks, scales, backend)
+        weight = decoded_in_tiles(stack, x)
+        return grouped_ops.grouped_lora_forward(x, offsets, weight, lora_a, lora_b, ranks, scales, backend)
 
     def meta_backward(backend, grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x):
         if x.device.type != "meta":
             return backward(backend, grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x)
         absmax = stack.resolved_absmax() if needs_x else None  # noqa: F841 - dA and dB read no W
-        return moe_ops.grouped_lora_backward(grad_out, x, lora_s, offsets, decoded_in_tiles(stack, x), lora_a, lora_b,
+        return grouped_ops.grouped_lora_backward(grad_out, x, lora_s, offsets, decoded_in_tiles(stack, x), lora_a, lora_b,
                                              ranks, scales, needs_x, backend)  # fmt: skip
 
     nf4_grouped._forward, nf4_grouped._backward = meta_forward, meta_backward

@@ -132,8 +132,8 @@ def _options(spec: StepSpec, contender: str) -> list[tuple[str, StepSpec, str]]:
         options.append(("QLoRA with NF4 experts (fastlora.patch(model, quantize_experts='nf4'); bitsandbytes leaves 3-D "
                         "experts dense)", dataclasses.replace(spec, method="qlora", experts="nf4"), who))  # fmt: skip
     if spec.optimizer != "adamw-in-backward":
-        options.append(("AdamW in backward (fastlora.optimizer_in_backward.AdamWInBackward: no full set of gradients, no "
-                        "foreach temporaries; no gradient clipping)", dataclasses.replace(spec, optimizer="adamw-in-backward"),
+        options.append(("AdamW in backward (fastlora.training.optimizer_in_backward.AdamWInBackward: no full set of "
+                        "gradients, no foreach temporaries; no gradient clipping)", dataclasses.replace(spec, optimizer="adamw-in-backward"),
                         contender))  # fmt: skip
     if spec.batch > 1:
         options.append((f"batch 1 with {spec.batch} gradient-accumulation steps", dataclasses.replace(spec, batch=1), contender))
@@ -236,7 +236,7 @@ def add_parser(subparsers) -> None:
                    help="MoE expert weights: dense, or NF4 (fastlora.patch(model, quantize_experts='nf4'); fastlora only)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0],
                    help="torch AdamW with foreach (its CUDA default) or without, or fastlora's AdamW in backward "
-                   "(fastlora.optimizer_in_backward: each parameter updated as its gradient completes)")
+                   "(fastlora.training.optimizer_in_backward: each parameter updated as its gradient completes)")
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default=OPTIMIZER_STATES[0],
                    help="steady: AdamW's moments live through the step (every step but the first); first-step: made by it")
     p.add_argument("--budget", default="24", help="device memory budget in GiB, or a comma list (longest sequence per budget; "

@@ -192,7 +192,7 @@ class LiveBytes(TorchDispatchMode):
         for b in model.buffers():
             self.add(b, "weights")
         def gradient(p: torch.Tensor) -> None:
-            if p.grad is not None:  # None: an optimizer hook before this one consumed it (fastlora.optimizer_in_backward)
+            if p.grad is not None:  # None: an optimizer hook before this one consumed it (fastlora.training.optimizer_in_backward)
                 self.recategorize(p.grad, "adapters")
 
         handles = [p.register_post_accumulate_grad_hook(gradient) for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
 """Which graph a single-adapter layer call runs on, chosen per shape by measuring the whole call.
 
-- "function": fastlora's :class:`~fastlora.autograd.LoRALinearFunction` (the backend's ops, each on its own tuned
+- "function": fastlora's :class:`~fastlora.functions.lora.LoRALinearFunction` (the backend's ops, each on its own tuned
   path, below a Python ``autograd.Function``);
 - "native": the same ops of the C++ backend in one C++ autograd node (``csrc/lora_layer.cpp``: no Python in
   forward or backward), for any base the C++ ops serve (dense, NF4, 8-bit), dropout included;
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from fastlora import tuning
 from fastlora.backends import cpp  # its extension is built on first use, not on import
-from fastlora.nf4 import KEEP_UP_TO_TOKENS, resolve_absmax
+from fastlora.functions.nf4_weight import KEEP_UP_TO_TOKENS, resolve_absmax
 
 _memo = tuning.memo_holder()
 #: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
@@ -97,7 +97,7 @@ def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` ("native", "native_half" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
     if path in _NATIVE_PATHS:
         # The C++ node saves the absmax it is given: with double quantization, this call's resolved fp32 copy (kept
-        # per weight at decode sizes without grad, as fastlora.autograd does).
+        # per weight at decode sizes without grad, as fastlora.functions.lora does).
         keep = not torch.is_grad_enabled() and x.shape[0] <= KEEP_UP_TO_TOKENS
         absmax = resolve_absmax(base.absmax, base.nested, "cpp", keep)
         return cpp.lora_layer(
