@@ -257,3 +257,23 @@ def test_steady_step_holds_the_moments_and_in_backward_no_gradient_set():
     assert "optimizer step" not in in_backward.phase_peaks()  # it allocates nothing: the updates ran in backward
     assert state <= _adapters_in(in_backward, "backward") <= state + 3 * largest  # its gradient, sqrt and denominator
     assert in_backward.peak < steady.peak
+
+
+def test_plan_advises_and_accounts_adamw_in_backward(capsys):
+    """A budget between the two peaks: with torch's AdamW the step does not fit and the plan advises AdamW in
+    backward with what it saves; ``--optimizer adamw-in-backward`` accounts it, and it fits."""
+    import json
+
+    from fastlora.cli import main
+
+    spec = StepSpec("micro", method="qlora", seq=64, checkpointing="non-reentrant")
+    foreach, in_backward = account(spec, "fastlora+loss"), account(dataclasses.replace(spec, optimizer="adamw-in-backward"), "fastlora+loss")
+    budget = str((foreach.peak + in_backward.peak) / 2 / 2**30)
+    args = ["plan", "--model", "micro", "--seq", "64", "--budget", budget, "--contenders", "fastlora+loss", "--no-longest", "--json"]
+    assert main(args) == 1
+    advice = json.loads(capsys.readouterr().out)["contenders"]["fastlora+loss"]["would_fit_with"]
+    saved = (foreach.peak - in_backward.peak) / 2**30
+    assert any(fix.startswith("AdamW in backward") and fix.endswith(f"saves {saved:.2f} GiB") for fix in advice), advice
+    assert main(args + ["--optimizer", "adamw-in-backward"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["spec"]["optimizer"] == "adamw-in-backward" and answer["contenders"]["fastlora+loss"]["peak"] == in_backward.peak
