@@ -102,7 +102,8 @@ def test_slow_candidate_is_never_chosen():
         _assert_close(impl.lora_linear(*args), ref.lora_linear(*args), torch.float32)
         decision = tuning.decisions()[-1]
         assert decision.source == "measured here" and decision.path != "slow"
-        assert decision.times_us["slow"] > 5000 > decision.times_us[decision.path]
+        # (the real path's own time is not bounded: a loaded machine can stall any call; the choice is what counts)
+        assert decision.times_us["slow"] >= 5000 and decision.times_us["slow"] > decision.times_us[decision.path]
 
 
 def test_forced_path_wins_and_is_reported(monkeypatch):

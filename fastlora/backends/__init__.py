@@ -58,6 +58,13 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def varies_per_call(name: str, device_type: str) -> bool:
+    """Whether backend ``name``'s availability on ``device_type`` can change between calls, so it must not be
+    remembered: Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (the tests' interpreter), read per call.
+    Usage: ``if not backends.varies_per_call(name, device.type): cache[name] = ...``"""
+    return name == "triton" and device_type == "cpu"
+
+
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """Why backend ``name`` cannot serve ``device_type`` here, or None when it can."""
     if name not in NAMES:
@@ -117,6 +124,6 @@ def module(name: str, device_type: str, grouped: bool = False) -> ModuleType:
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} cannot run on {device_type}: {reason}")
     found = importlib.import_module(_GROUPED_MODULES[name]) if grouped else _load(name)
-    if not (name == "triton" and device_type == "cpu"):  # that one depends on TRITON_INTERPRET at call time
+    if not varies_per_call(name, device_type):
         _checked[key] = found
     return found

@@ -312,13 +312,13 @@ def implementation(name: str, device_type: str):
     Usage: ``implementation("cpp", "cpu").lora_linear(x, w, None, 0, None, s, b)``
     """
     served = _served.get((name, device_type))
-    if served is not None and not (name == "triton" and device_type == "cpu"):
+    if served is not None and not backends.varies_per_call(name, device_type):
         return served
     module = backends.module(name, device_type)
     if served is None:
         # Triton on CPU is the test interpreter, whose timings mean nothing: its launchers choose their own path
         # (fastlora.kernels.dispatch.choice, FASTLORA_PATH read on every call).
-        if hasattr(module, "candidates") and not (name == "triton" and device_type == "cpu"):
+        if hasattr(module, "candidates") and not backends.varies_per_call(name, device_type):
             served = TunedOps(name, device_type, module, module.candidates(device_type))
         else:
             served = module

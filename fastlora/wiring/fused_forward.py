@@ -51,9 +51,9 @@ class FusedForward:
         self._backends: dict[str, str] = {}
         self._unavailable: dict[str, str] = {}
         # Resolved now for the device the layer is on: a compiled trace must not fill the dict (its guards would
-        # see it change, and recompile). Not Triton on CPU tensors: that depends on TRITON_INTERPRET at call time.
+        # see it change, and recompile), unless the answer varies per call.
         device_type = layer_device(layer).type
-        if device_type != "meta" and not (device_type == "cpu" and self.requested == "triton"):
+        if device_type != "meta" and not backends.varies_per_call(self.requested, device_type):
             self._backend_for(device_type)
         self.report = report
         # An instance-level forward that was there before (e.g. an accelerate hook); None means the class's.
