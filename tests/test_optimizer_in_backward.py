@@ -57,11 +57,11 @@ def _assert_same(model, reference, optimizer, reference_optimizer):
             assert torch.equal(ours["state"][i][name], value), name
 
 
-def _pair(model, accumulation_steps=1):
+def _pair(model, accumulation_steps=1, **options):
     """(model, a copy of it, our optimizer on the model, torch's AdamW(foreach=False) on the copy)."""
     reference = copy.deepcopy(model)
     reference_optimizer = torch.optim.AdamW(_trainable(reference), foreach=False, **HYPER)
-    optimizer = AdamWInBackward(_trainable(model), accumulation_steps=accumulation_steps, **HYPER)
+    optimizer = AdamWInBackward(_trainable(model), accumulation_steps=accumulation_steps, **HYPER, **options)
     return model, reference, optimizer, reference_optimizer
 
 
@@ -206,3 +206,95 @@ def test_hf_trainer_callback_refuses_clipping_and_other_accumulation(tmp_path, o
     with pytest.raises(ValueError, match=message):
         _trainer(model, optimizer, tmp_path, **overrides).train()
     assert all(torch.equal(p, b) for p, b in zip(_trainable(model), before))  # refused before any update
+
+
+# -- moments in host memory (state_device="cpu") ---------------------------------------------------------------------
+# Here the parameters' device is the CPU too: every update still copies the moments to new "device" tensors and back
+# (the same code as on a GPU, without its side stream), so a skipped or wrong copy changes the results.
+
+
+def _moments(optimizer):
+    return [(p, key, state[key]) for p, state in optimizer.state.items() for key in state if key != "step"]
+
+
+def _watch_device_copies(optimizer):
+    """Weak references to every device copy of a moment that the optimizer makes."""
+    import weakref
+
+    made, device_copy = [], optimizer._device_copy
+
+    def watched(host, device, stream):
+        copy_ = device_copy(host, device, stream)
+        made.append(weakref.ref(copy_))
+        return copy_
+
+    optimizer._device_copy = watched
+    return made
+
+
+@pytest.mark.parametrize("dtype,accumulation,amsgrad", [(torch.float32, 1, False), (torch.bfloat16, 2, False),
+                                                        (torch.float32, 2, True)])  # fmt: skip
+def test_host_state_equals_torch_adamw_and_holds_no_device_moments(dtype, accumulation, amsgrad):
+    model, reference, optimizer, reference_optimizer = _pair(_model(dtype), accumulation, state_device="cpu")
+    for opt in (optimizer, reference_optimizer):
+        opt.param_groups[0]["amsgrad"] = amsgrad
+    made = _watch_device_copies(optimizer)
+    batches = _batches(3 * accumulation, seed=12)
+    _train(reference, reference_optimizer, batches[:accumulation], accumulation)
+    _train(model, optimizer, batches[:accumulation], accumulation)
+    buffers = {(id(p), key): t.data_ptr() for p, key, t in _moments(optimizer)}
+    assert len(buffers) == len(_trainable(model)) * (3 if amsgrad else 2)
+    _train(reference, reference_optimizer, batches[accumulation:], accumulation)
+    _train(model, optimizer, batches[accumulation:], accumulation)
+    _assert_same(model, reference, optimizer, reference_optimizer)
+    # Between steps the state holds the same host buffers (refilled in place), in the parameter's dtype, and every
+    # device copy of a moment (2 more steps' worth) has been freed.
+    assert {(id(p), key): t.data_ptr() for p, key, t in _moments(optimizer)} == buffers
+    assert all(t.device == torch.device("cpu") and t.dtype == p.dtype for p, key, t in _moments(optimizer))
+    assert len(made) == 2 * len(buffers) and all(ref() is None for ref in made)
+
+
+def test_host_state_copy_back_is_what_the_next_update_reads():
+    """If an update's moments were not copied back, the next update would read stale host moments: results differ."""
+    model, reference, optimizer, reference_optimizer = _pair(_model(seed=13), state_device="cpu")
+    batches = _batches(2, seed=14)
+    _train(reference, reference_optimizer, batches, 1)
+    _train(model, optimizer, batches[:1], 1)
+    stale = {(id(p), key): t.clone() for p, key, t in _moments(optimizer)}
+    optimizer._moments_to_host = lambda param, hosts: optimizer.state[param].update(
+        {key: hosts.get(key, stale[(id(param), key)]) for key in hosts})  # copy back skipped, buffers put back
+    _train(model, optimizer, batches[1:], 1)
+    assert not all(torch.equal(p, q) for p, q in zip(_trainable(model), _trainable(reference)))
+
+
+def test_host_state_dict_round_trip_with_torch_adamw():
+    model, reference, optimizer, reference_optimizer = _pair(_model(seed=15), state_device="cpu")
+    first, second = _batches(2, seed=16), _batches(2, seed=17)
+    _train(reference, reference_optimizer, first, 1)
+    _train(model, optimizer, first, 1)
+    swapped_ours = AdamWInBackward(_trainable(model), **HYPER, state_device="cpu")
+    swapped_ours.load_state_dict(reference_optimizer.state_dict())
+    assert all(t.device == torch.device("cpu") for _, _, t in _moments(swapped_ours))
+    optimizer.remove_hooks()
+    swapped_torch = torch.optim.AdamW(_trainable(reference), foreach=False, **HYPER)
+    swapped_torch.load_state_dict(optimizer.state_dict())
+    for m, opt in ((reference, swapped_torch), (model, swapped_ours)):
+        _train(m, opt, second, 1)
+    _assert_same(model, reference, swapped_ours, swapped_torch)
+
+
+def test_host_state_refuses_other_devices():
+    with pytest.raises(ValueError, match="only 'cpu'"):
+        AdamWInBackward(_trainable(_model()), state_device="meta")
+
+
+@pytest.mark.gpu
+def test_host_state_on_cuda_equals_torch_adamw_with_pinned_moments():
+    """CUDA: the copies on the side stream (pinned host buffers, events) give AdamW's results to the bit.
+    Run: python -m pytest -q tests/test_optimizer_in_backward.py -m gpu"""
+    model, reference, optimizer, reference_optimizer = _pair(_model().cuda(), state_device="cpu")
+    batches = [ids.cuda() for ids in _batches(4, seed=18)]
+    _train(reference, reference_optimizer, batches, 1)
+    _train(model, optimizer, batches, 1)
+    _assert_same(model, reference, optimizer, reference_optimizer)
+    assert all(t.device.type == "cpu" and t.is_pinned() for _, _, t in _moments(optimizer))

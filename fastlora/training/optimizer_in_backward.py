@@ -25,9 +25,19 @@ What the in-backward update changes, and what is refused:
 - Each trainable parameter must receive one gradient per backward (true for LoRA adapters; a parameter shared by
   several reentrant-checkpointed segments would be updated per segment, and :meth:`step` raises).
 
+**Moments in host memory** (``state_device="cpu"``): between updates each parameter's moments live in host memory
+(pinned when the parameter is on a GPU); its update copies them to the parameter's device, runs the same AdamW step
+there and copies them back, so the device holds one parameter's moments at a time (the results stay AdamW's to the
+bit). Each update moves its moments both ways: 2 x 2 x 4 bytes per fp32 moment element and step. On CUDA the copies
+run on a side stream, ordered by events: the default stream waits for a parameter's moments to arrive, never the
+host; the copy back of one update and the copy in of the next update of that parameter are on the same stream, so
+neither a moment nor its host buffer is read before its copy finished. :meth:`state_dict` waits for the copies back.
+Not prefetched: which parameter's gradient completes next is only known once it does (backward order, checkpoint
+recomputation, accumulation); a wrong guess would hold moments on the device for nothing.
+
 Usage::
 
-    optimizer = AdamWInBackward(model.parameters(), lr=2e-4)        # plain loop:
+    optimizer = AdamWInBackward(model.parameters(), lr=2e-4)        # plain loop (state_device="cpu": moments on the host)
     for batch in batches:
         model(**batch).loss.backward()    # every parameter is updated during this call
         optimizer.step()                  # checks, and applies gradients still held (none here)
@@ -39,29 +49,40 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import contextlib
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
+
+#: AdamW's per-parameter state kept in host memory with ``state_device``; "step" is a CPU scalar already.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class AdamWInBackward(torch.optim.AdamW):
     """``torch.optim.AdamW`` (foreach off) whose update of each parameter runs in backward, from the parameter's
     post-accumulate-grad hook, after which its ``.grad`` is freed (see the module doc: accumulation, clipping,
     fp16, distributed). ``accumulation_steps``: gradients per update (micro-batches per optimizer step).
+    ``state_device="cpu"``: the moments live in host memory between updates (module doc); None keeps them with
+    their parameter. Every update then copies them, even for a parameter on the CPU (what the tests exercise).
 
-    Usage: ``optimizer = AdamWInBackward(model.parameters(), lr=2e-4, accumulation_steps=4)``
+    Usage: ``optimizer = AdamWInBackward(model.parameters(), lr=2e-4, accumulation_steps=4, state_device="cpu")``
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 accumulation_steps: int = 1) -> None:  # fmt: skip
+                 accumulation_steps: int = 1, state_device: Union[str, torch.device, None] = None) -> None:  # fmt: skip
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
+        if state_device is not None and torch.device(state_device).type != "cpu":
+            raise ValueError(f"state_device={state_device!r}: only 'cpu' (host memory) is supported; None keeps the "
+                             "moments on their parameter's device")  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise RuntimeError("AdamWInBackward updates each parameter before a data-parallel all-reduce of its gradient "
                                "would finish: use it in single-process training")  # fmt: skip
         self.accumulation_steps = accumulation_steps
+        self.state_device = None if state_device is None else torch.device(state_device)
+        self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}
         self._hooks: dict[Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._received: dict[Tensor, int] = {}  # gradients accumulated since the parameter's last update
         self._updates: dict[Tensor, int] = {}  # updates since the last step()
@@ -87,14 +108,107 @@ class AdamWInBackward(torch.optim.AdamW):
         """Update ``param`` from the gradient it holds now (AdamW's step on it alone) and free the gradient: what its
         backward hook calls on its last micro-batch."""
         group = self._group(param)
+        hosts = self._moments_to_device(param) if self.state_device is not None else None
         groups, self.param_groups = self.param_groups, [{**group, "params": [param]}]
         try:
             super().step()
+        except BaseException:
+            if hosts:
+                self.state[param].update(hosts)  # the update failed: the host moments are still the valid ones
+            raise
         finally:
             self.param_groups = groups
+        if hosts is not None:
+            self._moments_to_host(param, hosts)
         param.grad = None
         self._received[param] = 0
         self._updates[param] = self._updates.get(param, 0) + 1
+
+    # -- moments in host memory (state_device) --------------------------------------------------------------------
+
+    def _moments_to_device(self, param: Tensor) -> dict[str, Tensor]:
+        """Replace ``param``'s host moments in its state by device copies; returns the host buffers (none before
+        its first update: AdamW then makes the moments on the device)."""
+        state = self.state[param]
+        hosts = {key: state[key] for key in MOMENTS if key in state}
+        stream = self._copy_stream(param.device)
+        if stream is not None and hosts:
+            stream.wait_stream(torch.cuda.current_stream(param.device))  # the copies' device memory is free
+        for key, host in hosts.items():
+            state[key] = self._device_copy(host, param.device, stream)
+        if stream is not None and hosts:
+            torch.cuda.current_stream(param.device).wait_stream(stream)  # the update reads the arrived moments
+        return hosts
+
+    def _device_copy(self, host: Tensor, device: torch.device, stream: Optional["torch.cuda.Stream"]) -> Tensor:
+        copy = torch.empty(host.shape, dtype=host.dtype, device=device)  # a new tensor even when device is the host
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            copy.copy_(host, non_blocking=stream is not None)
+        return copy
+
+    def _moments_to_host(self, param: Tensor, hosts: dict[str, Tensor]) -> None:
+        """Copy ``param``'s updated moments back into their host buffers (new ones after its first update) and put
+        the buffers back in its state; the device copies are freed once the copy has read them."""
+        state = self.state[param]
+        stream = self._copy_stream(param.device)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(param.device))  # the update wrote the moments
+        for key in MOMENTS:
+            if key not in state:
+                continue
+            moment = state[key]
+            host = hosts.get(key)
+            if host is None:
+                host = self._new_host_buffer(moment)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                host.copy_(moment, non_blocking=stream is not None)
+            if stream is not None:
+                moment.record_stream(stream)  # its memory is not reused before the copy read it
+            state[key] = host
+
+    def _new_host_buffer(self, like: Tensor) -> Tensor:
+        if like.device.type == "cpu":
+            return torch.empty(like.shape, dtype=like.dtype, device=self.state_device)
+        try:  # pinned: asynchronous copies
+            return torch.empty(like.shape, dtype=like.dtype, device=self.state_device, pin_memory=True)
+        except RuntimeError:  # meta parameters on a machine without a pinned-memory allocator
+            return torch.empty(like.shape, dtype=like.dtype, device=self.state_device)
+
+    def _copy_stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
+        if device.type != "cuda":
+            return None
+        if device not in self._copy_streams:
+            self._copy_streams[device] = torch.cuda.Stream(device)
+        return self._copy_streams[device]
+
+    def wait_for_state(self) -> None:
+        """Block the host until every copy of moments to host memory has finished (before reading ``self.state``
+        directly; :meth:`state_dict` does it)."""
+        for stream in self._copy_streams.values():
+            stream.synchronize()
+
+    def state_dict(self) -> dict:
+        """``torch.optim.AdamW.state_dict``, after the moments' copies to host memory finished."""
+        self.wait_for_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.AdamW.load_state_dict``. With ``state_device``, the moments are copied into host buffers
+        directly (torch's would cast them all onto the parameters' device first)."""
+        if self.state_device is None:
+            super().load_state_dict(state_dict)
+            return
+        self.wait_for_state()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        moments = {i: {k: v for k, v in s.items() if k in MOMENTS} for i, s in state_dict["state"].items()}
+        rest = {i: {k: v for k, v in s.items() if k not in MOMENTS} for i, s in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": rest})
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in moments.get(saved_id, {}).items():
+                host = self._new_host_buffer(param)
+                host.copy_(value)  # casts to the parameter's dtype, as torch's load does
+                self.state[param][key] = host
 
     def _group(self, param: Tensor) -> dict:
         # load_state_dict replaces param_groups (a new list of new dicts); add_param_group appends to it.
