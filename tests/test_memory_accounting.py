@@ -230,15 +230,17 @@ def _adapters_in(accounting, phase: str) -> int:
     return max(b["adapters"] for (p, _), (_, b) in accounting.segment_peaks.items() if p == phase)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw-in-backward"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-in-backward", "adamw-in-backward-host-state"])
 @pytest.mark.parametrize("optimizer_state", ["steady", "first-step"])
 @pytest.mark.parametrize("contender", ["peft", "fastlora+loss"])
 def test_optimizer_accounting_equals_real_cpu_allocations(optimizer, optimizer_state, contender):
-    """AdamW without foreach and fastlora's AdamW in backward, in a steady step (moments made before it) and a
-    first one: the meta accounting equals the real CPU step."""
+    """AdamW without foreach and fastlora's AdamW in backward (moments with the parameters or in host memory), in a
+    steady step (moments made before it) and a first one: the meta accounting equals the real CPU step, host
+    memory included."""
     spec = StepSpec("micro", method="qlora", seq=96 + 7, batch=2, checkpointing="non-reentrant", optimizer=optimizer,
                     optimizer_state=optimizer_state)  # fmt: skip
-    _meta_equals_real(spec, contender)
+    meta, real = _meta_equals_real(spec, contender, both=True)
+    assert meta.host_peak == real.host_peak
 
 
 def test_steady_step_holds_the_moments_and_in_backward_no_gradient_set():
@@ -257,6 +259,22 @@ def test_steady_step_holds_the_moments_and_in_backward_no_gradient_set():
     assert "optimizer step" not in in_backward.phase_peaks()  # it allocates nothing: the updates ran in backward
     assert state <= _adapters_in(in_backward, "backward") <= state + 3 * largest  # its gradient, sqrt and denominator
     assert in_backward.peak < steady.peak
+
+
+def test_host_state_holds_one_parameters_moments_on_the_device():
+    """AdamW in backward with its moments in host memory: the host holds both moments (2P), the device the
+    parameters and step counters from the forward on, and in backward at most one parameter's gradient, its two
+    moments' copies and its update temporaries beside them."""
+    spec = StepSpec("micro", method="qlora", seq=512, checkpointing="non-reentrant", optimizer="adamw-in-backward-host-state")
+    params, count, largest = _trainable_bytes(spec)
+    for optimizer_state in ("steady", "first-step"):
+        host = account(dataclasses.replace(spec, optimizer_state=optimizer_state), "fastlora+loss")
+        assert host.host_peak == 2 * params and "optimizer step" not in host.phase_peaks()
+        on_device = params + 4 * count if optimizer_state == "steady" else params
+        assert _adapters_in(host, "forward") == on_device
+        assert params < _adapters_in(host, "backward") <= params + 4 * count + 5 * largest  # gradient, 2 moments, sqrt, denominator
+    in_backward = account(dataclasses.replace(spec, optimizer="adamw-in-backward"), "fastlora+loss")
+    assert host.peak < in_backward.peak and in_backward.host_peak == 0
 
 
 def test_plan_advises_and_accounts_adamw_in_backward(capsys):

@@ -46,8 +46,9 @@ from fastlora.memory.tracker import CATEGORIES, LiveBytes
 CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant", "offload")
 METHODS = ("lora", "qlora")
-#: torch.optim.AdamW with foreach (torch's default on CUDA), with foreach off, and fastlora's AdamW in backward.
-OPTIMIZERS = ("adamw-foreach", "adamw", "adamw-in-backward")
+#: torch.optim.AdamW with foreach (torch's default on CUDA), with foreach off, fastlora's AdamW in backward, and the
+#: same with its moments in host memory (state_device="cpu": host memory, one parameter's moments on the device).
+OPTIMIZERS = ("adamw-foreach", "adamw", "adamw-in-backward", "adamw-in-backward-host-state")
 OPTIMIZER_STATES = ("steady", "first-step")
 
 
@@ -102,7 +103,7 @@ class Accounting:
     breakdown: dict[str, int]
     phase: str
     notes: list[str]
-    host_peak: int = 0  # host memory the offloaded checkpoints hold at most (pinned on a GPU)
+    host_peak: int = 0  # host memory (pinned on a GPU) at most: offloaded checkpoints, AdamW moments kept on the host
     segment_peaks: dict = dataclasses.field(default_factory=dict, repr=False)  # (phase, layer position) -> (bytes, breakdown)
 
     def phase_peaks(self) -> dict[str, int]:
@@ -368,15 +369,19 @@ def _optimizer(spec: StepSpec, model: nn.Module, stack: contextlib.ExitStack) ->
     from fastlora.training.optimizer_in_backward import AdamWInBackward
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer == "adamw-in-backward":
-        optimizer = AdamWInBackward(params, lr=1e-4)
+    if spec.optimizer.startswith("adamw-in-backward"):
+        state_device = "cpu" if spec.optimizer == "adamw-in-backward-host-state" else None
+        optimizer = AdamWInBackward(params, lr=1e-4, state_device=state_device)
         stack.callback(optimizer.remove_hooks)  # the meta model is kept for the next accounting
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=spec.optimizer == "adamw-foreach")
     if spec.optimizer_state == "steady":
         for p in params:
             p.grad = torch.zeros_like(p)
-        optimizer.step()
+        # On meta, host moments need the tracker's stand-ins (a meta tensor has no data to copy to the host).
+        on_meta = getattr(optimizer, "state_device", None) is not None and params and params[0].device.type == "meta"
+        with LiveBytes() if on_meta else contextlib.nullcontext():
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return optimizer
 
@@ -384,10 +389,12 @@ def _optimizer(spec: StepSpec, model: nn.Module, stack: contextlib.ExitStack) ->
 def _count_optimizer(optimizer: torch.optim.Optimizer, tracker: LiveBytes, notes: list[str]) -> None:
     """Count the optimizer's state made before the step (a steady step's moments) as adapters; the in-backward
     optimizer's updates count their allocations and the gradient they consume as adapters too."""
+    on_host = getattr(optimizer, "state_device", None) is not None
     for state in optimizer.state.values():
-        for value in state.values():
+        for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tracker.add(value, "adapters")
+                with tracker.host_allocations() if on_host and key != "step" else contextlib.nullcontext():
+                    tracker.add(value, "adapters")
     if optimizer.state:
         notes.append("a steady step: AdamW's moments live from its start (as in every step but the first)")
     apply_gradient = getattr(optimizer, "apply_gradient", None)
@@ -395,6 +402,16 @@ def _count_optimizer(optimizer: torch.optim.Optimizer, tracker: LiveBytes, notes
         return
     notes.append("AdamW in backward (fastlora.training.optimizer_in_backward): each LoRA parameter updated, and its "
                  "gradient freed, as soon as its gradient is complete")  # fmt: skip
+    if on_host:
+        notes.append("AdamW's moments in host memory (state_device='cpu'): each update copies its parameter's moments "
+                     "to the device and back (host memory counted apart)")  # fmt: skip
+        new_host_buffer = optimizer._new_host_buffer
+
+        def counted_host_buffer(like: torch.Tensor) -> torch.Tensor:
+            with tracker.host_allocations():
+                return new_host_buffer(like)
+
+        optimizer._new_host_buffer = counted_host_buffer
 
     def counted(param: torch.Tensor) -> None:
         tracker.recategorize(param.grad, "adapters")
