@@ -173,7 +173,7 @@ def run_moe(models: list[str], seq: int = 4096, rank: int = 16, optimizers: tupl
         a = account(spec, contender)
         rows.append({"model": model, "method": method, "targets": targets, "experts": experts, "contender": contender,
                      "optimizer": optimizer, "optimizer_state": optimizer_state, "peak": a.peak, "breakdown": a.breakdown,
-                     "phase": a.phase, "phase_peaks": a.phase_peaks(), "notes": a.notes})  # fmt: skip
+                     "phase": a.phase, "phase_peaks": a.phase_peaks(), "notes": a.notes, "host_peak": a.host_peak})  # fmt: skip
     return rows
 
 
@@ -188,16 +188,18 @@ def render_moe(rows: list[dict], seq: int, environment: str) -> str:
         "fastlora rows: fused expert path and the fused loss. \"above weights\": peak minus frozen weights (it "
         "includes the LoRA parameters, their gradients and AdamW state). Forward/backward: the largest peak of those "
         "phases, above the weights. Optimizers: torch.optim.AdamW with foreach (its CUDA default) or without, and "
-        "fastlora's AdamW in backward (fastlora.training.optimizer_in_backward; its updates run in the backward phase). "
-        "Steady step: AdamW's two moments live from the step's start (every step but the first); first-step: the "
-        "step makes them.",
+        "fastlora's AdamW in backward (fastlora.training.optimizer_in_backward; its updates run in the backward phase), "
+        "with its moments on the device or in host memory (-host-state: state_device='cpu'; each update copies its "
+        "parameter's two moments to the device and back). Host GiB: host memory the step holds (moments kept there, "
+        "offloaded checkpoints). Steady step: AdamW's two moments live from the step's start (every step but the "
+        "first); first-step: the step makes them.",
         "",
         environment,
         "",
         "| model | method | LoRA on | experts | contender | optimizer | step | peak GiB | above weights | vs PEFT | "
-        "forward/backward above weights | optimizer step above weights | weights | adapters+grads+AdamW | activations | "
-        "logits | transient |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "forward/backward above weights | optimizer step above weights | host GiB | weights | adapters+grads+AdamW | "
+        "activations | logits | transient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peft = {(r["model"], r["method"], r["targets"], r.get("optimizer_state")): r["peak"] - r["breakdown"]["weights"]
             for r in rows if r["contender"] == "peft" and r.get("optimizer", "adamw-foreach") == "adamw-foreach"}  # fmt: skip
@@ -212,7 +214,7 @@ def render_moe(rows: list[dict], seq: int, environment: str) -> str:
         lines.append(f"| {r['model']} | {r['method']} | {r['targets']} | {r['experts']} | {r['contender']} | "
                      f"{r.get('optimizer', 'adamw-foreach')} | {r.get('optimizer_state', 'first-step')} | "
                      f"{r['peak'] / GIB:.2f} | {(r['peak'] - w) / GIB:.2f} | {ratio} | {(fwd_bwd - w) / GIB:.2f} | "
-                     f"{step_cell} | {cells} |")  # fmt: skip
+                     f"{step_cell} | {r.get('host_peak', 0) / GIB:.2f} | {cells} |")  # fmt: skip
     notes = sorted({n for r in rows for n in r["notes"]})
     return "\n".join(lines + ["", "Notes:", *[f"- {n}" for n in notes]]) + "\n"
 

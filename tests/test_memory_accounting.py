@@ -295,3 +295,23 @@ def test_plan_advises_and_accounts_adamw_in_backward(capsys):
     assert main(args + ["--optimizer", "adamw-in-backward"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["spec"]["optimizer"] == "adamw-in-backward" and answer["contenders"]["fastlora+loss"]["peak"] == in_backward.peak
+
+
+def test_plan_host_state_counts_moments_on_the_host_budget_not_per_token(capsys):
+    """``--optimizer adamw-in-backward-host-state``: the host holds the moments (2P, whatever the tokens) and the
+    offloaded checkpoints (per token): a budget of 2P + 3 MiB caps micro at 6144 tokens as 3 MiB alone does without
+    the moments (test above); a budget under 2P fits no sequence."""
+    import json
+
+    from fastlora.cli import main
+
+    params, _, _ = _trainable_bytes(StepSpec("micro"))
+    args = ["plan", "--model", "micro", "--seq", "4096", "--budget", "0.05,0.1", "--contenders", "fastlora+all",
+            "--optimizer", "adamw-in-backward-host-state", "--json", "--host-budget"]  # fmt: skip
+    assert main(args + [str((2 * params + 3 * 2**20) / 2**30)]) == 0
+    answer = json.loads(capsys.readouterr().out)["contenders"]["fastlora+all"]
+    assert answer["host_state"] == 2 * params and answer["host_peak"] == 2 * params + 2 * 4096 * 128 * 2
+    assert answer["longest_seq"] == {"0.05": 6144, "0.1": 6144} and answer["host_limited"]
+    assert main(args + [str(params / 2**30)]) == 1
+    answer = json.loads(capsys.readouterr().out)["contenders"]["fastlora+all"]
+    assert not answer["fits"] and answer["longest_seq"] == {"0.05": 0, "0.1": 0}

@@ -50,7 +50,7 @@ class ContenderPlan:
         a = self.accounting
         return {
             "fits": self.fits, "error": self.error, "peak": a and a.peak, "phase": a and a.phase,
-            "breakdown": a and a.breakdown, "host_peak": a and a.host_peak, "notes": a and a.notes,
+            "breakdown": a and a.breakdown, "host_peak": a and a.host_peak, "host_state": a and a.host_state, "notes": a and a.notes,
             "longest_seq": {f"{b:g}": seq for b, seq in self.longest_by_budget.items()}, "host_limited": self.host_limited,
             "would_fit_with": self.fixes,
         }  # fmt: skip
@@ -110,6 +110,17 @@ def _predicted(known: dict[int, int], budget: int, limit: int) -> int:
     return int(max(SEQ_STEP, min(limit, seq)) // SEQ_STEP * SEQ_STEP)
 
 
+def _host_capped_seq(seq: int, accounting: Accounting, host_budget: Optional[int]) -> Optional[int]:
+    """The longest sequence whose host memory fits ``host_budget`` (None: no cap): offloaded checkpoints grow with
+    the tokens, AdamW moments in host memory (``accounting.host_state``) do not."""
+    per_tokens = accounting.host_peak - accounting.host_state
+    if not host_budget or not accounting.host_peak:
+        return None
+    if host_budget < accounting.host_state:
+        return 0
+    return seq * (host_budget - accounting.host_state) // per_tokens if per_tokens else None
+
+
 def _options(spec: StepSpec, contender: str) -> list[tuple[str, StepSpec, str]]:
     """Other ways to run the same step, each (description, spec, contender), least intrusive first."""
     options = []
@@ -131,10 +142,14 @@ def _options(spec: StepSpec, contender: str) -> list[tuple[str, StepSpec, str]]:
         who = contender if contender != "peft" else "fastlora+loss"
         options.append(("QLoRA with NF4 experts (fastlora.patch(model, quantize_experts='nf4'); bitsandbytes leaves 3-D "
                         "experts dense)", dataclasses.replace(spec, method="qlora", experts="nf4"), who))  # fmt: skip
-    if spec.optimizer != "adamw-in-backward":
+    if not spec.optimizer.startswith("adamw-in-backward"):
         options.append(("AdamW in backward (fastlora.training.optimizer_in_backward.AdamWInBackward: no full set of "
                         "gradients, no foreach temporaries; no gradient clipping)", dataclasses.replace(spec, optimizer="adamw-in-backward"),
                         contender))  # fmt: skip
+    if spec.optimizer != "adamw-in-backward-host-state":
+        options.append(("AdamW in backward with its moments in host memory (AdamWInBackward(..., state_device='cpu'): "
+                        "one parameter's moments on the device at a time, copied both ways each step)",
+                        dataclasses.replace(spec, optimizer="adamw-in-backward-host-state"), contender))  # fmt: skip
     if spec.batch > 1:
         options.append((f"batch 1 with {spec.batch} gradient-accumulation steps", dataclasses.replace(spec, batch=1), contender))
     return options
@@ -158,8 +173,9 @@ def plan(spec: StepSpec, budgets_gib: tuple[float, ...], contenders: tuple[str, 
         longest_by_budget, host_limited = {}, not host_fits
         if longest:
             known = {spec.seq: accounting.peak}
-            # Offloaded checkpoints grow exactly with the tokens: the host budget caps the sequence directly.
-            host_cap = (host_budget * spec.seq // accounting.host_peak) if host_budget and accounting.host_peak else None
+            # Offloaded checkpoints grow exactly with the tokens (moments kept on the host do not): the host budget
+            # caps the sequence directly.
+            host_cap = _host_capped_seq(spec.seq, accounting, host_budget)
             for b in budgets_gib:
                 seq = longest_fitting_seq(spec, contender, int(b * GIB), known=known)
                 if host_cap is not None and seq > host_cap:
@@ -201,7 +217,7 @@ def render(spec: StepSpec, budgets_gib: tuple[float, ...], answer: dict[str, Con
         if phases:
             lines.append("  peak per phase: " + ", ".join(f"{phase} {nbytes / GIB:.2f} GiB" for phase, nbytes in phases.items()))
         if a.host_peak:
-            lines.append(f"  {'host memory (offloaded checkpoints)':<36} {a.host_peak / GIB:8.2f} GiB")
+            lines.append(f"  {'host memory (checkpoints, moments)':<36} {a.host_peak / GIB:8.2f} GiB")
         for b, seq in p.longest_by_budget.items():
             if seq:
                 lines.append(f"  longest sequence that fits {b:g} GiB: {seq} tokens at batch {spec.batch} (multiples of {SEQ_STEP})")
@@ -236,12 +252,13 @@ def add_parser(subparsers) -> None:
                    help="MoE expert weights: dense, or NF4 (fastlora.patch(model, quantize_experts='nf4'); fastlora only)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0],
                    help="torch AdamW with foreach (its CUDA default) or without, or fastlora's AdamW in backward "
-                   "(fastlora.training.optimizer_in_backward: each parameter updated as its gradient completes)")
+                   "(fastlora.training.optimizer_in_backward: each parameter updated as its gradient completes), "
+                   "with its moments in host memory (-host-state: state_device='cpu')")
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default=OPTIMIZER_STATES[0],
                    help="steady: AdamW's moments live through the step (every step but the first); first-step: made by it")
     p.add_argument("--budget", default="24", help="device memory budget in GiB, or a comma list (longest sequence per budget; "
                    "the first decides fits)")
-    p.add_argument("--host-budget", type=float, help="host memory in GiB for offloaded checkpoints (default: unlimited)")
+    p.add_argument("--host-budget", type=float, help="host memory in GiB for offloaded checkpoints and host-kept moments (default: unlimited)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}")
     p.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search (faster)")

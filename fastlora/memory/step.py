@@ -105,6 +105,7 @@ class Accounting:
     notes: list[str]
     host_peak: int = 0  # host memory (pinned on a GPU) at most: offloaded checkpoints, AdamW moments kept on the host
     segment_peaks: dict = dataclasses.field(default_factory=dict, repr=False)  # (phase, layer position) -> (bytes, breakdown)
+    host_state: int = 0  # of host_peak, AdamW's moments kept in host memory (the part that does not grow with tokens)
 
     def phase_peaks(self) -> dict[str, int]:
         """The peak of each phase of the step (forward, backward, optimizer step)."""
@@ -360,7 +361,7 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                 optimizer.zero_grad(set_to_none=True)
     breakdown = {c: tracker.peak_breakdown[c] for c in CATEGORIES}
     return Accounting(spec, contender, tracker.peak, breakdown, tracker.peak_phase, notes, tracker.host_peak,
-                      tracker.segment_peaks)  # fmt: skip
+                      tracker.segment_peaks, _host_state(optimizer))  # fmt: skip
 
 
 def _optimizer(spec: StepSpec, model: nn.Module, stack: contextlib.ExitStack) -> torch.optim.Optimizer:
@@ -384,6 +385,15 @@ def _optimizer(spec: StepSpec, model: nn.Module, stack: contextlib.ExitStack) ->
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return optimizer
+
+
+def _host_state(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the moments ``optimizer`` keeps in host memory (AdamWInBackward with state_device; else 0)."""
+    from fastlora.training.optimizer_in_backward import MOMENTS
+
+    if getattr(optimizer, "state_device", None) is None:
+        return 0
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for k, t in state.items() if k in MOMENTS)
 
 
 def _count_optimizer(optimizer: torch.optim.Optimizer, tracker: LiveBytes, notes: list[str]) -> None:
@@ -425,6 +435,7 @@ def _extrapolated(spec: StepSpec, contender: str, layers: int, **options) -> Acc
     """:func:`account` of ``spec`` with FEW_LAYERS decoder layers, extrapolated to ``layers``."""
     few, more = (account(dataclasses.replace(spec, layers=n), contender, **options) for n in FEW_LAYERS)
     segments, host = extrapolated((few.segment_peaks, few.host_peak), (more.segment_peaks, more.host_peak), layers)
+    _, host_state = extrapolated(({}, few.host_state), ({}, more.host_state), layers)
     (phase, _), (peak, breakdown) = max(segments.items(), key=lambda item: item[1][0])
     notes = [f"accounted with {FEW_LAYERS[0]} and {FEW_LAYERS[1]} decoder layers, extrapolated to {layers} (every layer "
              "runs the same ops: fastlora.memory.layers)"]  # fmt: skip
@@ -432,7 +443,7 @@ def _extrapolated(spec: StepSpec, contender: str, layers: int, **options) -> Acc
     notes += [extrapolated_note(a, b, layers) for a, b in zip(*model_notes)]
     layer_notes = sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in more.notes if ".layers." in n})
     notes += [f"every decoder layer's {n}" for n in layer_notes]
-    return Accounting(spec, contender, peak, breakdown, phase, notes, host, segments)
+    return Accounting(spec, contender, peak, breakdown, phase, notes, host, segments, host_state)
 
 
 def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description: str) -> None:
