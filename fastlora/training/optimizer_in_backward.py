@@ -28,7 +28,7 @@ What the in-backward update changes, and what is refused:
 **Moments in host memory** (``state_device="cpu"``): between updates each parameter's moments live in host memory
 (pinned when the parameter is on a GPU); its update copies them to the parameter's device, runs the same AdamW step
 there and copies them back, so the device holds one parameter's moments at a time (the results stay AdamW's to the
-bit). Each update moves its moments both ways: 2 x 2 x 4 bytes per fp32 moment element and step. On CUDA the copies
+bit). Each optimizer step copies every moment in and back: 8 bytes per fp32 parameter element each way. On CUDA the copies
 run on a side stream, ordered by events: the default stream waits for a parameter's moments to arrive, never the
 host; the copy back of one update and the copy in of the next update of that parameter are on the same stream, so
 neither a moment nor its host buffer is read before its copy finished. :meth:`state_dict` waits for the copies back.
