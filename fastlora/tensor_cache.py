@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable, Generic, Hashable, TypeVar
 
@@ -59,3 +60,19 @@ class TensorCache(Generic[T]):
     def values(self) -> list[T]:
         """The values cached now."""
         return [entry[2] for entry in self._entries.values()]
+
+
+@functools.lru_cache(maxsize=256)
+def _column_scales(device: torch.device, ranks: tuple[int, ...], scales: tuple[float, ...]) -> torch.Tensor:
+    values = [s for r, s in zip(ranks, scales) for _ in range(r)]
+    return lasting(lambda: torch.tensor(values, dtype=torch.float32, device=device))
+
+
+def column_scales(ranks: list[int], scales: list[float], device: torch.device) -> torch.Tensor:
+    """f32[R]: each stacked rank column's LoRA scale (adapter a's s_a over its r_a columns). Cached per (device,
+    ranks, scales): on CUDA each build is a blocking host-to-device copy, and a CUDA-graph capture may only read it.
+    Read-only for callers.
+
+    Usage: ``column_scales([16, 8], [2.0, 0.5], x.device)``
+    """
+    return _column_scales(torch.device(device), tuple(ranks), tuple(scales))

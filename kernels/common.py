@@ -254,17 +254,6 @@ def _group_tables(device: torch.device, ranks: tuple[int, ...], dropout_p: tuple
     return groups, group_scales, max(r for _, r, _, _ in rows)
 
 
-@functools.lru_cache(maxsize=256)
-def _column_scales(device: torch.device, ranks: tuple[int, ...], scales: tuple[float, ...]) -> torch.Tensor:
-    return torch.tensor([s for r, s in zip(ranks, scales) for _ in range(r)], dtype=torch.float32, device=device)
-
-
-def column_scales(ranks: list[int], scales: list[float], device: torch.device) -> torch.Tensor:
-    """f32[R]: each stacked rank column's LoRA scale (adapter a's s_a over its r_a columns), for the thin kernels'
-    epilogue. Cached per (device, ranks, scales) like :func:`adapter_groups`, so CUDA-graph captures only read it."""
-    return _column_scales(torch.device(device), tuple(ranks), tuple(scales))
-
-
 # Per (autotuned kernel, launch key): the kwargs of the config its autotuner chose.
 _TUNED: dict[tuple, dict] = {}
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels import common
+from fastlora.tensor_cache import column_scales
 
 # At decode-sized M the grid is one program per adapter group, streaming all of x and A (or dy and B, for
 # lora_up_grad: ~1.4 MB at N=14336) through one SM, whose bandwidth is bounded by the bytes it has in flight:
@@ -91,7 +92,7 @@ def thin_down(
     if a.shape[0] == 0:
         return s
     groups, keep_scales, widest = common.adapter_groups(ranks, dropout_p, x.device)
-    col_scales = common.column_scales(ranks, scales, x.device)
+    col_scales = column_scales(ranks, scales, x.device)
     grid = lambda meta: (common.cdiv(m, meta["BLOCK_M"]), groups.shape[0])  # noqa: E731
     bucket, r_block = common.m_bucket(m), common.rank_block(widest)
     common.launch(

@@ -17,12 +17,10 @@ Usage::
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from fastlora.tensor_cache import lasting
+from fastlora.tensor_cache import column_scales
 
 
 def expert_ranges(offsets: Tensor) -> list[tuple[int, int, int]]:
@@ -36,22 +34,6 @@ def expert_ranges(offsets: Tensor) -> list[tuple[int, int, int]]:
     return ranges
 
 
-@functools.lru_cache(maxsize=256)
-def _rank_scales(device: torch.device, ranks: tuple[int, ...], scales: tuple[float, ...]) -> Tensor:
-    values = [s for r, s in zip(ranks, scales) for _ in range(r)]
-    return lasting(lambda: torch.tensor(values, dtype=torch.float32, device=device))
-
-
-def rank_scales(ranks: list[int], scales: list[float], device: torch.device) -> Tensor:
-    """fp32 [R]: each adapter's LoRA scale repeated over its rank slice. Cached per (device, ranks, scales): built
-    once, since on CUDA each build is a blocking host-to-device copy (the forward and backward of every MoE layer
-    ask for it). Read-only for callers.
-
-    Usage: ``rank_scales([16], [2.0], x.device)``
-    """
-    return _rank_scales(torch.device(device), tuple(ranks), tuple(scales))
-
-
 def grouped_lora_forward(
     x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: list[int], scales: list[float]
 ) -> tuple[Tensor, Tensor]:
@@ -59,7 +41,7 @@ def grouped_lora_forward(
     rows, n, r = x.shape[0], weight.shape[1], lora_a.shape[1]
     y = x.new_zeros((rows, n), dtype=torch.float32)
     lora_s = x.new_zeros((rows, r), dtype=torch.float32)
-    column_scale = rank_scales(ranks, scales, x.device)
+    column_scale = column_scales(ranks, scales, x.device)
     for expert, start, end in expert_ranges(offsets):
         x_e = x[start:end].float()
         s_e = (x_e @ lora_a[expert].float().T) * column_scale
@@ -85,7 +67,7 @@ def grouped_lora_backward(
     grad_x = grad_out.new_zeros((rows if needs_input_grad else 0, k), dtype=torch.float32)
     grad_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
     grad_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=x.device)
-    column_scale = rank_scales(ranks, scales, x.device)
+    column_scale = column_scales(ranks, scales, x.device)
     for expert, start, end in expert_ranges(offsets):
         dy_e, x_e = grad_out[start:end].float(), x[start:end].float()
         a_e, b_e = lora_a[expert].float(), lora_b[expert].float()

@@ -18,19 +18,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora.backends.grouped_reference import rank_scales
+from fastlora.tensor_cache import column_scales
 from fastlora.kernels.grouped_lora import NF4Operand, grouped_lora_matmul
 from fastlora.kernels.grouped_lora_weight_grad import grouped_weight_grad
 
 
 def grouped_lora_forward(x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks, scales):
-    column_scale = rank_scales(ranks, scales, x.device)
+    column_scale = column_scales(ranks, scales, x.device)
     lora_s = grouped_lora_matmul(x, offsets, lora_a, col_scale=column_scale, out_dtype=torch.float32)
     return grouped_lora_matmul(x, offsets, weight, lora_s, lora_b), lora_s
 
 
 def grouped_lora_backward(grad_out, x, lora_s, offsets, weight, lora_a, lora_b, ranks, scales, needs_input_grad: bool):
-    column_scale = rank_scales(ranks, scales, x.device)
+    column_scale = column_scales(ranks, scales, x.device)
     grad_s = grouped_lora_matmul(grad_out, offsets, lora_b.transpose(1, 2), col_scale=column_scale, out_dtype=torch.float32)
     grad_b = grouped_weight_grad(grad_out, lora_s, offsets, grad_out.dtype)
     grad_a = grouped_weight_grad(grad_s, x, offsets, x.dtype)
