@@ -339,7 +339,7 @@ def contenders_for(
 
 def chosen_paths(case: LayerCase, backend: str) -> str | None:
     """The paths :mod:`fastlora.tuning` chose for this case on ``backend``, with their source: the layer call's graph
-    (:mod:`fastlora.graph`) and, where it runs fastlora's Function, the base-weight ops, e.g. "layer: function
+    (:mod:`fastlora.functions.graph`) and, where it runs fastlora's Function, the base-weight ops, e.g. "layer: function
     (measured here); lora_linear: whole (measured here); lora_linear_grad_input: whole (cache)" or "layer: native
     (cache)"; None when none was made."""
     from fastlora import tuning
@@ -365,7 +365,7 @@ def cpu_host_seconds(
 ) -> float | None:
     """CPU host seconds per call of a fastlora contender (None for the others), median over ``calls`` calls: the
     call's time minus the time spent inside its ops (Python, autograd and argument handling remain). A call on a
-    whole-layer graph (:mod:`fastlora.graph`: the C++ node or torch's nodes) runs no tuned op; its host time is the
+    whole-layer graph (:mod:`fastlora.functions.graph`: the C++ node or torch's nodes) runs no tuned op; its host time is the
     call's time minus that of the same graph run directly on the call's tensors (``x``, ``grad_y``), interleaved."""
     if contender.backend is None:
         return None
@@ -386,8 +386,8 @@ def _graph_host_seconds(
     contender: Contender, fn: Callable[[], object], x: Tensor, grad_y: Tensor, mode: str, calls: int
 ) -> float | None:
     """The layer call's median time minus that of its graph called directly (see :func:`cpu_host_seconds`)."""
-    from fastlora import graph
-    from fastlora.plan import call_plan
+    from fastlora.functions import graph
+    from fastlora.wiring.plan import call_plan
 
     layer = contender.forward
     plan = call_plan(layer, x.device.type, x, (), {})  # FusedForward resolves the device per call, from x

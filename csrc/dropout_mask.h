@@ -1,4 +1,4 @@
-// Counter-based dropout masks, bit for bit the definition in fastlora/dropout.py:
+// Counter-based dropout masks, bit for bit the definition in fastlora/formats/dropout.py:
 // element (m, k) of x[M, K] is kept when mix32(((m*K + k) mod 2^32) XOR mix32(seed)) >= threshold,
 // where threshold = floor(p * 2^32) comes from the host; kept values are scaled by 1/(1-p).
 //

@@ -1,4 +1,4 @@
-// Grouped (mixture-of-experts) LoRA linear on the CPU: fastlora.moe.ops' grouped_lora_forward/backward.
+// Grouped (mixture-of-experts) LoRA linear on the CPU: fastlora.grouped_ops' grouped_lora_forward/backward.
 //
 // x [S, K] is sorted by expert; offsets [E] holds cumulative row counts (rows offsets[e-1]:offsets[e] are expert
 // e's). Per expert: S_e = x_e·A_eᵀ (adapter column slices scaled), y_e = x_e·W_eᵀ + S_e·B_eᵀ, and in backward

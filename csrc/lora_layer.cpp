@@ -1,9 +1,9 @@
 // One LoRA layer call with a single adapter as a C++ autograd node: the ops of lora_ops.cpp, forward and
 // backward, with no Python between them. At a few tokens a layer call's time is mostly host work, and a Python
 // autograd.Function's backward (GIL, frames, argument tuples) is a large part of it; this node is one candidate
-// of the per-call graph choice in fastlora/graph.py, timed against the others.
+// of the per-call graph choice in fastlora/functions/graph.py, timed against the others.
 //
-// It saves what fastlora.autograd.LoRALinearFunction saves: x, the thin S = s * drop(x) A^T and the dropout
+// It saves what fastlora.functions.lora.LoRALinearFunction saves: x, the thin S = s * drop(x) A^T and the dropout
 // seed; W, A and B are the layer's own tensors. Dropout masks are regenerated from the seed in backward.
 #include <torch/csrc/autograd/custom_function.h>
 

@@ -1,11 +1,11 @@
 // One LoRA layer call (one adapter) with every product in x's dtype (bf16/fp16): the base GEMMs as on the half path
 // (lora_half.cpp: W converted to that dtype into a reused buffer, oneDNN's GEMM) and the LoRA products as GEMMs in
-// that dtype too, as the split practice computes them. A candidate of fastlora/graph.py ("native_half_lora") only
-// where the adapter weights are in x's dtype themselves (PEFT's autocast_adapter_dtype=False, or a model cast whole):
-// PEFT then runs its LoRA chain in that dtype, rounding after every product, its scaling and its sum; here each
-// product accumulates in fp32 and rounds once, and the LoRA terms join y and dx inside the GEMM (addmm_), so no
-// result is farther from the exact one than PEFT's. With fp32 adapters PEFT computes the chain in fp32, as the
-// "native_half" graph does (lora_layer.cpp), and this one is not offered.
+// that dtype too, as the split practice computes them. A candidate of fastlora/functions/graph.py
+// ("native_half_lora") only where the adapter weights are in x's dtype themselves (PEFT's
+// autocast_adapter_dtype=False, or a model cast whole): PEFT then runs its LoRA chain in that dtype, rounding after
+// every product, its scaling and its sum; here each product accumulates in fp32 and rounds once, and the LoRA terms
+// join y and dx inside the GEMM (addmm_), so no result is farther from the exact one than PEFT's. With fp32 adapters
+// PEFT computes the chain in fp32, as the "native_half" graph does (lora_layer.cpp), and this one is not offered.
 //
 // It saves x, the rounded S = drop(x) A^T (unscaled, as PEFT's lora_A output) and the dropout seed; W, A and B are
 // the layer's own. Dropout: drop(x) rounded to x's dtype once (PEFT's nn.Dropout rounds it too), regenerated from

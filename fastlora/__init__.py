@@ -8,7 +8,9 @@ Usage::
 """
 
 from fastlora.backends import BackendUnavailable
-from fastlora.patch import PatchReport, is_patched, patch, unpatch
+from fastlora.wiring.patch import is_patched, patch, unpatch
+from fastlora.wiring.report import PatchReport
 
-__version__ = "0.1.0"
+from fastlora.version import __version__
+
 __all__ = ["patch", "unpatch", "is_patched", "PatchReport", "BackendUnavailable", "__version__"]

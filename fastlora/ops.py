@@ -1,8 +1,8 @@
 """The operator schema: one ``torch.library`` custom op per operation, implemented per device by the backends.
 
 Every op takes a trailing ``backend`` name. The CPU and CUDA kernels of each op look that name up in
-:mod:`fastlora.backends` (which knows which backends serve which device), so callers never branch on the
-device. Fake implementations give shapes and dtypes to ``torch.compile``, which sees each op as one opaque node.
+:func:`fastlora.tuning.implementation` (the backend's module from :mod:`fastlora.backends`, which knows which backends
+serve which device, with each op routed per shape to its measured candidate), so callers never branch on the device. Fake implementations give shapes and dtypes to ``torch.compile``, which sees each op as one opaque node.
 
 Shapes (M tokens, K in-features, N out-features, R = total LoRA rank of the active adapters, stacked):
 
@@ -23,7 +23,7 @@ Shapes (M tokens, K in-features, N out-features, R = total LoRA rank of the acti
 - ``lora_linear_grad_input(grad_out[M, N], weight, absmax?, bs, grad_s f32[M, R], lora_a[R, K], ranks, seeds,
   dropout_p) -> grad_out.dtype[M, K]``: ``dx = dy @ W + sum_a (dS_a @ A_a) * keep_a / (1 - p_a)``
 
-Dropout masks follow :mod:`fastlora.dropout`; ``seeds`` holds one int64 seed per adapter on x's device.
+Dropout masks follow :mod:`fastlora.formats.dropout`; ``seeds`` holds one int64 seed per adapter on x's device.
 
 The module-level functions are what callers use. Under ``torch.compile`` they emit the registered op
 (``torch.ops.fastlora.*``); in eager mode they call the backend's implementation directly, skipping ~30 µs of
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastlora import backends
+from fastlora import backends, tuning
 
 _LIB = "fastlora"
 
@@ -80,7 +80,7 @@ def implementation(backend: str, device_type: str):
     """
     if torch.compiler.is_compiling():
         return _REGISTERED[backend]
-    return backends.implementation(backend, device_type)
+    return tuning.implementation(backend, device_type)
 
 
 def _bound(op, backend: str, *args):
@@ -90,7 +90,7 @@ def _bound(op, backend: str, *args):
 def _routed(name: str, device_type: str):
     # custom_op passes arguments positionally; the backend name is always last.
     def kernel(*args):
-        return getattr(backends.implementation(args[-1], device_type), name)(*args[:-1])
+        return getattr(tuning.implementation(args[-1], device_type), name)(*args[:-1])
 
     return kernel
 

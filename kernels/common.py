@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from fastlora.dropout import dropout_threshold
+from fastlora.formats.dropout import dropout_threshold
+from fastlora.formats.nf4 import nf4_table
 from fastlora.kernels import resources
-from fastlora.nf4 import nf4_table
 
 #: Smallest tile edge ``tl.dot`` accepts; thin operands (LoRA rank) are padded up to it.
 MIN_DOT = 16
@@ -325,7 +325,7 @@ def adapter_groups(ranks: list[int], dropout_p: list[float], device: torch.devic
 
 @triton.jit
 def mix32(x):
-    """lowbias32 on uint32 (products wrap modulo 2**32), as :func:`fastlora.dropout.mix32`."""
+    """lowbias32 on uint32 (products wrap modulo 2**32), as :func:`fastlora.formats.dropout.mix32`."""
     x ^= x >> 16
     x *= tl.full((), 0x7FEB352D, tl.uint32)
     x ^= x >> 15
@@ -336,7 +336,7 @@ def mix32(x):
 
 @triton.jit
 def dropout_keep(seed_ptr, rows, cols, K, threshold):
-    """Bool [len(rows), len(cols)]: elements of x[M, K] the hash dropout keeps (:mod:`fastlora.dropout`).
+    """Bool [len(rows), len(cols)]: elements of x[M, K] the hash dropout keeps (:mod:`fastlora.formats.dropout`).
 
     The seed is read from memory, not passed by value, so a CUDA graph replays with the seed of the moment.
     """

@@ -78,7 +78,7 @@ def _fresh_seed(request):
 
 @pytest.fixture(autouse=True)
 def _no_internal_errors(request):
-    """An internal error in fastlora falls back to PEFT's forward for the user (patch.FusedForward's guard), but
+    """An internal error in fastlora falls back to PEFT's forward for the user (FusedForward's guard), but
     must fail the test that sees it, so bugs stay loud in CI. Tests that inject one are marked
     ``internal_error_expected``."""
     seen: list[str] = []

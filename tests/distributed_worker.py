@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastlora  # noqa: E402
-from fastlora import nf4  # noqa: E402
+from fastlora.functions import nf4_weight as nf4# noqa: E402
 from tests.conftest import TINY_LLAMA, randomize_lora, tiny_llama_peft  # noqa: E402
 
 STEPS = 3
@@ -159,7 +159,7 @@ def main() -> None:
         "skipped": dict(report.skipped),
         "fused_calls": report.fused_calls,
         "fallback_calls": dict(report.fallback_calls),
-        # host reads of the nested NF4 absmax offset over the whole run (fastlora.nf4._OFFSETS): once per quant
+        # host reads of the nested NF4 absmax offset over the whole run (fastlora.functions.nf4_weight._OFFSETS): once per quant
         # state, not per call
         "offset_reads": nf4._OFFSETS.misses,
         "weight_misses": nf4._CACHE.misses,  # the per-Params4bit cache, which FSDP2's re-wrap defeats

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastlora import dropout
 from fastlora.backends import reference
+from fastlora.formats import dropout
 
 CHUNK = 256
 
@@ -92,7 +92,7 @@ def test_nf4_reference_dequantizes_a_chunk_at_a_time(n, k):
 def test_dora_row_norms_a_chunk_of_rows_at_a_time(base):
     from types import SimpleNamespace
 
-    from fastlora.dora import _squared_row_norms
+    from fastlora.functions.dora import _squared_row_norms
 
     n, k = 45, 97
     if base == "nf4":

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import fastlora
-from fastlora.plan_memo import PlanMemo
+from fastlora.wiring.plan_memo import PlanMemo
 from tests.conftest import lora_layer_model
 
 LAYER = "base_model.model.lin"
-patch_module = importlib.import_module("fastlora.patch")  # the module: fastlora.patch is the function
+patch_module = importlib.import_module("fastlora.wiring.fused_forward")  # where the layer call looks them up
 
 
 def _grads(model, x):

@@ -10,8 +10,9 @@ from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import fastlora
-from fastlora import ops, plan
-from fastlora.dropout import keep_mask
+from fastlora import ops
+from fastlora.formats.dropout import keep_mask
+from fastlora.wiring import plan
 from tests.conftest import Wrapper, patch_keeps_adapter_file, peft_layer_model, randomize_lora
 from tests.test_int8 import (
     assert_dropout_matches_masked_reference,

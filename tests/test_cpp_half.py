@@ -14,7 +14,7 @@ import torch
 import fastlora
 from fastlora import backends, tuning
 from fastlora.backends import cpp
-from fastlora.dropout import draw_seeds, keep_mask
+from fastlora.formats.dropout import draw_seeds, keep_mask
 from tests.conftest import lora_layer_model
 from tests.test_layer_parity import assert_half_output_no_worse_than_peft, float64_reference, run
 
@@ -269,7 +269,7 @@ def _float64_with_adapter_grads(layer, x, dy, keep, p):
     """y, dx, dA, dB in float64 from the layer's own tensors (W dequantized exactly), dropout by ``keep``."""
     base = layer.get_base_layer()
     if hasattr(base.weight, "quant_state"):
-        from fastlora.nf4 import NF4Weight
+        from fastlora.functions.nf4_weight import NF4Weight
 
         w = NF4Weight.from_params4bit(base.weight).dequantize(torch.float32).double()
     else:

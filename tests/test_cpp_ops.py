@@ -28,7 +28,7 @@ import bitsandbytes.functional as bnbF
 from fastlora import backends, ops
 from fastlora.backends import cpp
 from fastlora.backends import reference as ref
-from fastlora.dropout import apply_dropout, keep_mask
+from fastlora.formats.dropout import apply_dropout, keep_mask
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler: the cpp backend falls back to torch here", allow_module_level=True)
@@ -286,7 +286,7 @@ def test_build_from_clean(tmp_path):
         """
         import time, torch
         from fastlora.backends import cpp, reference as ref
-        from fastlora.dropout import apply_dropout
+        from fastlora.formats.dropout import apply_dropout
         start = time.perf_counter()
         cpp.build()
         print(f"built in {time.perf_counter() - start:.1f} s")

@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy (fastlora.cross_entropy) against the unfused loss: F.cross_entropy of lm_head's logits
+"""Fused linear cross-entropy (fastlora.training.cross_entropy) against the unfused loss: F.cross_entropy of lm_head's logits
 (as transformers' ForCausalLMLoss computes it) and real PEFT models.
 
 Tolerances: fp32 runs compare to the unfused fp32 loss at 1e-5 relative (chunked sums reorder fp32 additions over
@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import TINY_LLAMA
-from fastlora.cross_entropy import install, linear_cross_entropy
+from fastlora.training.cross_entropy import install, linear_cross_entropy
 
 
 def unfused(hidden, weight, labels, bias=None, num_items_in_batch=None, scale=1.0, softcap=None):

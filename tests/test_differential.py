@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora.patch import FusedForward
+from fastlora.wiring.fused_forward import FusedForward
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from tests.conftest import TINY_LLAMA, nf4_linear
 from tests.moe_models import EXPERT_PARAMETERS, VOCAB, moe_model

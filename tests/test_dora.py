@@ -15,7 +15,7 @@ from torch import nn
 
 import fastlora
 from fastlora.backends import unavailable_reason
-from fastlora.dropout import keep_mask
+from fastlora.formats.dropout import keep_mask
 from tests.conftest import Wrapper, nf4_linear, randomize_lora, tiny_llama_base
 from tests.test_layer_parity import CPU_BACKENDS, assert_close_fp32, run
 from tests.test_model_parity import train
@@ -123,7 +123,7 @@ def test_dora_dropout_exact_against_float64_with_own_masks(backend, monkeypatch)
     model = dora_layer_model(k, n, dropout=p)
     fastlora.patch(model, backend=backend)
     captured = []
-    from fastlora import autograd
+    from fastlora.functions import lora as autograd
 
     real_seeds = autograd._seeds
     monkeypatch.setattr(autograd, "_seeds", lambda a, device: captured.append(real_seeds(a, device)) or captured[-1])
@@ -309,7 +309,7 @@ def test_lora_linear_scaled_op(backend, base):
     checked by opcheck."""
     from fastlora import ops
     from fastlora.backends import reference as ref
-    from fastlora.nf4 import NF4Weight
+    from fastlora.functions.nf4_weight import NF4Weight
 
     k, n, m, r = 70, 45, 9, 5
     if base == "dense":
@@ -336,7 +336,7 @@ def test_dora_over_conv1d_matches_peft_and_caches_row_norms(monkeypatch):
     the transposed view is made per call (fp32: summation order only)."""
     from transformers.pytorch_utils import Conv1D
 
-    from fastlora import dora
+    from fastlora.functions import dora
 
     def build():
         config = LoraConfig(r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=True, target_modules=["lin"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastlora.dropout import apply_dropout, dropout_threshold, keep_mask, mix32
+from fastlora.formats.dropout import apply_dropout, dropout_threshold, keep_mask, mix32
 
 
 def test_mix32_matches_integer_definition():

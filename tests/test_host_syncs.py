@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlora.autograd import Adapter, _row_mask
+from fastlora.functions.lora import Adapter, _row_mask
 
 
 def test_mixed_batch_row_mask_needs_no_data():

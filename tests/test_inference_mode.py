@@ -38,8 +38,8 @@ def test_plan_memo_made_under_inference_mode_serves_only_inference_mode():
     inference tensor, so the memo of that plan must not answer a call with autograd on."""
     import torch
 
-    from fastlora.plan import call_plan
-    from fastlora.plan_memo import PlanMemo
+    from fastlora.wiring.plan import call_plan
+    from fastlora.wiring.plan_memo import PlanMemo
     from tests.conftest import lora_layer_model
 
     model = lora_layer_model(64, 32, base="nf4", dtype=torch.bfloat16, bias=True)

@@ -14,7 +14,7 @@ from torch import nn
 import fastlora
 from fastlora import ops
 from fastlora.backends.reference import int8_dequantize
-from fastlora.dropout import draw_seeds, keep_mask
+from fastlora.formats.dropout import draw_seeds, keep_mask
 from tests.conftest import Wrapper, peft_layer_model
 from tests.test_layer_parity import (
     CPU_BACKENDS,

@@ -47,7 +47,7 @@ def _dropout_inputs(m=7, k=70, r=8):
 def test_training_goes_on_when_a_single_candidate_op_raises(monkeypatch, caplog):
     """lora_down and lora_down_grad with dropout have one candidate on cpp (the composite has no masks): both raise
     at every launch; three training steps run on the reference ops, equal to training on the reference backend."""
-    impl = backends.implementation("cpp", "cpu")
+    impl = tuning.implementation("cpp", "cpu")
     for op in ("lora_down", "lora_down_grad"):
         assert [n for n, c in impl.candidates[op].items() if c.applies(_key(op))] == ["cpp"]
         monkeypatch.setitem(impl.candidates[op], "cpp", tuning.Candidate(_raising))
@@ -136,7 +136,7 @@ def _write_cache(monkeypatch, tmp_path, entry) -> None:
 
 @needs_cpp
 def test_errors_the_fallback_raises_too_and_out_of_memory_propagate(monkeypatch):
-    impl = backends.implementation("cpp", "cpu")
+    impl = tuning.implementation("cpp", "cpu")
     x, a, ranks, seeds, p, scales = _dropout_inputs()
     with pytest.raises(RuntimeError):  # bad input (A's K does not match x's): the reference raises as well
         impl.lora_down(x, torch.randn(8, 71), ranks, seeds, p, scales)
@@ -194,7 +194,7 @@ def test_a_triton_kernel_that_cannot_compile_falls_back(monkeypatch):
 def test_a_layer_graph_that_raises_falls_back_to_the_function(monkeypatch):
     """The C++ layer node ("native", FusedForward's graph on cpp) raises at launch: the layer's calls run on
     fastlora's Function (the tuned ops), training matches the reference backend, and the fallback is reported."""
-    from fastlora import graph
+    from fastlora.functions import graph
 
     monkeypatch.setattr(graph.cpp, "lora_layer", _raising)
     monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native")

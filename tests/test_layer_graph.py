@@ -1,4 +1,4 @@
-"""The per-call graph choice (fastlora.graph) and its C++ candidate, the whole layer as one C++ autograd node
+"""The per-call graph choice (fastlora.functions.graph) and its C++ candidate, the whole layer as one C++ autograd node
 (``cpp.lora_layer``, csrc/lora_layer.cpp): outputs and gradients against float64 math and against fastlora's own
 Function on the torch reference backend (same dropout seeds), for every base the C++ ops serve, and through PEFT
 models with each graph forced.
@@ -13,8 +13,8 @@ import torch
 
 import fastlora
 from fastlora import backends, tuning
-from fastlora.autograd import LoRALinearFunction, _Config
-from fastlora.dropout import draw_seeds
+from fastlora.formats.dropout import draw_seeds
+from fastlora.functions.lora import LoRALinearFunction, _Config
 from tests.conftest import lora_layer_model
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None, reason="needs the C++ backend")

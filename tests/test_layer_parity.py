@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora.dropout import draw_seeds, keep_mask
+from fastlora.formats.dropout import draw_seeds, keep_mask
 from fastlora.memory.tracker import quant_state_tensors
 from tests.conftest import lora_layer_model
 
@@ -94,7 +94,7 @@ def float64_reference(model, x, dy, seeds=None):
     layer = layer_of(model)
     base = layer.get_base_layer()
     if hasattr(base.weight, "quant_state"):
-        from fastlora.nf4 import NF4Weight
+        from fastlora.functions.nf4_weight import NF4Weight
 
         w = NF4Weight.from_params4bit(base.weight).dequantize(torch.float32).double()
     else:

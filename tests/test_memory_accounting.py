@@ -137,7 +137,7 @@ def test_sampled_loops_equal_every_iteration(monkeypatch):
     """The meta run iterates the loss's, the tiled MLP's and the norms' loops over their first three and last steps
     (fastlora.memory.loops); the CPU run does every step. Chunks made small so each loop runs many (odd-sized) steps:
     the loss 16 tokens of the 512 vocab, the norms 24 rows of hidden 128, the MLP 128-token shards."""
-    from fastlora import cross_entropy, rms_norm
+    from fastlora.training import cross_entropy, rms_norm
 
     monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS", 16 * 512)
     monkeypatch.setattr(rms_norm, "CHUNK_ELEMENTS", 24 * 128)

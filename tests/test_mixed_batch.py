@@ -146,8 +146,8 @@ def test_mixed_batch_dropout_exact_against_float64_with_own_masks(backend, monke
     """Training mode with dropout (the layer called directly: PeftModel refuses adapter_names while training).
     fastlora's masks are not PEFT's, so the check is against float64 with the same masks (seeds captured): each
     adapter's dropped x over the whole batch, its LoRA term kept on its own rows only."""
-    from fastlora import autograd
-    from fastlora.dropout import keep_mask
+    from fastlora.formats.dropout import keep_mask
+    from fastlora.functions import lora as autograd
 
     k, n, t = 40, 24, 3
     adapters = ((4, 8, 0.3, False), (3, 5, 0.1, True), (2, 7, 0.0, False))

@@ -20,7 +20,8 @@ from torch import nn
 import fastlora
 from fastlora.moe import nf4_experts
 from fastlora.moe import dequantize_experts, nf4_nbytes, quantize_experts
-from fastlora.moe.nf4_experts import expert_stack, experts_modules
+from fastlora.moe.nf4_experts import expert_stack
+from fastlora.moe.nf4_quantize import experts_modules
 from tests.moe_models import MODELS, VOCAB, peft_moe_model
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -87,7 +88,7 @@ def test_odd_shapes_dequantize_like_bitsandbytes(shape):
     holder.is_transposed = False
     holder.w = nn.Parameter(torch.randn(shape), requires_grad=False)
     weight = holder.w.detach().clone()
-    nf4_experts._quantize_projection(holder, "w", 64, True)
+    nf4_experts.quantize_projection(holder, "w", 64, True)
     stack = expert_stack(holder, "w")
     for e in range(shape[0]):
         packed, state = bnbF.quantize_4bit(weight[e].contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -256,7 +257,7 @@ def test_bad_requests_raise_before_changing_anything():
 @pytest.mark.skipif(INTERPRETING, reason="CPU backends")
 def test_error_midway_leaves_no_module_quantized(monkeypatch):
     reference, original, model = _reference("qwen3_moe"), peft_moe_model("qwen3_moe"), peft_moe_model("qwen3_moe")
-    real, calls = nf4_experts._quantize_projection, []
+    real, calls = nf4_experts.quantize_projection, []
 
     def failing_third(*args):
         calls.append(args[1])
@@ -264,7 +265,7 @@ def test_error_midway_leaves_no_module_quantized(monkeypatch):
             raise RuntimeError("injected")
         real(*args)
 
-    monkeypatch.setattr(nf4_experts, "_quantize_projection", failing_third)
+    monkeypatch.setattr(nf4_experts, "quantize_projection", failing_third)
     with pytest.raises(RuntimeError, match="injected"):
         quantize_experts(model, progress=False)
     modules = [m for _, m in experts_modules(model)]
@@ -303,7 +304,7 @@ def test_triton_grouped_op_matches_torch_on_nf4(dtype, experts, n, k, nested):
     holder = nn.Module()
     holder.is_transposed = False
     holder.w = nn.Parameter(torch.randn(experts, n, k).to(dtype), requires_grad=False)
-    nf4_experts._quantize_projection(holder, "w", 64, nested)
+    nf4_experts.quantize_projection(holder, "w", 64, nested)
     stack = expert_stack(holder, "w")
     counts = torch.tensor([3, 0, 7, 1, 2][:experts])  # an expert without rows, one with a single row
     offsets = counts.cumsum(0).int()

@@ -1,4 +1,4 @@
-"""The grouped expert LoRA ops (fastlora.moe.ops) of each CPU backend against float64 formulas.
+"""The grouped expert LoRA ops (fastlora.grouped_ops) of each CPU backend against float64 formulas.
 
 Per expert group of the expert-sorted x: y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ and its gradients, with empty experts, odd
 sizes, a transposed W (gpt-oss storage), PEFT's permuted B view, two adapters with different ranks and scales, and
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlora.moe import ops as moe_ops
+from fastlora import grouped_ops as moe_ops
 from fastlora.moe.autograd import grouped_lora_linear
 from tests.moe_scope import BACKENDS
 

@@ -5,7 +5,8 @@ import torch
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
-from fastlora.nf4 import NF4_TABLE, NF4Weight, UnsupportedQuantization, nf4_table
+from fastlora.formats.nf4 import NF4_TABLE, nf4_table
+from fastlora.functions.nf4_weight import NF4Weight, UnsupportedQuantization
 
 
 def _params4bit(n, k, blocksize, nested, quant_type="nf4"):
@@ -64,7 +65,7 @@ def test_offset_read_once_per_quant_state_when_the_weight_is_rewrapped():
     of the offset reads it again. The absmax itself is resolved per call (no fp32 copy kept: issue 18 item 4)."""
     import bitsandbytes as bnb
 
-    from fastlora import nf4
+    from fastlora.functions import nf4_weight as nf4
     from tests.conftest import nf4_linear
 
     weight = nf4_linear(96, 40, bias=False, compute_dtype=torch.float32, nested=True).weight

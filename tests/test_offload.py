@@ -1,4 +1,4 @@
-"""Offloaded checkpoints (fastlora.offload, ``patch(offload_checkpoints=True)``) on real transformers/PEFT models.
+"""Offloaded checkpoints (fastlora.training.offload, ``patch(offload_checkpoints=True)``) on real transformers/PEFT models.
 
 The offloaded step runs the same operations as transformers' own checkpointing (forward under no_grad, recompute
 with gradients in backward, the random generators replayed), only with the layer input copied out and back, so
@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig
 
 import fastlora
-from fastlora import offload
+from fastlora.training import offload
 from tests.conftest import TINY_LLAMA, lora_layer_model, randomize_lora, tiny_llama_peft
 from tests.test_trainers import BEST_CPU_BACKEND, FP32_LOSS_TOL, max_abs_diff, train_with_trainer
 

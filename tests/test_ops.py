@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastlora import ops
-from fastlora.dropout import keep_mask
-from fastlora.nf4 import NF4Weight
+from fastlora.formats.dropout import keep_mask
+from fastlora.functions.nf4_weight import NF4Weight
 from tests.test_nf4 import _params4bit
 
 

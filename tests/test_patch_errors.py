@@ -10,7 +10,8 @@ from torch import nn
 
 import fastlora
 from fastlora import BackendUnavailable
-from fastlora.patch import FusedForward, is_patched
+from fastlora.wiring.fused_forward import FusedForward
+from fastlora.wiring.patch import is_patched
 from tests.conftest import lora_layer_model, tiny_llama_peft
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastlora
-from fastlora.patch import is_patched
+from fastlora.wiring.patch import is_patched
 from tests.conftest import lora_layer_model, tiny_llama_base, tiny_llama_peft
 from tests.test_model_parity import train
 

@@ -1,4 +1,4 @@
-"""The plan memo (fastlora.plan_memo): a patched layer reuses its last plan while the state it was read from holds,
+"""The plan memo (fastlora.wiring.plan_memo): a patched layer reuses its last plan while the state it was read from holds,
 and plans again after any change that could alter it. Each change below is made after a memoized call; the next
 call must plan again and give PEFT's own forward's output (fp32: 1e-5 of the largest value, summation order only).
 """
@@ -20,7 +20,7 @@ TOLERANCE = 1e-5
 @pytest.fixture
 def planning(monkeypatch):
     """Counts ``call_plan`` calls of patched layers."""
-    patch_module = sys.modules["fastlora.patch"]
+    patch_module = sys.modules["fastlora.wiring.fused_forward"]
     calls = []
     real = patch_module.call_plan
 

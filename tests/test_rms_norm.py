@@ -1,4 +1,4 @@
-"""Chunked RMSNorm (fastlora.rms_norm, ``patch(chunked_norms=True)``) against transformers' own RMSNorm modules.
+"""Chunked RMSNorm (fastlora.training.rms_norm, ``patch(chunked_norms=True)``) against transformers' own RMSNorm modules.
 
 Tolerances: both compute each row in fp32 from the same input and round once to the input dtype. Forward does the
 same operations row by row (equal outputs, checked to 1e-6 relative in fp32 and to one bf16 rounding, 2^-8, in
@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 import fastlora
-from fastlora import rms_norm
+from fastlora.training import rms_norm
 from tests.conftest import TINY_LLAMA, tiny_llama_peft
 from tests.test_trainers import BEST_CPU_BACKEND
 

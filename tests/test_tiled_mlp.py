@@ -1,4 +1,4 @@
-"""Tiled MLP (fastlora.tiled_mlp, ``patch(tiled_mlp=...)``) on real transformers/PEFT models.
+"""Tiled MLP (fastlora.training.tiled_mlp, ``patch(tiled_mlp=...)``) on real transformers/PEFT models.
 
 Tolerances. Without dropout, tiling changes no per-token arithmetic (each row's GEMMs are the same), only how
 the parameters' gradients are summed over tokens (per shard, then across shards in fp32): fp32 runs agree with
@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import fastlora
-from fastlora import tiled_mlp
+from fastlora.training import tiled_mlp
 from tests.conftest import TINY_LLAMA, randomize_lora, tiny_llama_peft
 from tests.test_trainers import BEST_CPU_BACKEND, FP32_LOSS_TOL, max_abs_diff, train_with_trainer
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 if torch.cuda.is_available():
     from fastlora import kernels
     from fastlora.backends import reference as ref
-    from fastlora.dropout import draw_seeds
+    from fastlora.formats.dropout import draw_seeds
 
 REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 M_VALUES = [1, 16, 130, 1024]

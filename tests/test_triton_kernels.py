@@ -36,9 +36,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     from fastlora import kernels, ops
     from fastlora.backends import reference as ref
-    from fastlora.dropout import apply_dropout, draw_seeds, keep_mask
+    from fastlora.formats.dropout import apply_dropout, draw_seeds, keep_mask
+    from fastlora.functions.nf4_weight import quant_state_absmax
     from fastlora.kernels import dispatch
-    from fastlora.nf4 import quant_state_absmax
 
 DTYPES = [torch.float16, torch.float32]
 MS = [1, 7, 33, 130]
@@ -388,8 +388,8 @@ def test_transposed_kernels_refuse_what_they_do_not_take(op):
 def test_nf4_decode_table_layout():
     """The table nf4_tile reads: (high nibble's value, low nibble's value) for each byte, as bitsandbytes packs
     them, then the 16 code values."""
+    from fastlora.formats.nf4 import nf4_table
     from fastlora.kernels import common
-    from fastlora.nf4 import nf4_table
 
     table, values = common.nf4_decode_table(torch.device("cpu")), nf4_table("cpu")
     pairs, codes = table[: common.CODE_TABLE_OFFSET].view(256, 2), torch.arange(256)

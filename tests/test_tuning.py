@@ -76,7 +76,7 @@ def test_m_buckets_are_powers_of_four():
 @pytest.mark.parametrize("m", [1, 33])
 def test_every_candidate_matches_reference(base, dtype, m):
     inputs = _inputs(base, m, dtype=dtype)
-    impl = backends.implementation("cpp", "cpu")
+    impl = tuning.implementation("cpp", "cpu")
     for op, args in inputs.items():
         want = getattr(ref, op)(*args)
         key = tuning.shape_key("cpp", op, args, "test")
@@ -102,13 +102,14 @@ def test_slow_candidate_is_never_chosen():
         _assert_close(impl.lora_linear(*args), ref.lora_linear(*args), torch.float32)
         decision = tuning.decisions()[-1]
         assert decision.source == "measured here" and decision.path != "slow"
-        assert decision.times_us["slow"] > 5000 > decision.times_us[decision.path]
+        # (the real path's own time is not bounded: a loaded machine can stall any call; the choice is what counts)
+        assert decision.times_us["slow"] >= 5000 and decision.times_us["slow"] > decision.times_us[decision.path]
 
 
 def test_forced_path_wins_and_is_reported(monkeypatch):
     monkeypatch.setenv(tuning.PATH_ENV, "panels")
     tuning.reset()
-    impl = backends.implementation("cpp", "cpu")
+    impl = tuning.implementation("cpp", "cpu")
     inputs = _inputs("nf4", 7)
     impl.lora_linear(*inputs["lora_linear"])
     impl.lora_down(*inputs["lora_down"])
@@ -128,7 +129,7 @@ def test_forced_path_wins_and_is_reported(monkeypatch):
 
 
 def test_choices_are_reused_from_the_cache(fresh_tuning):
-    impl = backends.implementation("cpp", "cpu")
+    impl = tuning.implementation("cpp", "cpu")
     args = _inputs("nf4", 20)["lora_linear"]
     impl.lora_linear(*args)
     first = tuning.decisions()[-1]
@@ -146,7 +147,7 @@ def test_choices_are_reused_from_the_cache(fresh_tuning):
 _CHILD = """
 import torch
 from fastlora import backends, tuning
-impl = backends.implementation("cpp", "cpu")
+impl = tuning.implementation("cpp", "cpu")
 torch.manual_seed(0)
 x, w, s, b = torch.randn(9, 130), torch.randn(70, 130), torch.randn(9, 4), torch.randn(70, 4)
 impl.lora_linear(x, w, None, 0, None, s, b)
@@ -171,7 +172,7 @@ def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(fresh_tuning, conten
     tuning.reset()
     args = _inputs("dense", 3)["lora_linear"]
     with pytest.warns(UserWarning, match="tuning cache"):
-        y = backends.implementation("cpp", "cpu").lora_linear(*args)
+        y = tuning.implementation("cpp", "cpu").lora_linear(*args)
     _assert_close(y, ref.lora_linear(*args), torch.float32)
     assert tuning.decisions()[-1].source == "measured here"
     assert json.loads(fresh_tuning.read_text())["versions"] == tuning.versions()  # rewritten for this version
@@ -184,7 +185,7 @@ def test_shipped_table_seeds_missing_keys(tmp_path, monkeypatch):
     shipped.write_text(json.dumps({"devices": {key.device: {key.text: {"path": "panels", "times_us": {}}}}}))
     monkeypatch.setattr(tuning.store, "shipped_table_path", lambda: shipped)
     tuning.reset()
-    backends.implementation("cpp", "cpu").lora_linear(*args)
+    tuning.implementation("cpp", "cpu").lora_linear(*args)
     assert (tuning.decisions()[-1].path, tuning.decisions()[-1].source) == ("panels", "shipped table")
 
 
@@ -194,13 +195,13 @@ def test_patched_model_reports_its_paths():
     x = torch.randn(2, 5, 200, requires_grad=True)
     model(x).sum().backward()
     ops = {d.key.op for d in tuning.decisions()}
-    # the layer call's graph (fastlora.graph), and the ops that its "function" candidate ran while it was timed
+    # the layer call's graph (fastlora.functions.graph), and the ops that its "function" candidate ran while it was timed
     assert ops == {"lora_layer", *tuning.TUNED_OPS}
     assert all(d.key.m_bucket == 16 and d.source == "measured here" for d in tuning.decisions())
 
 
 def test_one_measurement_per_bucket_and_forced_blocks_do_not_leak():
-    impl = backends.implementation("cpp", "cpu")
+    impl = tuning.implementation("cpp", "cpu")
     for m in (17, 40, 64):  # one M bucket (64): measured once, then looked up
         impl.lora_linear(*_inputs("nf4", m)["lora_linear"])
     assert len(tuning.decisions()) == 1 and tuning.decisions()[0].key.m_bucket == 64

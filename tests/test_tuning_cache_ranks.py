@@ -86,7 +86,7 @@ def test_a_home_that_cannot_hold_the_cache_leaves_choices_in_memory(home, tmp_pa
     with pytest.warns(UserWarning, match="no home directory" if home == "not found" else "cannot write tuning cache"):
         tuning.reset()
         x, w, s, b = torch.randn(9, 130), torch.randn(70, 130), torch.randn(9, 4), torch.randn(70, 4)
-        y = backends.implementation("cpp", "cpu").lora_linear(x, w, None, 0, None, s, b)
+        y = tuning.implementation("cpp", "cpu").lora_linear(x, w, None, 0, None, s, b)
     want = ref.lora_linear(x, w, None, 0, None, s, b)
     assert (y - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert tuning.decisions()[-1].source == "measured here"

@@ -12,7 +12,8 @@ from torch import nn
 
 import fastlora
 from fastlora.backends import reference
-from fastlora.patch import FusedForward, is_patched
+from fastlora.wiring.fused_forward import FusedForward
+from fastlora.wiring.patch import is_patched
 from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model
 from tests.conftest import lora_layer_model, randomize_lora
 
@@ -259,7 +260,7 @@ def _ill_conditioned_model(seed: int):
 def test_verify_judges_an_ill_conditioned_layer_against_float64(seed):
     """A fused path as exact as float64 differs from PEFT's fp32 result by far more than the tolerance here (PEFT's
     own rounding error exceeds the result); judged against float64 it passes."""
-    from fastlora import verify
+    from fastlora.wiring import verify
 
     model = _ill_conditioned_model(seed)
     layer = model.base_model.model.lin
@@ -282,7 +283,7 @@ def test_verify_still_catches_a_broken_fused_path_on_an_ill_conditioned_layer(mo
     """The same layer with the fused path dropping the adapter: off by ~2e7, caught."""
     import importlib
 
-    patch_module = importlib.import_module("fastlora.patch")
+    patch_module = importlib.import_module("fastlora.wiring.fused_forward")
     model = _ill_conditioned_model(0)
     report = fastlora.patch(model, backend="torch", verify=True)
     real = patch_module.lora_linear

@@ -10,7 +10,10 @@ environment variable ``FASTLORA_BACKEND`` overrides ``auto``.
 Usage::
 
     name = backends.resolve("auto", torch.device("cuda"))     # -> "triton"
-    impl = backends.implementation(name, "cuda")               # the op functions, tuned per shape
+    ops = backends.module(name, "cuda")                        # its op functions (fastlora.tuning routes them per shape)
+
+The backends sit below the run-time choice (:mod:`fastlora.tuning`): a backend module lists its candidates per op
+(``candidates(device_type)``: :class:`Candidate` values) and never imports the tuning that times them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -27,7 +31,23 @@ PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "FASTLORA_BACKEND"
 
 _MODULES = {"torch": "fastlora.backends.reference", "triton": "fastlora.backends.triton", "cpp": "fastlora.backends.cpp"}
+#: The grouped (mixture-of-experts) ops of each backend (fastlora.grouped_ops): their own modules.
+_GROUPED_MODULES = {
+    "torch": "fastlora.backends.grouped_reference",
+    "triton": "fastlora.backends.grouped_triton",
+    "cpp": "fastlora.backends.grouped_cpp",
+}
 _loaded: dict[str, ModuleType] = {}
+#: Modules found to serve a device (the check reads the environment and may build an extension: once).
+_checked: dict[tuple[str, str, bool], ModuleType] = {}
+
+
+class Candidate(NamedTuple):
+    """One implementation of an op: ``fn`` has the op's signature; ``applies(key)`` says whether it can run the
+    shape key (a :class:`fastlora.tuning.ShapeKey`)."""
+
+    fn: Callable
+    applies: Callable[[Any], bool] = lambda key: True
 
 
 class BackendUnavailable(RuntimeError):
@@ -36,6 +56,13 @@ class BackendUnavailable(RuntimeError):
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def varies_per_call(name: str, device_type: str) -> bool:
+    """Whether backend ``name``'s availability on ``device_type`` can change between calls, so it must not be
+    remembered: Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (the tests' interpreter), read per call.
+    Usage: ``if not backends.varies_per_call(name, device.type): cache[name] = ...``"""
+    return name == "triton" and device_type == "cpu"
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
@@ -83,29 +110,20 @@ def resolve(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-_served: dict[tuple[str, str], object] = {}
+def module(name: str, device_type: str, grouped: bool = False) -> ModuleType:
+    """The module of backend ``name``'s ops on ``device_type`` (``grouped``: its grouped MoE ops), as it is (no
+    per-shape choice: that is :func:`fastlora.tuning.implementation`); raises BackendUnavailable.
 
-
-def implementation(name: str, device_type: str):
-    """The ops of backend ``name`` on ``device_type`` (raises if it cannot serve it): the torch reference (and the
-    Triton interpreter) as they are; a kernel backend as a :class:`fastlora.tuning.TunedOps`, which routes each op
-    per shape to the candidate measured fastest here (the backend module's ``candidates()``). Called on every op in eager mode, so the answer
-    is remembered; Triton on CPU depends on ``TRITON_INTERPRET`` and is checked each time."""
-    served = _served.get((name, device_type))
-    if served is not None and not (name == "triton" and device_type == "cpu"):
-        return served
+    Usage: ``backends.module("torch", "cpu").lora_linear(x, w, None, 0, None, s, b)``
+    """
+    key = (name, device_type, grouped)
+    found = _checked.get(key)
+    if found is not None:
+        return found
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} cannot run on {device_type}: {reason}")
-    if served is None:
-        module = _load(name)
-        # Triton on CPU is the test interpreter, whose timings mean nothing: its launchers choose their own path
-        # (fastlora.kernels.dispatch.choice, FASTLORA_PATH read on every call).
-        if hasattr(module, "candidates") and not (name == "triton" and device_type == "cpu"):
-            from fastlora.tuning import TunedOps
-
-            served = TunedOps(name, device_type, module, module.candidates(device_type))
-        else:
-            served = module
-        _served[(name, device_type)] = served
-    return served
+    found = importlib.import_module(_GROUPED_MODULES[name]) if grouped else _load(name)
+    if not varies_per_call(name, device_type):
+        _checked[key] = found
+    return found

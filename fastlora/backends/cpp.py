@@ -5,7 +5,7 @@ The sources are compiled with ninja through ``torch.utils.cpp_extension.load`` t
 (``$FASTLORA_BUILD_DIR``, else ``$TORCH_EXTENSIONS_DIR/fastlora_cpp_<tag>``, else
 ``~/.cache/fastlora/cpp_<tag>``). They register ``fastlora_cpp::*`` operators (CPU dispatch key); the functions
 here adapt them to the signatures of :mod:`fastlora.backends.reference`, computing dropout thresholds on the host
-from :func:`fastlora.dropout.dropout_threshold`. The hot ops are called through the extension's pybind11 functions
+from :func:`fastlora.formats.dropout.dropout_threshold`. The hot ops are called through the extension's pybind11 functions
 rather than ``torch.ops`` (the dispatcher costs more than the work at decode sizes); the registered operators
 stay for the dispatcher-level callers and the tests. A failed build never raises at import: :func:`unavailable_reason`
 returns why, and the registry falls back to the torch reference.
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlora.dropout import dropout_threshold
+from fastlora.formats.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
 SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_layer_half.cpp", "lora_half.cpp", "half_thin.cpp")
@@ -239,8 +239,8 @@ def lora_layer(
     path: str = "auto",
 ) -> Tensor:
     """One LoRA layer call with a single adapter as a C++ autograd node (``csrc/lora_layer.cpp``):
-    ``y = x·Wᵀ + b + s·drop(x)·Aᵀ·Bᵀ`` in x's dtype, with the backward of :class:`fastlora.autograd.LoRALinearFunction`
-    (gradients of x, A, B) run in C++. Not an op of the schema: a candidate of :mod:`fastlora.graph`. ``path``
+    ``y = x·Wᵀ + b + s·drop(x)·Aᵀ·Bᵀ`` in x's dtype, with the backward of :class:`fastlora.functions.lora.LoRALinearFunction`
+    (gradients of x, A, B) run in C++. Not an op of the schema: a candidate of :mod:`fastlora.functions.graph`. ``path``
     (a :data:`PATH_CODES` name) is how both base products get W, e.g. "half" for bf16/fp16 GEMMs.
 
     Usage: ``y = cpp.lora_layer(x, a, b, w, None, 0, None, seeds, 0.0, 2.0)``
@@ -341,8 +341,8 @@ def candidates(device_type: str = "cpu") -> dict:
 
     Usage: ``cpp.candidates()["lora_linear"]["panels"].fn(x, packed, absmax, 64, None, s, b)``
     """
+    from fastlora.backends import Candidate
     from fastlora.backends.composite import Composite, without_dropout
-    from fastlora.tuning import Candidate
 
     composite = Composite(dequantize=nf4_dequantize)
     dense_f32 = lambda key: key.base == "float32"  # noqa: E731
@@ -420,7 +420,3 @@ def set_avx512_enabled(enabled: bool) -> bool:
 def has_avx512() -> bool:
     """Whether this CPU runs the AVX-512 kernels (AVX-512 F, BW and VL). Usage: ``cpp.has_avx512()``."""
     return _loaded_ops().has_avx512()
-
-
-# The grouped (mixture-of-experts) ops of fastlora.moe.ops: a separate extension, built on first use.
-from fastlora.moe.cpp import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora.dropout import apply_dropout
-from fastlora.nf4 import nf4_table
+from fastlora.formats.dropout import apply_dropout
+from fastlora.formats.nf4 import nf4_table
 
 
 def nf4_resolve_absmax(absmax_q: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float) -> Tensor:
@@ -143,7 +143,3 @@ def lora_linear_grad_input(
         lora_dx = grad_s[:, cols].float() @ lora_a[cols].float()
         dx = dx + apply_dropout(lora_dx, seeds[i], dropout_p[i])
     return dx.to(grad_out.dtype)
-
-
-# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
-from fastlora.moe.reference import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

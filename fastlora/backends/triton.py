@@ -44,8 +44,8 @@ def _dequantize_into_buffer(packed, absmax, blocksize: int, n: int, k: int, dtyp
 
 def _candidate(spec: tuple):
     """A :data:`fastlora.kernels.dispatch.CANDIDATES` entry ``(module.function, kwargs[, applies])`` as a Candidate."""
+    from fastlora.backends import Candidate
     from fastlora.kernels import dispatch
-    from fastlora.tuning import Candidate
 
     where, kwargs = spec[:2]
     module, function = where.rsplit(".", 1)
@@ -60,9 +60,9 @@ def candidates(device_type: str = "cuda") -> dict:
 
     Usage: ``triton.candidates()["lora_linear"]["split"].fn(x, packed, absmax, 64, None, s, b)``
     """
+    from fastlora.backends import Candidate
     from fastlora.backends.composite import Composite, without_dropout
     from fastlora.kernels import dispatch
-    from fastlora.tuning import Candidate
 
     composite = Composite(dequantize=_dequantize_into_buffer)
     found = {op: {name: _candidate(spec) for name, spec in paths.items()} for op, paths in dispatch.CANDIDATES.items()}
@@ -89,7 +89,3 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
         except resources.DoesNotFit as err:
             reasons.append(str(err))
     return "; ".join(reasons)
-
-
-# The grouped (mixture-of-experts) ops of fastlora.moe.ops.
-from fastlora.moe.triton import grouped_lora_backward, grouped_lora_forward  # noqa: E402, F401

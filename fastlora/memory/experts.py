@@ -1,6 +1,6 @@
 """Mixture-of-experts models in the accounting: fastlora's fused expert path on meta tensors, and NF4 expert storage.
 
-- **Fused experts.** ``fastlora.patch`` puts :class:`fastlora.moe.wiring.FusedExpertsForward` on the outermost
+- **Fused experts.** ``fastlora.patch`` puts :class:`fastlora.wiring.experts.FusedExpertsForward` on the outermost
   PEFT ``ParamWrapper`` of each experts module; :func:`fused_experts_on_meta` does the same on a meta model (patch
   does not go there) and runs :func:`fastlora.moe.experts.grouped_experts_forward`, whose grouped LoRA ops are
   answered by their fake implementations (y and the thin S; dx, dA, dB: no [E, N, K] delta, no weight gradient).
@@ -35,7 +35,7 @@ class MetaOps:
     the same backend name, both answered by fake implementations."""
 
     def __init__(self, dense, backend: str):
-        from fastlora.moe.ops import _Bound
+        from fastlora.grouped_ops import _Bound
 
         self._dense, self._grouped = dense, _Bound(backend)
 
@@ -62,7 +62,7 @@ class _MetaExpertsForward:
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         from fastlora.moe.experts import grouped_experts_forward
-        from fastlora.moe.wiring import _adapters
+        from fastlora.wiring.experts import _adapters
 
         adapters = {}
         for wrapper in self.chain:
@@ -77,7 +77,7 @@ class _MetaExpertsForward:
 def fused_experts_on_meta(model: nn.Module, backend: str, notes: list[str], nf4: bool) -> Iterator[None]:
     """fastlora's expert path on every experts module of a meta ``model``: fused on PEFT's ParamWrapper chains, and
     (``nf4``) the grouped path with rank 0 on experts modules without LoRA."""
-    from fastlora.moe.wiring import chain_reason, expert_chain, param_wrapper_class
+    from fastlora.moe.structure import chain_reason, expert_chain, param_wrapper_class
 
     wrapper_class = param_wrapper_class()
     installed, covered = [], set()

@@ -29,7 +29,7 @@ def _sampled(items: Sequence) -> list:
 @contextlib.contextmanager
 def sampled_loops() -> Iterator[None]:
     """Iterate the loss's, the tiled MLP's and the chunked norms' loops over their first three and last steps."""
-    from fastlora import cross_entropy, rms_norm, tiled_mlp
+    from fastlora.training import cross_entropy, rms_norm, tiled_mlp
 
     originals = [(cross_entropy, "_chunk_starts"), (tiled_mlp, "_shards"), (rms_norm, "_chunks")]
     saved = [(module, name, getattr(module, name)) for module, name in originals]

@@ -8,10 +8,10 @@ quantization through bitsandbytes' own ops (their fake implementations give the 
 - ``fastlora``: fastlora's fused forward on every LoRA layer, its ops run through their fake implementations
   (x saved once in the compute dtype and the thin S; q/k/v share one saved x), plus the split path's per-call
   dequantization buffer where the dispatch table sends a call to it;
-- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.cross_entropy`);
+- ``fastlora+loss``: the same with the fused linear cross-entropy (:mod:`fastlora.training.cross_entropy`);
 - ``fastlora+all``: every option fastlora has on: the fused loss, checkpointed layer inputs offloaded to host
-  memory (:mod:`fastlora.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.tiled_mlp`, shards of
-  hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
+  memory (:mod:`fastlora.training.offload`, when checkpointing is on), the tiled MLP (:mod:`fastlora.training.tiled_mlp`, shards of
+  hidden_size tokens) and chunked RMSNorms (:mod:`fastlora.training.rms_norm`). The real modules run on the meta tensors; their host buffers are counted apart (``host_peak``).
 
 Usage::
 
@@ -33,9 +33,9 @@ from torch import nn
 
 from fastlora.memory.execution import MetaTruth, attention_implementation, meta_autocast
 from fastlora.memory.experts import MetaOps, count_nf4_experts, fused_experts_on_meta
+from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
 from fastlora.memory.loops import sampled_loops
 from fastlora.memory.presets import TARGETS, moe_config
-from fastlora.memory.layers import FEW_LAYERS, decoder_layers, extrapolated, extrapolated_note, marking_layers, uniform_reason, with_layers
 from fastlora.memory.tracker import CATEGORIES, LiveBytes
 
 CONTENDERS = ("peft", "fastlora", "fastlora+loss", "fastlora+all")
@@ -172,7 +172,7 @@ def build_peft_model(spec: StepSpec, device: torch.device | str = "meta", attent
 
 
 class _MetaFusedForward:
-    """fastlora's fused branch of ``patch.FusedForward`` for a LoRA layer on meta, where ``patch`` does not go
+    """fastlora's fused branch of ``FusedForward`` for a LoRA layer on meta, where ``patch`` does not go
     (nothing can run there, and autocast cannot be asked about meta): the same ``call_plan`` inputs for NF4 bases,
     the plain dense plan (no autocast) for dense ones, and the same ``lora_linear``."""
 
@@ -181,8 +181,8 @@ class _MetaFusedForward:
         self.backend = backend
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from fastlora.autograd import Adapter, BaseWeight, lora_linear
-        from fastlora.plan import call_plan
+        from fastlora.functions.lora import Adapter, BaseWeight, lora_linear
+        from fastlora.wiring.plan import call_plan
 
         layer, base = self.layer, self.layer.base_layer
         if type(base) is nn.Linear:
@@ -206,11 +206,13 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_expe
     implementations through the registered ops; "torch" runs the reference ops on meta (the tests compare that with
     the same backend on real CPU tensors)."""
     from fastlora import backends, ops
-    from fastlora.moe.wiring import param_wrapper_class
-    from fastlora.plan import structural_reason
+    from fastlora.moe.structure import param_wrapper_class
+    from fastlora.tuning import choice
+    from fastlora.wiring.plan import structural_reason
 
-    served_key = ("triton", "meta")
-    backends._served[served_key] = MetaOps(ops._REGISTERED["triton"], "triton")
+    # The ops served for ("triton", "meta"): dense (through the run-time choice) and grouped (the backend's module).
+    served_key, grouped_key = ("triton", "meta"), ("triton", "meta", True)
+    choice._served[served_key] = backends._checked[grouped_key] = MetaOps(ops._REGISTERED["triton"], "triton")
     installed = []
     wrapper_class = param_wrapper_class()
     try:
@@ -228,7 +230,8 @@ def _fastlora_on_meta(model: nn.Module, backend: str, notes: list[str], nf4_expe
     finally:
         for layer in installed:
             del layer.forward
-        backends._served.pop(served_key, None)
+        choice._served.pop(served_key, None)
+        backends._checked.pop(grouped_key, None)
 
 
 def _summed(*scratches):
@@ -294,7 +297,7 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                          "dense: bitsandbytes quantizes nn.Linear only)")  # fmt: skip
     if device == "meta" and contender != "peft" and spec.method == "lora" and spec.dtype == "float32":
         raise ValueError("fastlora times two autograd graphs for fp32 dense LoRA layers on the device and keeps the faster "
-                         "(fastlora.graph): a meta run cannot choose; account bfloat16/float16 or QLoRA")  # fmt: skip
+                         "(fastlora.functions.graph): a meta run cannot choose; account bfloat16/float16 or QLoRA")  # fmt: skip
     if device == "meta":
         model = _meta_model(spec, attention_implementation(attention))
     else:
@@ -318,7 +321,7 @@ def account(spec: StepSpec, contender: str, *, device: str = "meta", attention: 
                 fastlora.patch(model, backend=backend)
                 stack.callback(fastlora.unpatch, model)
         if contender in ("fastlora+loss", "fastlora+all"):
-            from fastlora.cross_entropy import install
+            from fastlora.training.cross_entropy import install
 
             _installed(stack, notes, *install(model))
         if contender == "fastlora+all":
@@ -367,10 +370,10 @@ def _installed(stack: contextlib.ExitStack, notes: list[str], undo, description:
 
 def _install_long_context(model: nn.Module, stack: contextlib.ExitStack, notes: list[str], tracker: LiveBytes) -> None:
     """fastlora's offloaded checkpoints, tiled MLP and chunked norms on ``model``, as ``patch`` installs them
-    (:mod:`fastlora.long_context`); the offload's host buffers are counted as host memory."""
+    (:mod:`fastlora.training.long_context`); the offload's host buffers are counted as host memory."""
     from collections import Counter
 
-    from fastlora import offload, rms_norm, tiled_mlp
+    from fastlora.training import offload, rms_norm, tiled_mlp
 
     _installed(stack, notes, *offload.install(model, Counter()))
     new_host_buffer = offload.HostCopies._new_host_buffer

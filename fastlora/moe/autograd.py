@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fastlora.moe import ops as moe_ops
+from fastlora import grouped_ops as moe_ops
 
 
 class GroupedLoRAFunction(torch.autograd.Function):

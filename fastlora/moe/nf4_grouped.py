@@ -3,7 +3,7 @@
 Same product and gradients as :mod:`fastlora.moe.autograd` (y = x·W_eᵀ + S·B_eᵀ; dx, dA, dB; W frozen), with W_e
 decoded from its NF4 codes:
 
-- triton: inside the grouped kernel (:func:`fastlora.moe.triton.grouped_nf4_lora_forward`), from the packed codes
+- triton: inside the grouped kernel (:func:`fastlora.backends.grouped_triton.grouped_nf4_lora_forward`), from the packed codes
   and the per-call resolved absmax: no dequantized W;
 - torch and cpp (CPU): runs of consecutive experts that have tokens, at most :data:`CHUNK_ELEMENTS` weights each,
   are dequantized (``nf4_dequantize`` of the backend, bit-identical to bitsandbytes) into a transient W and run
@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fastlora.moe import ops as moe_ops
+from fastlora import grouped_ops as moe_ops
 from fastlora.moe.autograd import input_gradients, stacked_adapters
 from fastlora.moe.nf4_experts import NF4ExpertStack
 
@@ -88,7 +88,7 @@ def chunked_backward(grad_out, x, lora_s, offsets, stack: NF4ExpertStack, lora_a
 
 def _forward(backend, x, offsets, stack, lora_a, lora_b, ranks, scales):
     if backend == "triton":
-        from fastlora.moe import triton as moe_triton
+        from fastlora.backends import grouped_triton as moe_triton
 
         return moe_triton.grouped_nf4_lora_forward(x, offsets, stack, lora_a, lora_b, ranks, scales)
     return chunked_forward(x, offsets, stack, lora_a, lora_b, ranks, scales, backend)
@@ -96,7 +96,7 @@ def _forward(backend, x, offsets, stack, lora_a, lora_b, ranks, scales):
 
 def _backward(backend, grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x):
     if backend == "triton":
-        from fastlora.moe import triton as moe_triton
+        from fastlora.backends import grouped_triton as moe_triton
 
         return moe_triton.grouped_nf4_lora_backward(grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x)
     return chunked_backward(grad_out, x, lora_s, offsets, stack, lora_a, lora_b, ranks, scales, needs_x, backend)

@@ -1,7 +1,7 @@
 """Tuning ahead of time (``fastlora tune``): every choice a training step would time, made now and cached.
 
 A training step of a patched model times, on the first call of each shape key: the layer call's graph
-(:mod:`fastlora.graph`, op "lora_layer", forward and backward) and the five tuned ops (forward, grad_input and the
+(:mod:`fastlora.functions.graph`, op "lora_layer", forward and backward) and the five tuned ops (forward, grad_input and the
 thin LoRA products), per M bucket, with and without dropout. :func:`tune` makes each of those calls once on random
 inputs of the given layer shapes, so their choices land in the cache (``FASTLORA_TUNING_CACHE``); a training process
 that starts afterwards with the same cache, device, versions, rank, dtype and dropout times nothing
@@ -14,11 +14,26 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from fastlora.tuning import _STATE, Decision, m_bucket
+from fastlora.tuning.choice import _STATE, implementation, m_bucket
+from fastlora.tuning.store import Decision
+
+#: One training call of a LoRA layer as a patched model makes it (forward and backward), with the arguments of
+#: ``layer_call(backend, x, dy, weight, absmax, blocksize, lora_a, lora_b, dropout_p)``: registered by the layer
+#: that owns that call (:mod:`fastlora.functions.lora`, imported with the package), which sits above this one.
+_LAYER_CALLS: list[Callable[..., None]] = []
+
+
+def register_layer_call(layer_call: Callable[..., None]) -> None:
+    """Make :func:`tune` also run ``layer_call`` per shape, so the layer's own choices (its graph) land in the cache.
+
+    Usage: ``register_layer_call(lambda backend, x, dy, w, absmax, blocksize, a, b, p: ...)``
+    """
+    if layer_call not in _LAYER_CALLS:
+        _LAYER_CALLS.append(layer_call)
 
 
 def tune(
@@ -38,10 +53,8 @@ def tune(
 
     Usage: ``tuning.tune("cpp", "cpu", [(512, 1536)], [1, 16, 512], base="nf4")``
     """
-    from fastlora import backends
-
     device = torch.device(device)
-    impl = backends.implementation(backend, device.type)
+    impl = implementation(backend, device.type)
     buckets = sorted({m_bucket(m): m for m in tokens}.values())  # one M per bucket
     for n, k in shapes:
         weight, absmax, blocksize = _random_base(base, n, k, dtype, device)
@@ -49,7 +62,8 @@ def tune(
         for m in buckets:
             x, dy = torch.randn(m, k, dtype=dtype, device=device), torch.randn(m, n, dtype=dtype, device=device)
             for p in dropout:
-                _layer_call(backend, x, dy, weight, absmax, blocksize, lora_a, lora_b, p)
+                for layer_call in _LAYER_CALLS:
+                    layer_call(backend, x, dy, weight, absmax, blocksize, lora_a, lora_b, p)
                 seeds = torch.full((1,), 12345, dtype=torch.int64, device=device)
                 s = impl.lora_down(x, lora_a, [rank], seeds, [p], [2.0])
                 impl.lora_linear(x, weight, absmax, blocksize, None, s, lora_b)
@@ -59,18 +73,6 @@ def tune(
             if progress is not None:
                 progress.update(1)
     return [d for d in _STATE.decisions.values() if d.key.backend == backend]
-
-
-def _layer_call(backend: str, x, dy, weight, absmax, blocksize: int, lora_a, lora_b, dropout_p: float) -> None:
-    """One training call of a LoRA layer as a patched model makes it: its graph is chosen (and timed) here."""
-    from fastlora.autograd import Adapter, BaseWeight, lora_linear
-
-    base = BaseWeight(weight, None, lora_b.shape[0], absmax, blocksize)
-    adapter = Adapter(lora_a.detach().requires_grad_(), lora_b.detach().requires_grad_(), 2.0, dropout_p)
-    x = x.detach().requires_grad_()
-    with torch.enable_grad():
-        y = lora_linear(x, base, [adapter], backend)
-        torch.autograd.grad(y, [x, adapter.lora_a, adapter.lora_b], dy)
 
 
 def _random_base(base: str, n: int, k: int, dtype: torch.dtype, device: torch.device):

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from fastlora.version import __version__
+
 CACHE_ENV = "FASTLORA_TUNING_CACHE"
 CACHE_FORMAT = 1
 
@@ -70,8 +72,6 @@ class Decision:
 
 def versions() -> dict[str, str]:
     """The versions a cache is valid for."""
-    from fastlora import __version__
-
     try:
         triton = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:

@@ -31,7 +31,7 @@ from collections import Counter
 import pytest
 
 import fastlora
-from fastlora.patch import PatchReport, is_patched
+from fastlora.wiring.patch import PatchReport, is_patched
 
 BACKEND = os.environ.get("FASTLORA_PEFT_BACKEND", "")
 SUMMARY_PATH = os.environ.get("FASTLORA_PEFT_SUMMARY", "")

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model 
 from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
 
 import fastlora  # noqa: E402
-from fastlora.patch import PatchReport, is_patched  # noqa: E402
+from fastlora.wiring.patch import PatchReport, is_patched  # noqa: E402
 
 
 class MLP(nn.Module):

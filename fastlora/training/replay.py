@@ -1,6 +1,6 @@
 """What a recompute needs to run a forward again exactly: the random generators' state (dropout masks, and the
 seeds of fastlora's counter-based dropout, are drawn from them) and autocast's state. Shared by the offloaded
-checkpoints (:mod:`fastlora.offload`) and the tiled MLP (:mod:`fastlora.tiled_mlp`), which both run a forward
+checkpoints (:mod:`fastlora.training.offload`) and the tiled MLP (:mod:`fastlora.training.tiled_mlp`), which both run a forward
 under ``no_grad`` and again with gradients in backward.
 
 Usage::

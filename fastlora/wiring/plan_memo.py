@@ -1,6 +1,6 @@
 """A patched layer's last plan, reused while everything it was read from is unchanged.
 
-:func:`fastlora.plan.call_plan` reads some thirty attributes across the LoRA layer, its adapter modules and the
+:func:`fastlora.wiring.plan.call_plan` reads some thirty attributes across the LoRA layer, its adapter modules and the
 base (PEFT's properties, type checks, the NF4 quant state) and builds the op's arguments. At a few tokens, with the
 caches cold from the layers that ran before, that is a large part of a layer call: about 25 µs of 87 on the 2-core
 Xeon measured (dense 1536→512, one token, forward). A :class:`PlanMemo` records, for plain LoRA (one or several
@@ -12,7 +12,7 @@ Watched: the layer's adapter state (``_active_adapter``, ``_disable_adapters``, 
 ``scaling``, ``lora_variant``, ``cast_input_dtype_enabled``) and submodules; each active adapter's A, B and dropout
 modules, their parameters, the dropout's ``p`` and ``training``; the base module, its weight and bias (identity, dtype,
 ``requires_grad``, version counter and data pointer, so ``.data`` swaps, ``.to()`` and in-place rewrites miss) and
-what the base kind adds (NF4: the quant state and :func:`fastlora.nf4.cache_key`, compute dtype; 8-bit: the SCB scales);
+what the base kind adds (NF4: the quant state and :func:`fastlora.functions.nf4_weight.cache_key`, compute dtype; 8-bit: the SCB scales);
 x's dtype and device; and, for a plan holding a tensor made under inference mode, that inference mode is on.
 
 Usage::
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastlora.nf4 import cache_key as nf4_cache_key
+from fastlora.functions.nf4_weight import cache_key as nf4_cache_key
 
 _MISSING = object()
 _plain_tensors = torch._C.DisableTorchFunctionSubclass
@@ -52,7 +52,7 @@ class PlanMemo:
         self._same = same  # (dict, key, object): dict[key] must be that very object
         self._equal = equal  # (dict, key, value): dict[key] must equal value
         self._tensors = tensors  # (tensor, _tensor_state(tensor) then)
-        # An NF4 base's Params4bit and its fastlora.nf4.cache_key then (the resolved absmax depends on it)
+        # An NF4 base's Params4bit and its fastlora.functions.nf4_weight.cache_key then (the resolved absmax depends on it)
         self._nf4_weight = nf4_weight
         self._nf4_key = None if nf4_weight is None else nf4_cache_key(nf4_weight)
         self._x_dtype = x.dtype

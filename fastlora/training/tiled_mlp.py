@@ -8,7 +8,7 @@ each shard again with gradients and differentiates it at once, writing its slice
 parameters' gradients: one shard's intermediates live at a time. The projections are whatever the MLP holds:
 fastlora's fused LoRA layers (an NF4 base re-reads 4-bit weights per shard, 4x fewer bytes than bf16) or PEFT's.
 Dropout is replayed exactly: the random generators are set back to their forward state before the recompute
-(:mod:`fastlora.replay`), so fastlora's counter-based masks (and PEFT's ``nn.Dropout``) repeat bit for bit.
+(:mod:`fastlora.training.replay`), so fastlora's counter-based masks (and PEFT's ``nn.Dropout``) repeat bit for bit.
 
 Cost: one more forward of the MLP per step (about a third of its time), plus per-shard launch overhead.
 
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from fastlora.replay import ForwardState, gradients
+from fastlora.training.replay import ForwardState, gradients
 
 #: On a GPU, a shard's intermediates take at most this fraction of the free memory when the shard size is automatic.
 FREE_MEMORY_FRACTION = 0.25

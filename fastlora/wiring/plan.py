@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastlora.autograd import Adapter, BaseWeight
-from fastlora.dora import DoRA
-from fastlora.nf4 import NF4Weight, UnsupportedQuantization
+from fastlora.functions.dora import DoRA
+from fastlora.functions.lora import Adapter, BaseWeight
+from fastlora.functions.nf4_weight import NF4Weight, UnsupportedQuantization
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -297,7 +297,7 @@ def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 def _dora(layer, name: str, variant, n_adapters: int, adapter_names, lora_bias):
-    """The :class:`~fastlora.dora.DoRA` part of adapter ``name``, or the reason it runs on PEFT."""
+    """The :class:`~fastlora.functions.dora.DoRA` part of adapter ``name``, or the reason it runs on PEFT."""
     from peft.tuners.lora import dora as peft_dora
 
     if adapter_names is not None:

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from fastlora import ops
-from fastlora.dropout import apply_dropout
-from fastlora.nf4 import resolve_absmax
+from fastlora.formats.dropout import apply_dropout
+from fastlora.functions.nf4_weight import resolve_absmax
 from fastlora.tensor_cache import TensorCache, lasting
 
 
@@ -205,8 +205,8 @@ def _forward(x, weight, absmax, bias, seeds, config: _Config, a32: Tensor, b32: 
 
 
 def dora_linear(x: Tensor, base, adapter, seeds: Tensor, backend: str) -> Tensor:
-    """DoRA's output for 2-D contiguous x (compute dtype) over ``base`` (a :class:`fastlora.autograd.BaseWeight`)
-    with one DoRA ``adapter`` (a :class:`fastlora.autograd.Adapter` whose ``dora`` is set).
+    """DoRA's output for 2-D contiguous x (compute dtype) over ``base`` (a :class:`fastlora.functions.lora.BaseWeight`)
+    with one DoRA ``adapter`` (a :class:`fastlora.functions.lora.Adapter` whose ``dora`` is set).
 
     Usage: ``y = dora_linear(x2d, base, adapter, seeds, "torch")``
     """

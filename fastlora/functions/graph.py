@@ -1,6 +1,6 @@
 """Which graph a single-adapter layer call runs on, chosen per shape by measuring the whole call.
 
-- "function": fastlora's :class:`~fastlora.autograd.LoRALinearFunction` (the backend's ops, each on its own tuned
+- "function": fastlora's :class:`~fastlora.functions.lora.LoRALinearFunction` (the backend's ops, each on its own tuned
   path, below a Python ``autograd.Function``);
 - "native": the same ops of the C++ backend in one C++ autograd node (``csrc/lora_layer.cpp``: no Python in
   forward or backward), for any base the C++ ops serve (dense, NF4, 8-bit), dropout included;
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from fastlora import tuning
 from fastlora.backends import cpp  # its extension is built on first use, not on import
-from fastlora.nf4 import KEEP_UP_TO_TOKENS, resolve_absmax
+from fastlora.functions.nf4_weight import KEEP_UP_TO_TOKENS, resolve_absmax
 
 _memo = tuning.memo_holder()
 #: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
@@ -122,7 +122,7 @@ def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
 
 def _absmax(base, x: Tensor) -> Tensor | None:
     """The absmax a C++ node is given (and saves): with double quantization, this call's resolved fp32 copy (kept
-    per weight at decode sizes without grad, as fastlora.autograd does)."""
+    per weight at decode sizes without grad, as fastlora.functions.lora does)."""
     keep = not torch.is_grad_enabled() and x.shape[0] <= KEEP_UP_TO_TOKENS
     return resolve_absmax(base.absmax, base.nested, "cpp", keep)
 

@@ -16,17 +16,18 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastlora import graph, ops, tuning
-from fastlora.dora import DoRA, dora_linear
-from fastlora.dropout import draw_seeds
-from fastlora.nf4 import KEEP_UP_TO_TOKENS, NestedAbsmax, resolve_absmax
+from fastlora import ops, tuning
+from fastlora.formats.dropout import draw_seeds
+from fastlora.functions import graph
+from fastlora.functions.dora import DoRA, dora_linear
+from fastlora.functions.nf4_weight import KEEP_UP_TO_TOKENS, NestedAbsmax, resolve_absmax
 
 
 # NamedTuples, not dataclasses: one of each is built per layer call, and a frozen dataclass costs microseconds.
 class BaseWeight(NamedTuple):
     """The frozen base of a LoRA layer: a dense [N, K] weight (any strides: GPT-2's Conv1D passes its [K, N] weight
     transposed), NF4 codes plus their absmax as the quant state stores it (fp32, or uint8 codes resolved per call
-    through ``nested``: :mod:`fastlora.nf4`), or bitsandbytes 8-bit int8 [N, K] with its per-row SCB as ``absmax``
+    through ``nested``: :mod:`fastlora.functions.nf4_weight`), or bitsandbytes 8-bit int8 [N, K] with its per-row SCB as ``absmax``
     (``blocksize`` 0)."""
 
     weight: Tensor
@@ -42,7 +43,7 @@ class Adapter(NamedTuple):
 
     Optional parts: ``lora_bias`` [N], B's own bias (``lora_bias=True``: scaled by ``scale`` like B's output);
     ``rows`` (fp32 [x.shape[0]], 1.0 where this adapter serves a row of x's leading dimension, 0.0 elsewhere) for
-    ``adapter_names`` mixed batches; ``dora`` (:class:`fastlora.dora.DoRA`) for a DoRA adapter.
+    ``adapter_names`` mixed batches; ``dora`` (:class:`fastlora.functions.dora.DoRA`) for a DoRA adapter.
     """
 
     lora_a: Tensor
@@ -180,7 +181,7 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
 
 
-#: Layer graphs (fastlora.graph) that failed to launch, per (graph, backend, dtypes, K, N): fastlora's Function
+#: Layer graphs (fastlora.functions.graph) that failed to launch, per (graph, backend, dtypes, K, N): fastlora's Function
 #: (the tuned ops, each with its own guarded first launch) runs those calls instead.
 _GRAPH_FALLBACKS: set[tuple] = tuning.guard.forgotten_on_reset(set())
 
@@ -224,7 +225,7 @@ def _on_function(x2d: Tensor, base: BaseWeight, adapters: Sequence[Adapter], bac
     if _needs_graph(x2d, bias, adapter_tensors):
         return LoRALinearFunction.apply(x2d, base.weight, base.absmax, bias, seeds, row_mask, config, *adapter_tensors)
     # Inference (no_grad, or nothing trainable): the ops alone, with no autograd node to build or save for; at decode
-    # sizes the NF4 absmax resolved once per weight and kept (fastlora.nf4.resolve_absmax).
+    # sizes the NF4 absmax resolved once per weight and kept (fastlora.functions.nf4_weight.resolve_absmax).
     absmax = base.absmax
     if config.nested is not None:
         keep = x2d.shape[0] <= KEEP_UP_TO_TOKENS
@@ -233,7 +234,7 @@ def _on_function(x2d: Tensor, base: BaseWeight, adapters: Sequence[Adapter], bac
 
 
 def _function_call(x2d: Tensor, base: BaseWeight, adapter: Adapter, backend: str) -> Tensor:
-    """One plain adapter's call the fastlora way: the "function" candidate of :func:`fastlora.graph.path`."""
+    """One plain adapter's call the fastlora way: the "function" candidate of :func:`fastlora.functions.graph.path`."""
     return _on_function(x2d, base, [adapter], backend, _seeds([adapter], x2d))
 
 
@@ -251,3 +252,16 @@ def _row_mask(adapters: Sequence[Adapter], m: int) -> Tensor:
     # a host sync per layer call on a GPU.
     per_row = torch.cat([a.rows[:, None].expand(-1, a.lora_a.shape[0]) for a in adapters], dim=1)  # [rows, R]
     return per_row.repeat_interleave(m // per_row.shape[0], dim=0)
+
+
+def _tuning_layer_call(backend: str, x, dy, weight, absmax, blocksize: int, lora_a, lora_b, dropout_p: float) -> None:
+    """One training call of a LoRA layer as a patched model makes it (``fastlora tune``): its graph is chosen here."""
+    base = BaseWeight(weight, None, lora_b.shape[0], absmax, blocksize)
+    adapter = Adapter(lora_a.detach().requires_grad_(), lora_b.detach().requires_grad_(), 2.0, dropout_p)
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = lora_linear(x, base, [adapter], backend)
+        torch.autograd.grad(y, [x, adapter.lora_a, adapter.lora_b], dy)
+
+
+tuning.ahead.register_layer_call(_tuning_layer_call)

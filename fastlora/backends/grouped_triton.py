@@ -4,7 +4,7 @@ Forward: S = x·A_eᵀ (scaled) and y = x·W_eᵀ + S·B_eᵀ, two launches of
 :func:`fastlora.kernels.grouped_lora.grouped_lora_matmul`. Backward: dS = dy·B_e (scaled) and dx = dy·W_e + dS·A_e
 with the same kernel on transposed views, dB and dA with
 :func:`fastlora.kernels.grouped_lora_weight_grad.grouped_weight_grad`. Signatures follow
-:mod:`fastlora.moe.reference`. No host sync: the row tiles per expert are computed on the device.
+:mod:`fastlora.backends.grouped_reference`. No host sync: the row tiles per expert are computed on the device.
 ``grouped_nf4_lora_forward``/``backward`` take W as an :class:`~fastlora.moe.nf4_experts.NF4ExpertStack`, decoded
 inside the kernel (its absmax resolved once per call, a transient of 4 bytes per block).
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlora.backends.grouped_reference import rank_scales
 from fastlora.kernels.grouped_lora import NF4Operand, grouped_lora_matmul
 from fastlora.kernels.grouped_lora_weight_grad import grouped_weight_grad
-from fastlora.moe.reference import rank_scales
 
 
 def grouped_lora_forward(x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks, scales):

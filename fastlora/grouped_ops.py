@@ -1,8 +1,8 @@
 """The grouped (mixture-of-experts) LoRA ops: one ``torch.library`` schema each, implemented per backend.
 
-Same conventions as :mod:`fastlora.ops`: a trailing ``backend`` name routes each call to
-``fastlora.backends.implementation(backend, device).<op>``; eager calls skip the dispatcher, ``torch.compile``
-sees one opaque node per op (fake implementations below give it shapes and dtypes).
+Same conventions as :mod:`fastlora.ops`: a trailing ``backend`` name routes each call to the backend's grouped
+module (``fastlora.backends.grouped_<reference|cpp|triton>``, no per-shape choice); eager calls skip the
+dispatcher, ``torch.compile`` sees one opaque node per op (fake implementations below give it shapes and dtypes).
 
 Shapes (S token-expert rows sorted by expert, E experts, K in-features, N out-features, R total LoRA rank):
 
@@ -22,17 +22,21 @@ Usage::
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from fastlora import backends
+
+logger = logging.getLogger("fastlora")
 
 _NAMES = ("grouped_lora_forward", "grouped_lora_backward")
 
 
 def _routed(name: str, device_type: str):
     def kernel(*args):
-        return getattr(backends.implementation(args[-1], device_type), name)(*args[:-1])
+        return getattr(backends.module(args[-1], device_type, grouped=True), name)(*args[:-1])
 
     return kernel
 
@@ -91,6 +95,26 @@ def _(grad_out, x, lora_s, offsets, weight, lora_a, lora_b, ranks, scales, needs
     )
 
 
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend for the grouped ops: as :func:`fastlora.backends.resolve` for the dense ops, except that a grouped
+    C++ extension that fails to build sends "auto" to the torch reference (logged) and an explicit "cpp" to
+    BackendUnavailable.
+
+    Usage: ``backend = grouped_ops.resolve("auto", x.device)``
+    """
+    chosen = backends.resolve(requested, device)
+    if chosen == "cpp":
+        from fastlora.backends import grouped_cpp
+
+        reason = grouped_cpp.unavailable_reason()
+        if reason is not None:
+            if requested != "auto":
+                raise backends.BackendUnavailable(reason)
+            logger.warning("fastlora: expert LoRA runs on the torch reference: %s", reason)
+            return "torch"
+    return chosen
+
+
 def implementation(backend: str, device_type: str):
     """The grouped ops of ``backend`` on ``device_type`` without the trailing backend argument: the backend's own
     functions in eager mode, the registered ops while ``torch.compile`` traces.
@@ -99,7 +123,7 @@ def implementation(backend: str, device_type: str):
     """
     if torch.compiler.is_compiling():
         return _Bound(backend)
-    return backends.implementation(backend, device_type)
+    return backends.module(backend, device_type, grouped=True)
 
 
 class _Bound:

@@ -17,62 +17,20 @@ Usage (``fastlora.patch`` calls this; nothing to call directly)::
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fastlora import backends
-from fastlora.moe.experts import grouped_experts_forward, up_projection_name
+from fastlora import grouped_ops
+from fastlora.moe.experts import grouped_experts_forward
 from fastlora.moe.nf4_experts import is_quantized, materialized, projection_device
-from fastlora.patch import FusedForward, PatchReport, is_compiling, logger
+from fastlora.moe.structure import chain_reason, expert_chain, param_wrapper_class
+from fastlora.wiring.fused_forward import FusedForward, is_compiling, logger
+from fastlora.wiring.report import PatchReport
 
-#: Attributes ``transformers.integrations.moe.use_experts_implementation`` puts on an experts module.
-EXPERTS_INTERFACE = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def param_wrapper_class() -> type:
-    from peft.tuners.lora.layer import ParamWrapper
-
-    return ParamWrapper
-
-
-def expert_chain(outer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
-    """The nested ParamWrappers from ``outer`` inwards, and the module they wrap."""
-    wrapper_class = param_wrapper_class()
-    chain, module = [], outer
-    while isinstance(module, wrapper_class):
-        chain.append(module)
-        module = module._modules["base_layer"]
-    return chain, module
-
-
-def chain_reason(chain: list[nn.Module], experts: nn.Module) -> Optional[str]:
-    """Why this wrapper chain can never be fused (checked at patch time), or None."""
-    wrapper_class = param_wrapper_class()
-    missing = [name for name in EXPERTS_INTERFACE if not hasattr(experts, name)]
-    if missing:
-        return (f"ParamWrapper on {type(experts).__name__}, not a transformers experts module "
-                f"(use_experts_implementation; lacks {', '.join(missing)})")  # fmt: skip
-    projections = {up_projection_name(experts), "down_proj"}
-    for wrapper in chain:
-        if type(wrapper) is not wrapper_class:
-            return f"unsupported LoRA layer type {type(wrapper).__name__}"
-        name = wrapper.parameter_name
-        if name not in projections:
-            return f"ParamWrapper on {type(experts).__name__}.{name} (fused: {', '.join(sorted(projections))})"
-        if is_quantized(experts, name):  # NF4 experts: 3-D by construction
-            continue
-        weight = experts._parameters.get(name)
-        if weight is None or weight.dim() != 3 or weight.shape[0] != experts.num_experts:
-            return f"{type(experts).__name__}.{name} is not a 3-D expert weight"
-        if weight.device.type == "meta":
-            return "weights on the meta device"
-    if len({w.parameter_name for w in chain}) != len(chain):
-        return "the same expert weight wrapped twice"
-    return None
 
 
 def _adapters(wrapper: nn.Module, num_experts: int):
@@ -185,24 +143,8 @@ def split_param_wrappers(layers: list, backend: str, report: PatchReport) -> tup
             report.skipped.update({n: reason for n in names})
             continue
         device = projection_device(experts, "down_proj")
-        chains.append((name, layer, grouped_backend(backend, device), names))
+        chains.append((name, layer, grouped_ops.resolve(backend, device), names))
     return rest, chains
-
-
-def grouped_backend(requested: str, device: torch.device) -> str:
-    """The backend for the grouped ops: as for the dense ops, except that a grouped C++ extension that fails to
-    build sends "auto" to the torch reference (logged) and an explicit "cpp" to BackendUnavailable."""
-    chosen = backends.resolve(requested, device)
-    if chosen == "cpp":
-        from fastlora.moe import cpp
-
-        reason = cpp.unavailable_reason()
-        if reason is not None:
-            if requested != "auto":
-                raise backends.BackendUnavailable(reason)
-            logger.warning("fastlora: expert LoRA runs on the torch reference: %s", reason)
-            return "torch"
-    return chosen
 
 
 def install(chain: tuple, report: PatchReport) -> nn.Module:

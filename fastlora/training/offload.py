@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from fastlora.replay import ForwardState, gradients
+from fastlora.training.replay import ForwardState, gradients
 
 #: Inputs smaller than this stay on the device. A copy each way costs a launch, an event and a pool lookup (~10-20 us
 #: of fixed cost per layer on a GPU) whatever its size, while 1 MiB per layer is 32 MiB over a 32-layer model: below
@@ -194,7 +194,7 @@ def install(model: nn.Module, calls: Counter) -> tuple[Optional[Callable[[], Non
     from transformers import PreTrainedModel
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from fastlora.cross_entropy import unwrap_peft
+    from fastlora.training.cross_entropy import unwrap_peft
 
     lm = unwrap_peft(model)
     if not isinstance(lm, PreTrainedModel):
@@ -245,9 +245,9 @@ _COPIES: "weakref.WeakKeyDictionary[nn.Module, HostCopies]" = weakref.WeakKeyDic
 def host_bytes(model: nn.Module) -> int:
     """Host memory the offloaded checkpoints of ``model`` hold now (buffers in use or pooled for the next step).
 
-    Usage: ``fastlora.offload.host_bytes(model)`` after a training step
+    Usage: ``fastlora.training.offload.host_bytes(model)`` after a training step
     """
-    from fastlora.cross_entropy import unwrap_peft
+    from fastlora.training.cross_entropy import unwrap_peft
 
     copies = _COPIES.get(unwrap_peft(model))
     return 0 if copies is None else copies.host_bytes

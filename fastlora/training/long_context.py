@@ -1,6 +1,6 @@
 """The long-context options of :func:`fastlora.patch`, installed and described in its report: offloaded
-checkpoints (:mod:`fastlora.offload`), the tiled MLP (:mod:`fastlora.tiled_mlp`) and chunked RMSNorms
-(:mod:`fastlora.rms_norm`).
+checkpoints (:mod:`fastlora.training.offload`), the tiled MLP (:mod:`fastlora.training.tiled_mlp`) and chunked RMSNorms
+(:mod:`fastlora.training.rms_norm`).
 
 Usage::
 
@@ -19,7 +19,7 @@ logger = logging.getLogger("fastlora")
 
 
 def install(model: nn.Module, report: Any, offload_checkpoints: bool, tiled_mlp: bool | int, chunked_norms: bool) -> list[Callable[[], None]]:
-    """Install the options asked for on ``model``, fill ``report`` (a :class:`fastlora.patch.PatchReport`) and
+    """Install the options asked for on ``model``, fill ``report`` (a :class:`fastlora.wiring.report.PatchReport`) and
     return the undo functions. Anything left as it was is in the report with its reason, and logged.
 
     Usage: ``undos = install(model, report, True, 4096, False)``
@@ -36,7 +36,7 @@ def install(model: nn.Module, report: Any, offload_checkpoints: bool, tiled_mlp:
 
 def _install(model, report, offload_checkpoints, tiled_mlp, chunked_norms, undos: list) -> None:
     if offload_checkpoints:
-        from fastlora import offload
+        from fastlora.training import offload
 
         undo, report.offload = offload.install(model, report.offload_calls)
         if undo is None:
@@ -45,7 +45,7 @@ def _install(model, report, offload_checkpoints, tiled_mlp, chunked_norms, undos
         else:
             undos.append(undo)
     if tiled_mlp is not False:
-        from fastlora import tiled_mlp as tiling
+        from fastlora.training import tiled_mlp as tiling
 
         shard_tokens = None if tiled_mlp is True else int(tiled_mlp)
         undo, report.tiled_mlp, report.untiled_mlps = tiling.install(model, shard_tokens)
@@ -53,7 +53,7 @@ def _install(model, report, offload_checkpoints, tiled_mlp, chunked_norms, undos
         if report.untiled_mlps:
             logger.warning("fastlora: MLPs left untiled: %s", _counts(report.untiled_mlps))
     if chunked_norms:
-        from fastlora import rms_norm
+        from fastlora.training import rms_norm
 
         undo, report.chunked_norms, report.unchunked_norms = rms_norm.install(model)
         undos.append(undo)
