@@ -347,3 +347,24 @@ def test_half_lora_is_offered_only_for_adapters_in_x_dtype(native_half):
     with pytest.raises(RuntimeError, match="must all be bf16 or all fp16"):
         cpp.lora_layer_half(torch.randn(2, 32).bfloat16(), torch.randn(4, 32), torch.randn(16, 4).bfloat16(), weight,
                             absmax, blocksize, None, torch.zeros(1, dtype=torch.int64), 0.0, 2.0)  # fmt: skip
+
+
+def test_half_lora_would_be_far_from_peft_with_fp32_adapters():
+    """Why "native_half_lora" is not offered for fp32 adapters (PEFT's default): PEFT then computes its LoRA chain
+    in fp32, so its adapter gradients are fp32-accurate, and the chain in bf16 (adapter weights rounded to bf16) is
+    more than 100x farther from float64 in dA and dB."""
+    m, k, n = 37, 96, 80
+    model = lora_layer_model(k, n, base="dense", dtype=torch.bfloat16, adapters=((8, 16, 0.0, False),))
+    layer = model.base_model.model.lin
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x, dy = torch.randn(m, k).to(torch.bfloat16), torch.randn(m, n).to(torch.bfloat16)
+    _, g_peft = run(model, x, dy)
+    _, _, da64, db64 = _float64_with_adapter_grads(layer, x, dy, None, 0.0)
+    adapter = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    a, b = (t.detach().bfloat16().requires_grad_() for t in adapter)
+    base, seeds = layer.get_base_layer(), torch.zeros(1, dtype=torch.int64)
+    y = cpp.lora_layer_half(x, a, b, base.weight, None, 0, base.bias, seeds, 0.0, layer.scaling["default"])
+    da, db = torch.autograd.grad(y, (a, b), dy)
+    for got, name, exact in ((da, "lora_A", da64), (db, "lora_B", db64)):
+        peft_error = _relative(g_peft[f"base_model.model.lin.{name}.default.weight"], exact)
+        assert _relative(got, exact) > 100 * peft_error, (_relative(got, exact), peft_error)
