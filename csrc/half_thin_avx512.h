@@ -92,31 +92,53 @@ FASTLORA_AVX512 inline void accumulate(Accumulator (&acc)[R][C], const float* __
   }
 }
 
-// out[i0 : i0+R, j0 : j0+16 (mask)] = block[i0 : i0+R, :k] @ mat[:k, j0 : ...] (mat [k, r] contiguous fp32).
-template <int R>
-FASTLORA_AVX512 inline void rows_times_tile(const float* block, int64_t k, const float* mat, int64_t r, int64_t j0,
-                                            __mmask16 mask, float* out) {
-  Accumulator acc[R][1];
+// out[i, j0 + j] = x[i, :k] . wt[j0 + j, :k] for R rows of x (half, rows k apart) and J ranks of wt (fp32 [r, k]
+// contiguous): x widened in registers, lanes along k, each of the R*J sums reduced once at the end. No fp32 copy of
+// x is written: a widened block cost more than the products where x comes cold from memory (the layer before ran).
+template <int R, int J, typename T>
+FASTLORA_AVX512 inline void dot_tile(const T* __restrict__ x, int64_t k, const float* __restrict__ wt, int64_t r,
+                                     int64_t j0, float* __restrict__ out) {
+  Accumulator acc[R][J];
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) acc[i][0] = _mm512_setzero_ps();
-  accumulate<R, 1>(acc, block, k, mat + j0, r, k, {mask});
+  for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < k; t += 16) {
+    const __mmask16 mask = lanes(k - t);
+    __m512 xs[R];
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) xs[i] = load(x + i * k + t, mask);
+    #pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const __m512 w = _mm512_maskz_loadu_ps(mask, wt + (j0 + j) * k + t);
+      #pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_fmadd_ps(xs[i], w, acc[i][j]);
+    }
+  }
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * r + j0, mask, acc[i][0]);
+  for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) out[i * r + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
 }
 
-// out[rows, r] = block[rows, k] @ mat[k, r] (fp32, contiguous).
-FASTLORA_AVX512 inline void rows_times(const float* block, int64_t rows, int64_t k, const float* mat, int64_t r,
-                                       float* out) {
-  constexpr int kRows = 8;
-  for (int64_t j0 = 0; j0 < r; j0 += 16) {
-    const __mmask16 mask = lanes(r - j0);
-    int64_t i = 0;
-    for (; i + kRows <= rows; i += kRows) rows_times_tile<kRows>(block + i * k, k, mat, r, j0, mask, out + i * r);
-    // the last rows in tiles of 4, 2, 1: a one-row tile waits on its FMA's latency at every step
-    if (i + 4 <= rows) rows_times_tile<4>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 4;
-    if (i + 2 <= rows) rows_times_tile<2>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 2;
-    if (i < rows) rows_times_tile<1>(block + i * k, k, mat, r, j0, mask, out + i * r);
-  }
+// out[R rows, r] = x[R rows, :k] @ wt^T, the ranks in tiles of 4, 2, 1.
+template <int R, typename T>
+FASTLORA_AVX512 inline void rows_dot_tile(const T* x, int64_t k, const float* wt, int64_t r, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) dot_tile<R, 4>(x, k, wt, r, j, out);
+  if (j + 2 <= r) dot_tile<R, 2>(x, k, wt, r, j, out), j += 2;
+  if (j < r) dot_tile<R, 1>(x, k, wt, r, j, out);
+}
+
+// out[rows, r] = x[rows, k] @ wt[r, k]^T (x half, contiguous; wt and out fp32, contiguous), rows in tiles of 4, 2, 1.
+template <typename T>
+FASTLORA_AVX512 inline void rows_dot(const T* x, int64_t rows, int64_t k, const float* wt, int64_t r, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) rows_dot_tile<4>(x + i * k, k, wt, r, out + i * r);
+  if (i + 2 <= rows) rows_dot_tile<2>(x + i * k, k, wt, r, out + i * r), i += 2;
+  if (i < rows) rows_dot_tile<1>(x + i * k, k, wt, r, out + i * r);
 }
 
 // out[j0 : j0+J, col0 : col0+16 (mask)] = d[:m, j0 : j0+J]^T @ x[:m, col0 : ...] (d [m, r], x [m, k], out [r, k]).

@@ -323,10 +323,11 @@ def test_half_lora_no_farther_from_float64_than_peft(monkeypatch, native_half, b
     assert [d.path for d in tuning.decisions() if d.key.op == "lora_layer"] == ["native_half_lora"]
     names = ("x", "base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight")
     ulp = ULP[dtype]
-    for got, peft, exact in zip((y, *(g[name] for name in names)), (y_peft, *(g_peft[name] for name in names)), want):
+    outputs = zip(("y", *names), (y, *(g[name] for name in names)), (y_peft, *(g_peft[name] for name in names)), want)
+    for name, got, peft, exact in outputs:
         assert got.dtype == dtype
         error, peft_error = _relative(got, exact), _relative(peft, exact)
-        assert error <= peft_error + 0.5 * ulp, (error, peft_error)
+        assert error <= peft_error + 0.5 * ulp, (name, error, peft_error)
 
 
 def test_half_lora_is_offered_only_for_adapters_in_x_dtype(native_half):
