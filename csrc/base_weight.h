@@ -22,6 +22,12 @@ namespace fastlora {
 constexpr int64_t kElementGrain = 1 << 15;
 constexpr int64_t kPanelAlign = 16;
 
+// The ops compute in the dtypes they choose (fp32, or x's on the half paths); under torch.autocast the ATen calls
+// inside them would otherwise be re-dispatched through autocast and run in bf16. Every op opens one of these first.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // Already fp32 and contiguous (the common case) returns t itself, without two dispatcher round trips: at a few
 // tokens an op's host work is most of its time.
 inline at::Tensor as_f32(const at::Tensor& t) {

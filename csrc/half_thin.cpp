@@ -107,21 +107,25 @@ at::Tensor half_times(const at::Tensor& x, const at::Tensor& mat) {
               k, ", r], got ", mat.scalar_type(), " ", mat.sizes());
   if (k == 0 || m == 0 || r == 0) return at::zeros({m, r}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({m, r}, x.options().dtype(at::kFloat));
-  const bool own_kernel = use_avx512();
-  const at::Tensor mat_rows = own_kernel ? mat.contiguous() : mat;
-  // whole 8-row tiles of the AVX-512 kernel per block, so that only the last block has a partial one
-  const int64_t extent = block_extent(m, k), rows_per = extent >= 8 && own_kernel ? extent / 8 * 8 : extent;
-  for_blocks(m, rows_per, [&](int64_t row0, int64_t rows) {
+#ifdef FASTLORA_X86
+  if (use_avx512()) {  // x widened in registers, row tiles split between threads
+    const at::Tensor wt = mat.t().contiguous();  // [r, k]: each rank's vector along k
+    constexpr int64_t kTile = 4;
+    with_half_data(x, [&](const auto* data) {
+      const int64_t grain = std::max<int64_t>(1, kElementGrain / (kTile * k));
+      at::parallel_for(0, (m + kTile - 1) / kTile, grain, [&](int64_t begin, int64_t end) {
+        const int64_t row0 = begin * kTile, rows = std::min(m, end * kTile) - row0;
+        avx512::rows_dot(data + row0 * k, rows, k, wt.data_ptr<float>(), r, out.data_ptr<float>() + row0 * r);
+      });
+    });
+    return out;
+  }
+#endif
+  for_blocks(m, block_extent(m, k), [&](int64_t row0, int64_t rows) {
     at::Tensor block = block_buffer(rows, k);
     widen_block(x, row0, 0, block);
     at::Tensor out_rows = out.narrow(0, row0, rows);
-#ifdef FASTLORA_X86
-    if (own_kernel) {
-      avx512::rows_times(block.data_ptr<float>(), rows, k, mat_rows.data_ptr<float>(), r, out_rows.data_ptr<float>());
-      return;
-    }
-#endif
-    at::mm_out(out_rows, block, mat_rows);
+    at::mm_out(out_rows, block, mat);
   });
   return out;
 }

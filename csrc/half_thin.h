@@ -9,7 +9,8 @@
 
 namespace fastlora {
 
-// x[m, k] (bf16/fp16, contiguous) @ mat[k, r] (fp32, any strides): [m, r] fp32, x converted by row blocks.
+// x[m, k] (bf16/fp16, contiguous) @ mat[k, r] (fp32, any strides): [m, r] fp32, x widened in registers (AVX-512)
+// or by row blocks for fp32 BLAS.
 // Usage: S = half_times(x, A.t()) (lora_down), dS = half_times(dy, B) (lora_up_grad).
 at::Tensor half_times(const at::Tensor& x, const at::Tensor& mat);
 

@@ -72,43 +72,73 @@ FASTLORA_AVX512 inline void store(c10::Half* out, __mmask16 mask, __m512 value) 
   _mm256_mask_storeu_epi16(out, mask, half);
 }
 
-// acc[i] += sum over t < depth of a[i * lda + t] * w[t * ldw : +16 (mask)], for R rows: the rank-r outer-product
-// steps of both products below, one broadcast FMA per row and step, the row accumulators in registers.
-template <int R>
-FASTLORA_AVX512 inline void accumulate(Accumulator (&acc)[R], const float* __restrict__ a, int64_t lda,
-                                       const float* __restrict__ w, int64_t ldw, int64_t depth, __mmask16 mask) {
+// acc[i][c] += sum over t < depth of a[i * lda + t] * w[t * ldw + 16 c : +16 (mask[c])], for R rows and C chunks of
+// 16 columns: the rank-r outer-product steps of both products below, one broadcast per row and step shared by its C
+// FMAs, the accumulators in registers.
+template <int R, int C>
+FASTLORA_AVX512 inline void accumulate(Accumulator (&acc)[R][C], const float* __restrict__ a, int64_t lda,
+                                       const float* __restrict__ w, int64_t ldw, int64_t depth,
+                                       const __mmask16 (&mask)[C]) {
   for (int64_t t = 0; t < depth; ++t) {
-    const __m512 row = _mm512_maskz_loadu_ps(mask, w + t * ldw);
+    __m512 row[C];
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) row[c] = _mm512_maskz_loadu_ps(mask[c], w + t * ldw + 16 * c);
     #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + t]), row, acc[i]);
+    for (int i = 0; i < R; ++i) {
+      const __m512 value = _mm512_set1_ps(a[i * lda + t]);
+      #pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(value, row[c], acc[i][c]);
+    }
   }
 }
 
-// out[i0 : i0+R, j0 : j0+16 (mask)] = block[i0 : i0+R, :k] @ mat[:k, j0 : ...] (mat [k, r] contiguous fp32).
-template <int R>
-FASTLORA_AVX512 inline void rows_times_tile(const float* block, int64_t k, const float* mat, int64_t r, int64_t j0,
-                                            __mmask16 mask, float* out) {
-  Accumulator acc[R];
+// out[i, j0 + j] = x[i, :k] . wt[j0 + j, :k] for R rows of x (half, rows k apart) and J ranks of wt (fp32 [r, k]
+// contiguous): x widened in registers, lanes along k, each of the R*J sums reduced once at the end. No fp32 copy of
+// x is written: a widened block cost more than the products where x comes cold from memory (the layer before ran).
+template <int R, int J, typename T>
+FASTLORA_AVX512 inline void dot_tile(const T* __restrict__ x, int64_t k, const float* __restrict__ wt, int64_t r,
+                                     int64_t j0, float* __restrict__ out) {
+  Accumulator acc[R][J];
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-  accumulate<R>(acc, block, k, mat + j0, r, k, mask);
+  for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < k; t += 16) {
+    const __mmask16 mask = lanes(k - t);
+    __m512 xs[R];
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) xs[i] = load(x + i * k + t, mask);
+    #pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const __m512 w = _mm512_maskz_loadu_ps(mask, wt + (j0 + j) * k + t);
+      #pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_fmadd_ps(xs[i], w, acc[i][j]);
+    }
+  }
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * r + j0, mask, acc[i]);
+  for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) out[i * r + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
 }
 
-// out[rows, r] = block[rows, k] @ mat[k, r] (fp32, contiguous).
-FASTLORA_AVX512 inline void rows_times(const float* block, int64_t rows, int64_t k, const float* mat, int64_t r,
-                                       float* out) {
-  constexpr int kRows = 8;
-  for (int64_t j0 = 0; j0 < r; j0 += 16) {
-    const __mmask16 mask = lanes(r - j0);
-    int64_t i = 0;
-    for (; i + kRows <= rows; i += kRows) rows_times_tile<kRows>(block + i * k, k, mat, r, j0, mask, out + i * r);
-    // the last rows in tiles of 4, 2, 1: a one-row tile waits on its FMA's latency at every step
-    if (i + 4 <= rows) rows_times_tile<4>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 4;
-    if (i + 2 <= rows) rows_times_tile<2>(block + i * k, k, mat, r, j0, mask, out + i * r), i += 2;
-    if (i < rows) rows_times_tile<1>(block + i * k, k, mat, r, j0, mask, out + i * r);
-  }
+// out[R rows, r] = x[R rows, :k] @ wt^T, the ranks in tiles of 4, 2, 1.
+template <int R, typename T>
+FASTLORA_AVX512 inline void rows_dot_tile(const T* x, int64_t k, const float* wt, int64_t r, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) dot_tile<R, 4>(x, k, wt, r, j, out);
+  if (j + 2 <= r) dot_tile<R, 2>(x, k, wt, r, j, out), j += 2;
+  if (j < r) dot_tile<R, 1>(x, k, wt, r, j, out);
+}
+
+// out[rows, r] = x[rows, k] @ wt[r, k]^T (x half, contiguous; wt and out fp32, contiguous), rows in tiles of 4, 2, 1.
+template <typename T>
+FASTLORA_AVX512 inline void rows_dot(const T* x, int64_t rows, int64_t k, const float* wt, int64_t r, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) rows_dot_tile<4>(x + i * k, k, wt, r, out + i * r);
+  if (i + 2 <= rows) rows_dot_tile<2>(x + i * k, k, wt, r, out + i * r), i += 2;
+  if (i < rows) rows_dot_tile<1>(x + i * k, k, wt, r, out + i * r);
 }
 
 // out[j0 : j0+J, col0 : col0+16 (mask)] = d[:m, j0 : j0+J]^T @ x[:m, col0 : ...] (d [m, r], x [m, k], out [r, k]).
@@ -142,37 +172,45 @@ FASTLORA_AVX512 inline void transposed_columns(const float* d, int64_t m, int64_
   if (j < r) transposed_tile<1>(d, m, r, j, x, k, col0, mask, out);
 }
 
-// out[i0 : i0+R, n0 : n0+16 (mask)] = round(out + bias + s[i0 : i0+R, :] @ mat[:, n0 : ...]) (s [rows, r],
-// mat [r, n] contiguous fp32; bias fp32 or null).
-template <int R, typename T>
+// out[i0 : i0+R, n0 : n0+16C] = round(out + bias + s[i0 : i0+R, :] @ mat[:, n0 : ...]) (s [rows, r], mat [r, n]
+// contiguous fp32; bias fp32 or null), columns past n masked off.
+template <int R, int C, typename T>
 FASTLORA_AVX512 inline void add_product_tile(T* out, int64_t n, const float* s, int64_t r, const float* mat,
-                                             const float* bias, int64_t n0, __mmask16 mask) {
-  Accumulator acc[R];
-  const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+                                             const float* bias, int64_t n0) {
+  __mmask16 mask[C];
+  #pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) mask[c] = lanes(std::max<int64_t>(0, n - n0 - 16 * c));
+  Accumulator acc[R][C];
+  #pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) {
+    const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(mask[c], bias + n0 + 16 * c) : _mm512_setzero_ps();
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) acc[i][c] = _mm512_add_ps(load(out + i * n + n0 + 16 * c, mask[c]), start);
+  }
+  accumulate<R, C>(acc, s, r, mat + n0, n, r, mask);
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_add_ps(load(out + i * n + n0, mask), start);
-  accumulate<R>(acc, s, r, mat + n0, n, r, mask);
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) store(out + i * n + n0, mask, acc[i]);
+  for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) store(out + i * n + n0 + 16 * c, mask[c], acc[i][c]);
+  }
+}
+
+// The tiles of R rows across all columns, 32 at a time: 2R accumulators share each broadcast of s.
+template <int R, typename T>
+FASTLORA_AVX512 inline void add_product_row_tile(T* out, int64_t n, const float* s, int64_t r, const float* mat,
+                                                 const float* bias) {
+  for (int64_t n0 = 0; n0 < n; n0 += 32) add_product_tile<R, 2>(out, n, s, r, mat, bias, n0);
 }
 
 template <typename T>
 FASTLORA_AVX512 inline void add_product_rows(T* out, int64_t rows, int64_t n, const float* s, int64_t r,
                                              const float* mat, const float* bias) {
-  constexpr int kRows = 4;
+  constexpr int kRows = 8;
   int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows) {
-    for (int64_t n0 = 0; n0 < n; n0 += 16) {
-      add_product_tile<kRows>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
-    }
-  }
-  if (i + 2 <= rows) {
-    for (int64_t n0 = 0; n0 < n; n0 += 16) add_product_tile<2>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
-    i += 2;
-  }
-  if (i < rows) {
-    for (int64_t n0 = 0; n0 < n; n0 += 16) add_product_tile<1>(out + i * n, n, s + i * r, r, mat, bias, n0, lanes(n - n0));
-  }
+  for (; i + kRows <= rows; i += kRows) add_product_row_tile<kRows>(out + i * n, n, s + i * r, r, mat, bias);
+  if (i + 4 <= rows) add_product_row_tile<4>(out + i * n, n, s + i * r, r, mat, bias), i += 4;
+  if (i + 2 <= rows) add_product_row_tile<2>(out + i * n, n, s + i * r, r, mat, bias), i += 2;
+  if (i < rows) add_product_row_tile<1>(out + i * n, n, s + i * r, r, mat, bias);
 }
 
 }  // namespace avx512

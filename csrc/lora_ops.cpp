@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "base_weight.h"
-#include "dropout_mask.h"
+#include "dropout_passes.h"
 #include "half_thin.h"
 #include "half_thin_avx512.h"
 #include "lora_half.h"
@@ -52,12 +52,6 @@ std::atomic<int64_t> fused_tokens{kDefaultFusedTokens};
 // Up to this many elements of dy, lora_up_grad computes dB as dy^T @ S (see there).
 constexpr int64_t kTransposedUpGradElements = 512 * 1536;
 
-// The ops compute in fp32 by design; under torch.autocast the ATen calls inside them would otherwise be
-// re-dispatched through autocast and run in bf16. Every op opens one of these first.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
 // Panel extent along one axis of the weight when the other axis has `other` elements.
 int64_t panel_extent(int64_t other, int64_t total) {
   const int64_t fit = panel_bytes.load(std::memory_order_relaxed) / (static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(other, 1));
@@ -69,12 +63,6 @@ bool whole_weight_fits(int64_t n, int64_t k) {
   return n * k * static_cast<int64_t>(sizeof(float)) <= whole_weight_bytes.load(std::memory_order_relaxed);
 }
 
-// The half path's panel extent along `total` (0: W whole): its copy of W (2 bytes an element) is kept whole under
-// the same byte limit as the fp32 copy; its panels hold as many elements as the fp32 ones.
-int64_t half_panel_extent(int64_t other, int64_t total) {
-  const bool whole = other * total * 2 <= whole_weight_bytes.load(std::memory_order_relaxed);
-  return whole || other == 0 || total == 0 ? 0 : panel_extent(other, total);
-}
 
 // How a non-fp32 W reaches the base product: the `path` argument of lora_linear / lora_linear_grad_input.
 // kAuto picks by the thresholds above; the others are what fastlora/tuning.py times and chooses between. kHalf
@@ -126,37 +114,6 @@ struct Adapters {
   }
 };
 
-// drop(x) for a contiguous fp32 x[M, K]: the shared counter-based mask, kept values scaled.
-at::Tensor dropped(const at::Tensor& x32, const DropoutMask& mask) {
-  at::Tensor out = at::empty_like(x32);
-  const int64_t cols = x32.size(1);
-  const float* src = x32.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, x32.size(0), std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       // flat index modulo 2^32, exactly as the reference computes it
-                       const uint32_t row_start = static_cast<uint32_t>(static_cast<uint64_t>(r * cols));
-                       masked_row<false>(src + r * cols, dst + r * cols, cols, row_start, mask);
-                     }
-                   });
-  return out;
-}
-
-// dst[M, K] += src[M, K] * keep * scale (both contiguous fp32).
-void add_masked(at::Tensor& dst, const at::Tensor& src, const DropoutMask& mask) {
-  const int64_t cols = dst.size(1);
-  const float* in = src.data_ptr<float>();
-  float* out = dst.data_ptr<float>();
-  at::parallel_for(0, dst.size(0), std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       const uint32_t row_start = static_cast<uint32_t>(static_cast<uint64_t>(r * cols));
-                       masked_row<true>(in + r * cols, out + r * cols, cols, row_start, mask);
-                     }
-                   });
-}
-
 at::Tensor to_dtype(const at::Tensor& t32, at::ScalarType dtype) {
   return dtype == at::kFloat ? t32 : t32.to(dtype);
 }
@@ -178,6 +135,13 @@ void scale_adapter_columns(at::Tensor& t, at::IntArrayRef ranks, at::ArrayRef<do
 }
 
 }  // namespace
+
+// The half path's panel extent along `total` (0: W whole): its copy of W (2 bytes an element) is kept whole under
+// the same byte limit as the fp32 copy; its panels hold as many elements as the fp32 ones.
+int64_t half_panel_extent(int64_t other, int64_t total) {
+  const bool whole = other * total * 2 <= whole_weight_bytes.load(std::memory_order_relaxed);
+  return whole || other == 0 || total == 0 ? 0 : panel_extent(other, total);
+}
 
 at::Tensor nf4_resolve_absmax(const at::Tensor& absmax_q, const at::Tensor& code2, const at::Tensor& absmax2,
                               int64_t blocksize2, double offset) {
@@ -516,4 +480,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       no_gil);
   // A whole layer call (one adapter) as a C++ autograd node: it records its own graph, so no guard here.
   m.def("lora_layer", &fastlora::lora_layer, no_gil);
+  m.def("lora_layer_half", &fastlora::lora_layer_half, no_gil);  // its LoRA products in x's dtype too
 }

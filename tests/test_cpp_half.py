@@ -14,6 +14,7 @@ import torch
 import fastlora
 from fastlora import backends, tuning
 from fastlora.backends import cpp
+from fastlora.formats.dropout import draw_seeds, keep_mask
 from tests.conftest import lora_layer_model
 from tests.test_layer_parity import assert_half_output_no_worse_than_peft, float64_reference, run
 
@@ -247,3 +248,124 @@ def test_half_candidates_measured_where_the_cpu_multiplies_bf16(monkeypatch, nat
     assert timed[("lora_layer", "bfloat16")] == ({"native", "native_half", "function"} if native else {"native", "function"})
     assert timed[("lora_layer", "float32")] == {"native", "function"}
     assert all("half" not in times for (op, dtype), times in timed.items() if dtype == "float32")
+
+
+# ---- "native_half_lora": the LoRA products in x's dtype too, for adapters kept in that dtype ---------------------
+
+
+class _GivenMask(torch.nn.Module):
+    """PEFT's dropout with a given mask: ``x * (keep / (1-p))``, the factor in x's dtype as ``nn.Dropout`` makes its
+    noise; so PEFT and fastlora drop the same elements and both compare with one float64 computation."""
+
+    def __init__(self, keep: torch.Tensor, p: float):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * (self.keep.to(x.dtype) / (1 - self.p))
+
+
+def _float64_with_adapter_grads(layer, x, dy, keep, p):
+    """y, dx, dA, dB in float64 from the layer's own tensors (W dequantized exactly), dropout by ``keep``."""
+    base = layer.get_base_layer()
+    if hasattr(base.weight, "quant_state"):
+        from fastlora.functions.nf4_weight import NF4Weight
+
+        w = NF4Weight.from_params4bit(base.weight).dequantize(torch.float32).double()
+    else:
+        w = base.weight.double()
+    x64 = x.double().requires_grad_()
+    adapter = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    a64, b64 = (t.detach().double().requires_grad_() for t in adapter)
+    drop_x = x64 if keep is None else x64 * keep.double() / (1 - p)
+    y = x64 @ w.T + layer.scaling["default"] * (drop_x @ a64.T) @ b64.T
+    if base.bias is not None:
+        y = y + base.bias.double()
+    return (y.detach(), *torch.autograd.grad(y, (x64, a64, b64), dy.double()))
+
+
+def _relative(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("m,k,n", [(37, 96, 80), (1, 130, 33)])
+def test_half_lora_no_farther_from_float64_than_peft(monkeypatch, native_half, base, dtype, p, m, k, n):
+    """Adapters kept in x's dtype, the layer forced onto "native_half_lora" (every product in that dtype): y, dx,
+    dA and dB against float64 on the same inputs, weights and dropout masks, each no farther than PEFT's own (which
+    runs its LoRA chain in that dtype, rounding after every product) by more than half an ulp of that dtype. Odd
+    shapes, one token, bias, dropout on and off. Computing S, dS or a term in fp32 and rounding differently stays
+    within it; a dropped scale, mask or term is off by tens of percent."""
+    monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native_half_lora")
+    tuning.reset()
+    model = lora_layer_model(k, n, base=base, dtype=dtype, adapters=((8, 16, p, False),))
+    layer = model.base_model.model.lin
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+    model.train()
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    torch.manual_seed(1234)
+    seeds = draw_seeds(1, "cpu")
+    keep = keep_mask(seeds[0], p, m, k) if p > 0 else None
+    dropout = layer.lora_dropout["default"]
+    if keep is not None:
+        layer.lora_dropout["default"] = _GivenMask(keep, p)
+    y_peft, g_peft = run(model, x, dy)
+    layer.lora_dropout["default"] = dropout
+    want = _float64_with_adapter_grads(layer, x, dy, keep, p)
+    report = fastlora.patch(model, backend="cpp")
+    torch.manual_seed(1234)  # fastlora draws the same seed
+    y, g = run(model, x, dy)
+    assert report.fused_calls == 1 and not report.fallback_calls
+    assert [d.path for d in tuning.decisions() if d.key.op == "lora_layer"] == ["native_half_lora"]
+    names = ("x", "base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight")
+    ulp = ULP[dtype]
+    outputs = zip(("y", *names), (y, *(g[name] for name in names)), (y_peft, *(g_peft[name] for name in names)), want)
+    for name, got, peft, exact in outputs:
+        assert got.dtype == dtype
+        error, peft_error = _relative(got, exact), _relative(peft, exact)
+        assert error <= peft_error + 0.5 * ulp, (name, error, peft_error)
+
+
+def test_half_lora_is_offered_only_for_adapters_in_x_dtype(native_half):
+    """fp32 adapters (PEFT's default, autocast_adapter_dtype=True) make PEFT compute its LoRA chain in fp32: the
+    graph choice times "native_half_lora" only for adapters in x's dtype, under a key of their own; the C++ node
+    rejects mixed dtypes."""
+    for adapter_dtype in (torch.float32, torch.bfloat16):
+        model = lora_layer_model(64, 48, base="nf4", dtype=torch.bfloat16)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(adapter_dtype)
+        fastlora.patch(model, backend="cpp")
+        model(torch.randn(20, 64).bfloat16().requires_grad_()).sum().backward()
+    timed = {d.key.dtype: set(d.times_us) for d in tuning.decisions() if d.key.op == "lora_layer"}
+    assert timed == {"bfloat16": {"native", "native_half", "function"},
+                     "bfloat16+bfloat16 adapter": {"native", "native_half", "native_half_lora", "function"}}  # fmt: skip
+    weight, absmax, blocksize, _ = _base("nf4", 16, 32)
+    with pytest.raises(RuntimeError, match="must all be bf16 or all fp16"):
+        cpp.lora_layer_half(torch.randn(2, 32).bfloat16(), torch.randn(4, 32), torch.randn(16, 4).bfloat16(), weight,
+                            absmax, blocksize, None, torch.zeros(1, dtype=torch.int64), 0.0, 2.0)  # fmt: skip
+
+
+def test_half_lora_would_be_far_from_peft_with_fp32_adapters():
+    """Why "native_half_lora" is not offered for fp32 adapters (PEFT's default): PEFT then computes its LoRA chain
+    in fp32, so its adapter gradients are fp32-accurate, and the chain in bf16 (adapter weights rounded to bf16) is
+    more than 100x farther from float64 in dA and dB."""
+    m, k, n = 37, 96, 80
+    model = lora_layer_model(k, n, base="dense", dtype=torch.bfloat16, adapters=((8, 16, 0.0, False),))
+    layer = model.base_model.model.lin
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x, dy = torch.randn(m, k).to(torch.bfloat16), torch.randn(m, n).to(torch.bfloat16)
+    _, g_peft = run(model, x, dy)
+    _, _, da64, db64 = _float64_with_adapter_grads(layer, x, dy, None, 0.0)
+    adapter = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    a, b = (t.detach().bfloat16().requires_grad_() for t in adapter)
+    base, seeds = layer.get_base_layer(), torch.zeros(1, dtype=torch.int64)
+    y = cpp.lora_layer_half(x, a, b, base.weight, None, 0, base.bias, seeds, 0.0, layer.scaling["default"])
+    da, db = torch.autograd.grad(y, (a, b), dy)
+    for got, name, exact in ((da, "lora_A", da64), (db, "lora_B", db64)):
+        peft_error = _relative(g_peft[f"base_model.model.lin.{name}.default.weight"], exact)
+        assert _relative(got, exact) > 100 * peft_error, (_relative(got, exact), peft_error)

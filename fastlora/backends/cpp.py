@@ -31,7 +31,7 @@ from torch import Tensor
 from fastlora.formats.dropout import dropout_threshold
 
 EXTENSION_NAME = "fastlora_cpp"
-SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_half.cpp", "half_thin.cpp")
+SOURCE_FILES = ("lora_ops.cpp", "lora_layer.cpp", "lora_layer_half.cpp", "lora_half.cpp", "half_thin.cpp")
 # -ffp-contract=off: the nested-absmax resolve and the dropout scaling must round like the reference
 # (separate multiply and add), so the compiler may not fuse them into FMAs in the AVX2 code paths.
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -248,6 +248,31 @@ def lora_layer(
     (threshold,), (keep_scale,) = _dropout_args((dropout_p,))
     return _direct_ops().lora_layer(
         x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale, PATH_CODES[path]
+    )
+
+
+def lora_layer_half(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    weight: Tensor,
+    absmax: Tensor | None,
+    blocksize: int,
+    bias: Tensor | None,
+    seeds: Tensor,
+    dropout_p: float,
+    scale: float,
+) -> Tensor:
+    """:func:`lora_layer` with every product in x's dtype (bf16/fp16; ``csrc/lora_layer_half.cpp``): the base GEMMs
+    as on the "half" path and the LoRA products as GEMMs in that dtype, each accumulated in fp32 and rounded once.
+    For adapter weights kept in x's dtype (PEFT then computes its LoRA chain in that dtype, rounding more often);
+    x, ``lora_a`` and ``lora_b`` must share that dtype.
+
+    Usage: ``y = cpp.lora_layer_half(x, a, b, w, None, 0, None, seeds, 0.0, 2.0)`` (all bf16)
+    """
+    (threshold,), (keep_scale,) = _dropout_args((dropout_p,))
+    return _direct_ops().lora_layer_half(
+        x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale
     )
 
 

@@ -6,14 +6,18 @@
   forward or backward), for any base the C++ ops serve (dense, NF4, 8-bit), dropout included;
 - "native_half": that node with both base GEMMs in x's dtype (the C++ "half" path), for bf16/fp16 compute with a
   W that is not dense fp32, where the CPU multiplies that dtype natively (:func:`fastlora.backends.cpp.native_half_gemm`);
+- "native_half_lora": a C++ node with the LoRA products in x's dtype too (``csrc/lora_layer_half.cpp``), offered
+  besides "native_half" only where the adapter weights are in x's dtype themselves: PEFT then computes its LoRA chain
+  in that dtype (with fp32 adapters, PEFT's default, it computes it in fp32, and so do the other graphs);
 - "autograd": torch's own nodes, ``addmm(F.linear(x, W, b), x·Aᵀ, Bᵀ, alpha=s)``, for a dense fp32 W and no dropout.
 
-At few tokens a layer call's time is mostly host work, and a Python backward is a large part of it. All three
+At few tokens a layer call's time is mostly host work, and a Python backward is a large part of it. The graphs
 save the same tensors (x and the thin S = s·drop(x)·Aᵀ, plus the dropout seed; W, A and B are the layer's own) and
-compute in fp32. The choice applies only where they compute the same thing: one adapter, no ``lora_bias``, mixed
-batch or DoRA, a base bias that needs no gradient, not under ``torch.compile``, on a kernel backend whose paths are
-timed (not the torch reference, the oracle, nor Triton's CPU interpreter). "native_half" rounds the base GEMM to
-x's dtype before the fp32 LoRA term is added (as PEFT does, which rounds its LoRA term too). It is made like the ops' paths
+compute the LoRA products in fp32, except "native_half_lora" (in x's dtype, see above). The choice applies only where
+they compute the same thing: one adapter, no ``lora_bias``, mixed batch or DoRA, a base bias that needs no gradient,
+not under ``torch.compile``, on a kernel backend whose paths are timed (not the torch reference, the oracle, nor
+Triton's CPU interpreter). "native_half" rounds the base GEMM to x's dtype before the fp32 LoRA term is added (as
+PEFT does with fp32 adapters). It is made like the ops' paths
 (:func:`fastlora.tuning.choose`: op "lora_layer", forced by ``FASTLORA_PATH=lora_layer=native``), timing one
 forward+backward of each candidate on detached copies of the call's inputs (no ``.grad`` is touched), outside the
 caller's saved-tensor hooks and on a fork of the random generators (so activation checkpointing, which recomputes
@@ -23,7 +27,7 @@ forward.
 
 Usage::
 
-    path = graph.path(x, base, adapter, backend, function)   # "function", "native", "native_half" or "autograd"
+    path = graph.path(x, base, adapter, backend, function)   # "function", "native", "native_half", ... or "autograd"
     y = graph.run(path, x, base, adapter, seeds)             # for all but "function"
 """
 
@@ -67,10 +71,17 @@ def _candidates(x: Tensor, base, adapter, backend: str) -> tuple[str, ...]:
             return ("native", "function", "autograd")
         converted = base.absmax is not None or base.weight.dtype is not torch.float32  # not a dense fp32 W
         half = converted and x.dtype in (torch.bfloat16, torch.float16) and cpp.native_half_gemm(x.dtype)
+        if half and _adapter_in(x.dtype, adapter):
+            return ("native", "native_half", "native_half_lora", "function")
         return ("native", "native_half", "function") if half else ("native", "function")
     if dense_f32 and backend == "triton" and x.is_cuda:
         return ("function", "autograd")
     return ()
+
+
+def _adapter_in(dtype: torch.dtype, adapter) -> bool:
+    """Whether both adapter weights are in ``dtype`` (the LoRA products may then run in it, as PEFT's do)."""
+    return adapter.lora_a.dtype is dtype and adapter.lora_b.dtype is dtype
 
 
 def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
@@ -85,7 +96,8 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
         return "function"  # only fastlora's Function computes these
     training = torch.is_grad_enabled() and (x.requires_grad or adapter.lora_a.requires_grad or adapter.lora_b.requires_grad)
     raw = (x.shape, x.dtype, base.weight.shape, base.weight.dtype, base.absmax is None, base.bias is None,
-           adapter.lora_a.shape, adapter.lora_a.dtype, adapter.dropout_p > 0.0, x.requires_grad, training, backend)  # fmt: skip
+           adapter.lora_a.shape, adapter.lora_a.dtype, adapter.lora_b.dtype, adapter.dropout_p > 0.0, x.requires_grad,
+           training, backend)  # fmt: skip
     chosen = _memo[0].get(raw)
     if chosen is None:
         candidates = _candidates(x, base, adapter, backend)
@@ -94,17 +106,25 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
 
 
 def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
-    """The call on graph ``path`` ("native", "native_half" or "autograd"); ``seeds``: the call's dropout seed (one int64)."""
+    """The call on graph ``path`` (any but "function"); ``seeds``: the call's dropout seed (one int64)."""
+    if path == "native_half_lora":
+        return cpp.lora_layer_half(
+            x, adapter.lora_a, adapter.lora_b, base.weight, _absmax(base, x), base.blocksize, base.bias, seeds,
+            adapter.dropout_p, adapter.scale,
+        )  # fmt: skip
     if path in _NATIVE_PATHS:
-        # The C++ node saves the absmax it is given: with double quantization, this call's resolved fp32 copy (kept
-        # per weight at decode sizes without grad, as fastlora.functions.lora does).
-        keep = not torch.is_grad_enabled() and x.shape[0] <= KEEP_UP_TO_TOKENS
-        absmax = resolve_absmax(base.absmax, base.nested, "cpp", keep)
         return cpp.lora_layer(
-            x, adapter.lora_a, adapter.lora_b, base.weight, absmax, base.blocksize, base.bias, seeds,
+            x, adapter.lora_a, adapter.lora_b, base.weight, _absmax(base, x), base.blocksize, base.bias, seeds,
             adapter.dropout_p, adapter.scale, _NATIVE_PATHS[path],
         )  # fmt: skip
     return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
+
+
+def _absmax(base, x: Tensor) -> Tensor | None:
+    """The absmax a C++ node is given (and saves): with double quantization, this call's resolved fp32 copy (kept
+    per weight at decode sizes without grad, as fastlora.functions.lora does)."""
+    keep = not torch.is_grad_enabled() and x.shape[0] <= KEEP_UP_TO_TOKENS
+    return resolve_absmax(base.absmax, base.nested, "cpp", keep)
 
 
 def _decide(candidates, x, base, adapter, backend, training, function: Function) -> str:
@@ -119,8 +139,12 @@ def _measured(candidates, x, base, adapter, backend, training, function: Functio
     m, k = x.shape
     n, r = base.out_features, adapter.lora_a.shape[0]
     kind = tuning.base_kind(base.weight.dtype, base.absmax is None)
+    # Adapters in x's dtype have a candidate more, so a key of their own: "bfloat16+bfloat16 adapter".
+    dtype = tuning.dtype_name(x.dtype)
+    if "native_half_lora" in candidates:
+        dtype += f"+{dtype} adapter"
     key = tuning.ShapeKey(backend, "lora_layer" if training else "lora_layer_inference", tuning.m_bucket(m), n, k, r,
-                          tuning.dtype_name(x.dtype), kind, adapter.dropout_p > 0.0, tuning.device_name(x.device))  # fmt: skip
+                          dtype, kind, adapter.dropout_p > 0.0, tuning.device_name(x.device))  # fmt: skip
     seeds = torch.zeros(1, dtype=torch.int64, device=x.device)  # timing runs: any fixed seed will do
 
     def call(graph: str, x_: Tensor, adapter_) -> Tensor:
