@@ -152,6 +152,41 @@ def test_forced_graph_through_peft_matches_peft(monkeypatch, graph_path):
     assert len(tuning.decisions()) == (6 if graph_path == "function" else 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_dense_autograd_graph_is_peft_chain_at_few_rows_only(monkeypatch, dtype):
+    """A dense bf16/fp16 W with PEFT's fp32 adapters: forced onto "autograd" (torch's nodes in PEFT's order: base
+    output rounded to x's dtype, the LoRA chain in fp32, the sum rounded once) a call equals PEFT's output and x, A, B
+    gradients to within one rounding of x's dtype (2**-8 relative for bf16, 2**-11 for fp16; the fused addmm may
+    round the fp32 sum differently by an ulp before the final rounding). Unforced, "autograd" is timed with the other
+    graphs at few rows and is not a candidate above HALF_AUTOGRAD_MAX_TOKENS rows (it saves x in fp32, as PEFT does)."""
+    from fastlora.functions import graph
+
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    model = lora_layer_model(96, 40, base="dense", dtype=dtype, bias=True)
+    layer = model.base_model.model.lin
+    assert layer.lora_A["default"].weight.dtype is torch.float32  # PEFT's default: adapters kept in fp32
+    x = torch.randn(5, 96, dtype=dtype, requires_grad=True)
+    weights = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # a LoRA term of the base's size, so both parts are checked
+    want_y = model(x)
+    want = torch.autograd.grad(want_y.float().square().sum(), weights)
+    monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=autograd")
+    tuning.reset()
+    fastlora.patch(model, backend="cpp")
+    got_y = model(x)
+    got = torch.autograd.grad(got_y.float().square().sum(), weights)
+    for g, w in zip((got_y, *got), (want_y, *want)):
+        _close(g.detach(), w.detach(), 2 * ulp)
+    assert [d.path for d in tuning.decisions() if d.key.op == "lora_layer"] == ["autograd"]
+    monkeypatch.delenv(tuning.PATH_ENV)
+    tuning.reset()
+    for rows in (3, graph.HALF_AUTOGRAD_MAX_TOKENS + 1):
+        model(torch.randn(rows, 96, dtype=dtype, requires_grad=True)).float().sum().backward()
+    timed = [set(d.times_us) for d in tuning.decisions() if d.key.op == "lora_layer"]
+    assert len(timed) == 2 and "autograd" in timed[0] and "autograd" not in timed[1], timed
+
+
 def test_graph_candidates_per_base_are_measured():
     """Dense fp32 times all three graphs; NF4 (and dropout) times the two that compute it; a training call and an
     inference call are separate keys."""

@@ -9,7 +9,11 @@
 - "native_half_lora": a C++ node with the LoRA products in x's dtype too (``csrc/lora_layer_half.cpp``), offered
   besides "native_half" only where the adapter weights are in x's dtype themselves: PEFT then computes its LoRA chain
   in that dtype (with fp32 adapters, PEFT's default, it computes it in fp32, and so do the other graphs);
-- "autograd": torch's own nodes, ``addmm(F.linear(x, W, b), x·Aᵀ, Bᵀ, alpha=s)``, for a dense fp32 W and no dropout.
+- "autograd": torch's own nodes, ``addmm(F.linear(x, W, b), x·Aᵀ, Bᵀ, alpha=s)``, for a dense W and no dropout: in
+  fp32 at any size; for a dense W in x's half dtype only up to :data:`HALF_AUTOGRAD_MAX_TOKENS` rows, computed as PEFT
+  computes it (the base GEMM rounded to x's dtype, the LoRA chain in the adapters' dtype, the sum rounded once), and
+  saving what PEFT saves (x in the adapters' dtype: at few rows only, so a long sequence's memory stays the native
+  graphs' and the accounting's).
 
 At few tokens a layer call's time is mostly host work, and a Python backward is a large part of it. The graphs
 save the same tensors (x and the thin S = s·drop(x)·Aᵀ, plus the dropout seed; W, A and B are the layer's own) and
@@ -53,6 +57,10 @@ _memo = tuning.memo_holder()
 MARGIN = 0.10
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
+#: Most rows of a call for which "autograd" is a candidate over a dense half-precision W: at a few rows a call is mostly
+#: host work and PEFT's own ATen nodes (oneDNN's half GEMV) can be the fastest graph; beyond, the native graphs save less.
+#: An M-bucket boundary (fastlora.tuning.m_bucket), so every M of a shape key has the same candidates.
+HALF_AUTOGRAD_MAX_TOKENS = 64
 #: The C++ node's graphs and the base path each gives it (a :data:`fastlora.backends.cpp.PATH_CODES` name).
 _NATIVE_PATHS = {"native": "auto", "native_half": "half"}
 #: ``function(x, base, adapter, backend)``: the call on fastlora's own Function (or its ops alone without grad).
@@ -71,12 +79,21 @@ def _candidates(x: Tensor, base, adapter, backend: str) -> tuple[str, ...]:
             return ("native", "function", "autograd")
         converted = base.absmax is not None or base.weight.dtype is not torch.float32  # not a dense fp32 W
         half = converted and x.dtype in (torch.bfloat16, torch.float16) and cpp.native_half_gemm(x.dtype)
+        torch_nodes = ("autograd",) if _dense_half_few_rows(x, base, adapter) else ()
         if half and _adapter_in(x.dtype, adapter):
-            return ("native", "native_half", "native_half_lora", "function")
-        return ("native", "native_half", "function") if half else ("native", "function")
+            return ("native", "native_half", "native_half_lora", "function") + torch_nodes
+        return (("native", "native_half", "function") if half else ("native", "function")) + torch_nodes
     if dense_f32 and backend == "triton" and x.is_cuda:
         return ("function", "autograd")
     return ()
+
+
+def _dense_half_few_rows(x: Tensor, base, adapter) -> bool:
+    """Whether "autograd" computes this half-precision call (a dense W in x's dtype, no dropout, few rows)."""
+    return (
+        base.absmax is None and base.weight.dtype is x.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        and adapter.dropout_p == 0.0 and x.shape[0] <= HALF_AUTOGRAD_MAX_TOKENS
+    )  # fmt: skip
 
 
 def _adapter_in(dtype: torch.dtype, adapter) -> bool:
@@ -117,7 +134,12 @@ def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
             x, adapter.lora_a, adapter.lora_b, base.weight, _absmax(base, x), base.blocksize, base.bias, seeds,
             adapter.dropout_p, adapter.scale, _NATIVE_PATHS[path],
         )  # fmt: skip
-    return torch.addmm(F.linear(x, base.weight, base.bias), x @ adapter.lora_a.T, adapter.lora_b.T, alpha=adapter.scale)
+    # PEFT's order: the base output in x's dtype, the LoRA chain in the adapters' dtype, the sum rounded to x's dtype
+    # (no-op conversions in fp32).
+    lora_dtype = adapter.lora_a.dtype
+    y = torch.addmm(F.linear(x, base.weight, base.bias).to(lora_dtype), x.to(lora_dtype) @ adapter.lora_a.T,
+                    adapter.lora_b.T, alpha=adapter.scale)  # fmt: skip
+    return y.to(x.dtype)
 
 
 def _absmax(base, x: Tensor) -> Tensor | None:
