@@ -96,6 +96,8 @@ def _bench_parser(subparsers) -> None:
     p.add_argument("--threads", type=_threads, default="auto", help="torch CPU threads, or auto: cores not busy now (default)")
     p.add_argument("--seed", type=int, help="random seed for weights and data")
     p.add_argument("--time-budget", type=float, help="seconds after which no new case or run starts; the rest is reported as not run")
+    p.add_argument("--case-seconds", type=float, help="CPU timing per contender and case (default 0.3): longer runs "
+                   "steady the ratios of short cases on a small machine")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -148,6 +150,8 @@ def settings_from_args(args: argparse.Namespace):
     changes["train_long_context"] = args.long_context
     if torch.device(args.device).type == "cpu":
         changes["threads"] = auto_threads() if args.threads == "auto" else args.threads
+    if args.case_seconds is not None:
+        changes["timing"] = dataclasses.replace(settings.timing, budget_s=args.case_seconds)
     return dataclasses.replace(settings, **changes)
 
 

@@ -295,15 +295,18 @@ def test_plots_are_written_as_png(tmp_path):
 def test_settings_from_command_line():
     args = build_parser().parse_args(
         ["bench", "--device", "cpu", "--suite", "layers,memory", "--model", "micro", "--tokens", "1,8", "--dtype", "bf16",
-         "--checkpointing", "on", "--backends", "torch", "--threads", "1", "--no-split", "--time-budget", "90"]
+         "--checkpointing", "on", "--backends", "torch", "--threads", "1", "--no-split", "--time-budget", "90",
+         "--case-seconds", "1.5"]
     )  # fmt: skip
     settings = settings_from_args(args)
     assert settings.suites == ("layers", "memory") and settings.time_budget_s == 90
+    assert settings.timing.budget_s == 1.5 and settings.timing.min_rounds == 5  # only the budget changes
     assert settings.layer_models == settings.train_models == settings.memory_models == ("micro",)
     assert settings.tokens == (1, 8) and settings.dtype == torch.bfloat16 and settings.checkpointing == (True,)
     assert settings.layer_suite_dtypes() == (torch.bfloat16,)  # one --dtype: the layer suite runs it alone
     default = settings_from_args(build_parser().parse_args(["bench", "--device", "cpu"]))
     assert default.layer_suite_dtypes() == (torch.float32, torch.bfloat16) and default.dtype == torch.float32
+    assert default.timing.budget_s == 0.3
     chosen = settings_from_args(build_parser().parse_args(["bench", "--device", "cpu", "--layer-dtypes", "bf16"]))
     assert chosen.layer_suite_dtypes() == (torch.bfloat16,)
     assert settings.backends == settings.train_backends == ("torch",)
