@@ -346,8 +346,8 @@ def test_half_lora_is_offered_only_for_adapters_in_x_dtype(native_half):
                      "bfloat16+bfloat16 adapter": {"native", "native_half", "native_half_lora", "function"}}  # fmt: skip
     weight, absmax, blocksize, _ = _base("nf4", 16, 32)
     with pytest.raises(RuntimeError, match="must all be bf16 or all fp16"):
-        cpp.lora_layer_half(torch.randn(2, 32).bfloat16(), torch.randn(4, 32), torch.randn(16, 4).bfloat16(), weight,
-                            absmax, blocksize, None, torch.zeros(1, dtype=torch.int64), 0.0, 2.0)  # fmt: skip
+        cpp.lora_layer(torch.randn(2, 32).bfloat16(), torch.randn(4, 32), torch.randn(16, 4).bfloat16(), weight,
+                       absmax, blocksize, None, torch.zeros(1, dtype=torch.int64), 0.0, 2.0, "half_lora")  # fmt: skip
 
 
 def test_half_lora_would_be_far_from_peft_with_fp32_adapters():
@@ -364,7 +364,7 @@ def test_half_lora_would_be_far_from_peft_with_fp32_adapters():
     adapter = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     a, b = (t.detach().bfloat16().requires_grad_() for t in adapter)
     base, seeds = layer.get_base_layer(), torch.zeros(1, dtype=torch.int64)
-    y = cpp.lora_layer_half(x, a, b, base.weight, None, 0, base.bias, seeds, 0.0, layer.scaling["default"])
+    y = cpp.lora_layer(x, a, b, base.weight, None, 0, base.bias, seeds, 0.0, layer.scaling["default"], "half_lora")
     da, db = torch.autograd.grad(y, (a, b), dy)
     for got, name, exact in ((da, "lora_A", da64), (db, "lora_B", db64)):
         peft_error = _relative(g_peft[f"base_model.model.lin.{name}.default.weight"], exact)

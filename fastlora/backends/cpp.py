@@ -241,39 +241,18 @@ def lora_layer(
     """One LoRA layer call with a single adapter as a C++ autograd node (``csrc/lora_layer.cpp``):
     ``y = x·Wᵀ + b + s·drop(x)·Aᵀ·Bᵀ`` in x's dtype, with the backward of :class:`fastlora.functions.lora.LoRALinearFunction`
     (gradients of x, A, B) run in C++. Not an op of the schema: a candidate of :mod:`fastlora.functions.graph`. ``path``
-    (a :data:`PATH_CODES` name) is how both base products get W, e.g. "half" for bf16/fp16 GEMMs.
+    (a :data:`PATH_CODES` name) is how both base products get W, e.g. "half" for bf16/fp16 GEMMs; "half_lora" is the
+    node with every product in x's dtype (``csrc/lora_layer_half.cpp``: the base GEMMs as on "half", the LoRA products
+    as GEMMs in that dtype, each accumulated in fp32 and rounded once), for adapter weights kept in x's dtype (PEFT then
+    computes its LoRA chain in it, rounding more often): x, ``lora_a`` and ``lora_b`` must share that dtype.
 
     Usage: ``y = cpp.lora_layer(x, a, b, w, None, 0, None, seeds, 0.0, 2.0)``
     """
     (threshold,), (keep_scale,) = _dropout_args((dropout_p,))
-    return _direct_ops().lora_layer(
-        x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale, PATH_CODES[path]
-    )
-
-
-def lora_layer_half(
-    x: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    weight: Tensor,
-    absmax: Tensor | None,
-    blocksize: int,
-    bias: Tensor | None,
-    seeds: Tensor,
-    dropout_p: float,
-    scale: float,
-) -> Tensor:
-    """:func:`lora_layer` with every product in x's dtype (bf16/fp16; ``csrc/lora_layer_half.cpp``): the base GEMMs
-    as on the "half" path and the LoRA products as GEMMs in that dtype, each accumulated in fp32 and rounded once.
-    For adapter weights kept in x's dtype (PEFT then computes its LoRA chain in that dtype, rounding more often);
-    x, ``lora_a`` and ``lora_b`` must share that dtype.
-
-    Usage: ``y = cpp.lora_layer_half(x, a, b, w, None, 0, None, seeds, 0.0, 2.0)`` (all bf16)
-    """
-    (threshold,), (keep_scale,) = _dropout_args((dropout_p,))
-    return _direct_ops().lora_layer_half(
-        x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale
-    )
+    args = (x, lora_a, lora_b, weight, absmax, blocksize, bias, seeds, threshold, keep_scale, scale)
+    if path == "half_lora":
+        return _direct_ops().lora_layer_half(*args)
+    return _direct_ops().lora_layer(*args, PATH_CODES[path])
 
 
 # ---- run-time candidates (fastlora.tuning) ------------------------------------------------------------------------

@@ -61,8 +61,8 @@ is_compiling = torch.compiler.is_compiling  # bound once: this runs on every lay
 #: host work and PEFT's own ATen nodes (oneDNN's half GEMV) can be the fastest graph; beyond, the native graphs save less.
 #: An M-bucket boundary (fastlora.tuning.m_bucket), so every M of a shape key has the same candidates.
 HALF_AUTOGRAD_MAX_TOKENS = 64
-#: The C++ node's graphs and the base path each gives it (a :data:`fastlora.backends.cpp.PATH_CODES` name).
-_NATIVE_PATHS = {"native": "auto", "native_half": "half"}
+#: The C++ node's graphs and the path each gives :func:`fastlora.backends.cpp.lora_layer`.
+_NATIVE_PATHS = {"native": "auto", "native_half": "half", "native_half_lora": "half_lora"}
 #: ``function(x, base, adapter, backend)``: the call on fastlora's own Function (or its ops alone without grad).
 Function = Callable[..., Tensor]
 
@@ -124,11 +124,6 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
 
 def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` (any but "function"); ``seeds``: the call's dropout seed (one int64)."""
-    if path == "native_half_lora":
-        return cpp.lora_layer_half(
-            x, adapter.lora_a, adapter.lora_b, base.weight, _absmax(base, x), base.blocksize, base.bias, seeds,
-            adapter.dropout_p, adapter.scale,
-        )  # fmt: skip
     if path in _NATIVE_PATHS:
         return cpp.lora_layer(
             x, adapter.lora_a, adapter.lora_b, base.weight, _absmax(base, x), base.blocksize, base.bias, seeds,
