@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from fastlora.training.host_copies import SideStreams, host_buffer
 from fastlora.training.replay import ForwardState, gradients
 
 #: Inputs smaller than this stay on the device. A copy each way costs a launch, an event and a pool lookup (~10-20 us
@@ -46,7 +47,7 @@ class HostCopies:
 
     def __init__(self) -> None:
         self._pool: dict[tuple, list[Tensor]] = defaultdict(list)
-        self._streams: dict[torch.device, "torch.cuda.Stream"] = {}
+        self._stream = SideStreams()
         self._last: Optional[weakref.ref] = None
         self.host_bytes = 0  # host memory held by buffers (in use or pooled): what the host must have
 
@@ -62,19 +63,7 @@ class HostCopies:
 
     def _new_host_buffer(self, x: Tensor) -> Tensor:
         self.host_bytes += x.numel() * x.element_size()
-        if x.device.type == "cpu":
-            return torch.empty_like(x, memory_format=torch.contiguous_format)
-        try:
-            return torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        except RuntimeError:  # meta tensors on a machine without a pinned-memory allocator
-            return torch.empty(x.shape, dtype=x.dtype)
-
-    def _stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
-        if device.type != "cuda":
-            return None
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        return host_buffer(x)
 
 
 class Stash:

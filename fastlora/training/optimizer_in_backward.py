@@ -55,6 +55,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from fastlora.training.host_copies import SideStreams, host_buffer
+
 #: AdamW's per-parameter state kept in host memory with ``state_device``; "step" is a CPU scalar already.
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -82,7 +84,7 @@ class AdamWInBackward(torch.optim.AdamW):
                                "would finish: use it in single-process training")  # fmt: skip
         self.accumulation_steps = accumulation_steps
         self.state_device = None if state_device is None else torch.device(state_device)
-        self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+        self._copy_stream = SideStreams()
         self._hooks: dict[Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._received: dict[Tensor, int] = {}  # gradients accumulated since the parameter's last update
         self._updates: dict[Tensor, int] = {}  # updates since the last step()
@@ -166,26 +168,13 @@ class AdamWInBackward(torch.optim.AdamW):
                 moment.record_stream(stream)  # its memory is not reused before the copy read it
             state[key] = host
 
-    def _new_host_buffer(self, like: Tensor) -> Tensor:
-        if like.device.type == "cpu":
-            return torch.empty(like.shape, dtype=like.dtype, device=self.state_device)
-        try:  # pinned: asynchronous copies
-            return torch.empty(like.shape, dtype=like.dtype, device=self.state_device, pin_memory=True)
-        except RuntimeError:  # meta parameters on a machine without a pinned-memory allocator
-            return torch.empty(like.shape, dtype=like.dtype, device=self.state_device)
-
-    def _copy_stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
-        if device.type != "cuda":
-            return None
-        if device not in self._copy_streams:
-            self._copy_streams[device] = torch.cuda.Stream(device)
-        return self._copy_streams[device]
+    def _new_host_buffer(self, like: Tensor) -> Tensor:  # one seam: the memory accounting counts host memory here
+        return host_buffer(like)
 
     def wait_for_state(self) -> None:
         """Block the host until every copy of moments to host memory has finished (before reading ``self.state``
         directly; :meth:`state_dict` does it)."""
-        for stream in self._copy_streams.values():
-            stream.synchronize()
+        self._copy_stream.synchronize()
 
     def state_dict(self) -> dict:
         """``torch.optim.AdamW.state_dict``, after the moments' copies to host memory finished."""
