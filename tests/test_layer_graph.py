@@ -188,12 +188,15 @@ def test_half_dense_autograd_graph_is_peft_chain_at_few_rows_only(monkeypatch, d
 
 
 def test_graph_candidates_per_base_are_measured():
-    """Dense fp32 times all three graphs; NF4 (and dropout) times the two that compute it; a training call and an
-    inference call are separate keys."""
+    """Dense fp32 times all three graphs; NF4 (and dropout) times the two that compute it; a training call and a
+    frozen layer's call are separate keys (a trainable layer under no_grad shares the training key)."""
     for base in ("dense", "nf4"):
         model = lora_layer_model(200, 75, base=base, dtype=torch.float32)
         fastlora.patch(model, backend="cpp")
         model(torch.randn(2, 200, requires_grad=True)).sum().backward()
+        with torch.no_grad():
+            model(torch.randn(2, 200))
+        model.requires_grad_(False)
         with torch.no_grad():
             model(torch.randn(2, 200))
     found = {(d.key.op, d.key.base): set(d.times_us) for d in tuning.decisions() if d.key.op.startswith("lora_layer")}
@@ -282,3 +285,37 @@ def test_checkpointing_recomputes_the_same_dropout_masks(monkeypatch, tmp_path, 
     sources = {d.source for d in tuning.decisions() if d.key.op == "lora_layer"}
     if backend == "cpp":
         assert sources == ({f"forced by {tuning.PATH_ENV}"} if forced else {"measured here"})
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_trainable_layer_rounds_the_same_with_grad_off(monkeypatch, reentrant):
+    """QLoRA in bf16 (where "native" and "native_half" round differently), with the training and the inference graph
+    forced apart: reentrant checkpointing runs each layer's first forward under no_grad, and a trainable layer must
+    run the training decision there, or the loss (from that forward) and the gradients (from the recomputation with
+    grad) come from two different roundings. Checked bitwise against the same step without checkpointing; a frozen
+    layer under no_grad still takes the inference decision."""
+    from tests.conftest import tiny_llama_peft
+
+    monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native,lora_layer_inference=native_half")
+    tuning.reset()
+    ids = torch.randint(0, 128, (2, 16))
+    losses = []
+    for checkpointing in (False, True):
+        model = tiny_llama_peft("qlora", dtype=torch.bfloat16)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        report = fastlora.patch(model, backend="cpp")
+        model.train()
+        losses.append(model(input_ids=ids, labels=ids).loss.detach())
+        assert report.fused_calls == 14 and not report.fallback_calls
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=ids).loss)
+    assert all(torch.equal(loss, losses[0]) for loss in losses), losses
+    assert {d.key.op for d in tuning.decisions()} == {"lora_layer"}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        frozen = model(input_ids=ids, labels=ids).loss
+    assert {d.key.op for d in tuning.decisions()} == {"lora_layer", "lora_layer_inference"}
+    assert not torch.equal(frozen, losses[0])  # the inference graph was run, and it rounds otherwise

@@ -26,8 +26,9 @@ PEFT does with fp32 adapters). It is made like the ops' paths
 forward+backward of each candidate on detached copies of the call's inputs (no ``.grad`` is touched), outside the
 caller's saved-tensor hooks and on a fork of the random generators (so activation checkpointing, which recomputes
 without deciding again, sees the same draws). The first candidate listed keeps the key unless another is faster by
-more than :data:`MARGIN`. Inference calls (no graph) choose the same way (op "lora_layer_inference"), timing the
-forward.
+more than :data:`MARGIN`. A trainable layer's calls share one choice with grad on or off (activation checkpointing
+recomputes under grad what it ran under no_grad, and must round the same); a frozen layer's calls and calls under
+inference mode choose the same way (op "lora_layer_inference"), timing the forward.
 
 Usage::
 
@@ -111,7 +112,12 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
         or is_compiling()
     ):
         return "function"  # only fastlora's Function computes these
-    training = torch.is_grad_enabled() and (x.requires_grad or adapter.lora_a.requires_grad or adapter.lora_b.requires_grad)
+    # A trainable layer decides as in training even under no_grad (the first forward of reentrant or offloaded
+    # activation checkpointing, an evaluation between steps): its recomputation with grad then runs the same graph
+    # and rounds exactly as the forward it replays. Only a frozen layer, or inference mode (no graph can be built on
+    # its tensors), decides by the forward alone.
+    trainable = x.requires_grad or adapter.lora_a.requires_grad or adapter.lora_b.requires_grad
+    training = trainable and not torch.is_inference_mode_enabled()
     raw = (x.shape, x.dtype, base.weight.shape, base.weight.dtype, base.absmax is None, base.bias is None,
            adapter.lora_a.shape, adapter.lora_a.dtype, adapter.lora_b.dtype, adapter.dropout_p > 0.0, x.requires_grad,
            training, backend)  # fmt: skip
