@@ -13,8 +13,9 @@ Contenders (each first checked against an fp32 reference of the same layer, then
 - ``dense``: ``F.linear`` with a dense W of the same shape in the compute dtype, no LoRA: the hardware
   reference (it is checked against ``x·Wᵀ + b``).
 
-"fwd" runs under ``torch.no_grad()`` (the inference path); "fwd+bwd" returns the gradients of x, A and B via
-``torch.autograd.grad``. The check runs the exact call that is timed. On CPU, ``host/call`` of a fastlora contender
+"fwd" runs under ``torch.inference_mode()``: an adapter's inference, on fastlora's inference graph (a trainable layer
+under ``no_grad`` runs its training graph, so that checkpointing recomputes what it ran). "fwd+bwd" returns the
+gradients of x, A and B via ``torch.autograd.grad``. The check runs the exact call that is timed. On CPU, ``host/call`` of a fastlora contender
 is its call time minus the time spent inside its ops (:func:`fastlora.tuning.timing_ops`): Python, autograd and
 argument handling.
 
@@ -269,7 +270,7 @@ def run_once(contender: Contender, x: Tensor, grad_y: Tensor, mode: str) -> list
     """The call that is checked and timed: y, and in "fwd+bwd" the gradients of x and the trainable tensors."""
     with contender.context():
         if mode == "fwd":
-            with torch.no_grad():
+            with torch.inference_mode():
                 return [contender.forward(x)]
         y = contender.forward(x)
         return [y, *torch.autograd.grad(y, (x, *contender.trainable), grad_y)]
@@ -396,7 +397,7 @@ def _graph_host_seconds(
     x_compute, base, adapters, _ = plan
     x2d = x_compute.reshape(-1, x_compute.shape[-1])
     adapter, seeds = adapters[0], torch.zeros(1, dtype=torch.int64, device=x.device)
-    grad_context = torch.no_grad if mode == "fwd" else torch.enable_grad
+    grad_context = torch.inference_mode if mode == "fwd" else torch.enable_grad
     with grad_context():
         path = graph.path(x2d, base, adapter, contender.backend, None)  # decided by the checked call: a lookup
     if path == "function":

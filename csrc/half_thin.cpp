@@ -108,7 +108,7 @@ at::Tensor half_times(const at::Tensor& x, const at::Tensor& mat) {
   if (k == 0 || m == 0 || r == 0) return at::zeros({m, r}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({m, r}, x.options().dtype(at::kFloat));
 #ifdef FASTLORA_X86
-  if (use_avx512()) {  // x widened in registers, row tiles split between threads
+  if (use_avx512() && (mat.t().is_contiguous() || m > kFewRows)) {  // x widened in registers, row tiles split between threads
     const at::Tensor wt = mat.t().contiguous();  // [r, k]: each rank's vector along k
     constexpr int64_t kTile = 4;
     with_half_data(x, [&](const auto* data) {
@@ -179,7 +179,7 @@ void add_product_rounded(at::Tensor& out, const at::Tensor& s, const at::Tensor&
               "add_product_rounded: fp32 s [", m, ", r] and mat [r, ", n, "], got ", s.sizes(), " and ", mat.sizes());
   if (m == 0 || n == 0) return;
 #ifdef FASTLORA_X86
-  if (use_avx512()) {  // the term made in registers, added and rounded there
+  if (use_avx512() && (mat.is_contiguous() || m > kFewRows)) {  // the term made in registers, added and rounded there
     const at::Tensor s_rows = s.contiguous(), mat_rows = mat.contiguous();
     const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
     const float* bias_data = bias_values.defined() ? bias_values.data_ptr<float>() : nullptr;

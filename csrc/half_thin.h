@@ -9,6 +9,11 @@
 
 namespace fastlora {
 
+// Up to this many rows, a product whose fp32 operand the AVX-512 kernels would first copy into another layout
+// (B^T for the LoRA term and dS = dy B) runs on the block path instead, fp32 BLAS reading that operand as it is: the
+// copy (r * n floats, twice per call) cost more than the product itself at one token (bf16 512->1536, r=16).
+constexpr int64_t kFewRows = 16;
+
 // x[m, k] (bf16/fp16, contiguous) @ mat[k, r] (fp32, any strides): [m, r] fp32, x widened in registers (AVX-512)
 // or by row blocks for fp32 BLAS.
 // Usage: S = half_times(x, A.t()) (lora_down), dS = half_times(dy, B) (lora_up_grad).

@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> lora_up_grad(const at::Tensor& grad_out, cons
                                                 at::ArrayRef<double> lora_scales) {
   const NoAutocast fp32_compute;
   const at::Tensor s32 = as_f32(lora_s);
-  if (is_half(grad_out.scalar_type())) {  // dy converted block by block, never whole
+  if (is_half(grad_out.scalar_type()) && grad_out.size(0) > kFewRows) {  // dy converted block by block, never whole
     const at::Tensor dy = grad_out.contiguous();
     at::Tensor grad_s = half_times(dy, as_f32(lora_b));
     scale_adapter_columns(grad_s, ranks, lora_scales);

@@ -50,11 +50,12 @@ from fastlora.backends import cpp  # its extension is built on first use, not on
 from fastlora.functions.nf4_weight import KEEP_UP_TO_TOKENS, resolve_absmax
 
 _memo = tuning.memo_holder()
-#: The default graph ("native", the least host work) keeps a key unless another is faster by more than this. Timing
-#: repeats a call with its caches warm, which flatters the graphs with more Python per call: in a model each layer
-#: call finds its caches cold from the layers before. Measured on the 2-core Xeon, interleaved with other layers'
-#: calls as the benchmark does, "function" and "autograd" took 8-9% longer than their warm timing (512→1536, M=128,
-#: forward+backward) while "native" took the same, and warm timings of the three scatter by about 5% run to run.
+#: The default graph ("native", or "native_half" where half GEMMs serve: the least host work) keeps a key unless
+#: another is faster by more than this. Timing repeats a call with its caches warm, which flatters the graphs with
+#: more Python per call: in a model each layer call finds its caches cold from the layers before. Measured on the
+#: 2-core Xeon, interleaved with other layers' calls as the benchmark does, "function" and "autograd" took 8-9% longer
+#: than their warm timing (512→1536, M=128, forward+backward) while "native" took the same, and warm timings of the
+#: three scatter by about 5% run to run.
 MARGIN = 0.10
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
 
@@ -81,9 +82,13 @@ def _candidates(x: Tensor, base, adapter, backend: str) -> tuple[str, ...]:
         converted = base.absmax is not None or base.weight.dtype is not torch.float32  # not a dense fp32 W
         half = converted and x.dtype in (torch.bfloat16, torch.float16) and cpp.native_half_gemm(x.dtype)
         torch_nodes = ("autograd",) if _dense_half_few_rows(x, base, adapter) else ()
+        # With half GEMMs available, "native_half" is the default: "native" computes in fp32 and takes 2-3x as long
+        # from 16 rows up (it stays a candidate: at few NF4 rows its fused fp32 kernels win by far), and among the
+        # graphs that remain, "function" often times within 3% of it while running slower in a model (more Python
+        # per call, flattered by warm timing; see MARGIN): the margin then keeps the default.
         if half and _adapter_in(x.dtype, adapter):
-            return ("native", "native_half", "native_half_lora", "function") + torch_nodes
-        return (("native", "native_half", "function") if half else ("native", "function")) + torch_nodes
+            return ("native_half", "native", "native_half_lora", "function") + torch_nodes
+        return (("native_half", "native", "function") if half else ("native", "function")) + torch_nodes
     if dense_f32 and backend == "triton" and x.is_cuda:
         return ("function", "autograd")
     return ()
