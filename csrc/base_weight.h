@@ -43,6 +43,9 @@ inline at::Tensor scratch(int64_t rows, int64_t cols, at::ScalarType dtype = at:
   const int64_t numel = rows * cols;
   if (!buffer.defined() || buffer.numel() < numel) {
     buffer = at::Tensor();  // free the old one first: the peak is one buffer, not two
+    // A normal tensor even when first made under torch.inference_mode(): it outlives the call, and later calls
+    // outside inference mode write into it in place, which an inference tensor refuses.
+    const c10::InferenceMode normal_tensor(false);
     buffer = at::empty({numel}, at::TensorOptions().dtype(dtype));
   }
   return buffer.narrow(0, 0, numel).view({rows, cols});
