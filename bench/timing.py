@@ -2,9 +2,12 @@
 
 CPU: every contender of a case is called in turn, round after round, in one process, and each one's median
 over the rounds is kept: a burst of load from elsewhere on the machine hits all contenders alike, so their
-ratios hold. Each round starts one contender further on, so every contender runs equally often after each of the
-others: a call finds the caches as the previous call left them (at a few tokens that moves a call's time by 10%
-and more on the 2-core CPUs measured), and a fixed order would favour whoever follows the most similar call.
+ratios hold. Each round calls them in a fresh random order (seeded: runs repeat), so every contender runs about
+equally often after each of the others: a call finds the caches, and the C library's heap, as the previous call left
+them (at a few tokens that moves a call's time by 10% and more on the 2-core CPUs measured; after a call that freed
+multi-MB buffers, glibc may have returned the pages to the system, and the next call's allocations fault them in
+again), and a fixed cyclic order (even rotated each round, which keeps who follows whom) favours or burdens
+whoever always follows the same contender.
 GPU: ``triton.testing.do_bench`` (CUDA events, median; it also flushes L2 before every call), with inputs rotating
 through a pool larger than L2 so no call finds its activations cached.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
+import random
 import statistics
 import threading
 import time
@@ -108,10 +112,9 @@ def _interleaved_cpu(fns: dict[str, Callable[[], object]], policy: TimingPolicy)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     started = time.perf_counter()
     rounds = 0
-    order = list(fns.items())
+    contenders, shuffled = list(fns.items()), random.Random(0)
     while rounds < policy.max_rounds:
-        start = rounds % len(order)
-        for name, fn in order[start:] + order[:start]:
+        for name, fn in shuffled.sample(contenders, len(contenders)):
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)

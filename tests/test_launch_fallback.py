@@ -196,7 +196,7 @@ def test_a_layer_graph_that_raises_falls_back_to_the_function(monkeypatch):
     fastlora's Function (the tuned ops), training matches the reference backend, and the fallback is reported."""
     from fastlora.functions import graph
 
-    monkeypatch.setattr(graph.cpp, "lora_layer", _raising)
+    monkeypatch.setattr(graph.cpp, "bound_lora_layer", lambda *args: _raising)
     monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=native")
     tuning.reset()
     make_model = lambda: lora_layer_model(70, 45, base="nf4", adapters=((8, 16, 0.0, False),))  # noqa: E731

@@ -133,19 +133,38 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
     return chosen
 
 
+def decided() -> dict:
+    """The graph decisions in force (a new object after ``tuning.reset``, or under ``tuning.forced``): what a
+    call bound to a graph (:func:`bind`) was decided under. Usage: ``valid = graph.decided() is kept``"""
+    return _memo[0]
+
+
 def run(path: str, x: Tensor, base, adapter, seeds: Tensor) -> Tensor:
     """The call on graph ``path`` (any but "function"); ``seeds``: the call's dropout seed (one int64)."""
     if path in _NATIVE_PATHS:
-        return cpp.lora_layer(
-            x, adapter.lora_a, adapter.lora_b, base.weight, _absmax(base, x), base.blocksize, base.bias, seeds,
-            adapter.dropout_p, adapter.scale, _NATIVE_PATHS[path],
-        )  # fmt: skip
+        return bind(path, base, adapter)(x, seeds)
     # PEFT's order: the base output in x's dtype, the LoRA chain in the adapters' dtype, the sum rounded to x's dtype
     # (no-op conversions in fp32).
     lora_dtype = adapter.lora_a.dtype
     y = torch.addmm(F.linear(x, base.weight, base.bias).to(lora_dtype), x.to(lora_dtype) @ adapter.lora_a.T,
                     adapter.lora_b.T, alpha=adapter.scale)  # fmt: skip
     return y.to(x.dtype)
+
+
+def bind(path: str, base, adapter) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """:func:`run` on a native graph with the layer's arguments fixed: ``call(x, seeds)`` (None for the other graphs),
+    so that a layer's repeated calls skip re-reading them (:func:`fastlora.functions.lora.bound_call`).
+
+    Usage: ``call = graph.bind("native", base, adapter); y = call(x, seeds)``
+    """
+    if path not in _NATIVE_PATHS:
+        return None
+    layer = cpp.bound_lora_layer(adapter.lora_a, adapter.lora_b, base.weight, base.blocksize, base.bias,
+                                 adapter.dropout_p, adapter.scale, _NATIVE_PATHS[path])  # fmt: skip
+    if base.nested is None:
+        absmax = base.absmax
+        return lambda x, seeds: layer(x, absmax, seeds)
+    return lambda x, seeds: layer(x, _absmax(base, x), seeds)  # resolved per call, as the grad mode and rows ask
 
 
 def _absmax(base, x: Tensor) -> Tensor | None:

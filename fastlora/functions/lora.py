@@ -11,7 +11,7 @@ Usage::
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -189,6 +189,38 @@ def lora_linear(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backen
     else:
         y = _on_function(x2d, base, adapters, backend, seeds)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.out_features)
+
+
+def bound_call(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend: str) -> Optional[Callable[[Tensor], Tensor]]:
+    """:func:`lora_linear` as one closure over the layer's arguments, for later calls on an x like this one, where this
+    call runs on a native graph (:func:`fastlora.functions.graph.bind`); None otherwise. Made right after such a call
+    (its graph is decided then). The caller reuses it only while the layer's plan holds and for an x of this shape,
+    dtype, device, contiguity and ``requires_grad``, under the same inference mode and adapters' ``requires_grad``
+    (what the graph choice reads). Each call draws its dropout seed, as :func:`lora_linear` does.
+
+    Usage::
+
+        y = lora_linear(x, base, adapters, "cpp")
+        call = bound_call(x, base, adapters, "cpp")   # then, for the next x like it:  y = call(x)
+    """
+    if len(adapters) != 1 or not x.is_contiguous() or graph.is_compiling():
+        return None
+    adapter = adapters[0]
+    k, dropout = x.shape[-1], adapter.dropout_p > 0.0
+    x2d = x if x.dim() == 2 else x.view(-1, k)
+    path = graph.path(x2d, base, adapter, backend, _function_call)
+    layer = graph.bind(path, base, adapter)
+    if layer is None or (_GRAPH_FALLBACKS and _graph_key(path, x2d, base, backend) in _GRAPH_FALLBACKS):
+        return None
+    device, unused = x.device, None if dropout else _unused_seeds(1, x.device)
+    if x.dim() == 2:
+        if dropout:
+            return lambda x: layer(x, draw_seeds(1, device))
+        return lambda x: layer(x, unused)
+    out_shape = (*x.shape[:-1], base.out_features)
+    if dropout:
+        return lambda x: layer(x.view(-1, k), draw_seeds(1, device)).view(out_shape)
+    return lambda x: layer(x.view(-1, k), unused).view(out_shape)
 
 
 #: Layer graphs (fastlora.functions.graph) that failed to launch, per (graph, backend, dtypes, K, N): fastlora's Function

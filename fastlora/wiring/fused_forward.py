@@ -17,10 +17,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fastlora import backends
+from fastlora.tuning import guard
 from fastlora.functions.lora import lora_linear
 from fastlora.wiring import verify as verification
 from fastlora.wiring.plan import call_plan, layer_device
-from fastlora.wiring.plan_memo import PlanMemo
+from fastlora.wiring.plan_memo import UNBOUND, PlanMemo
 from fastlora.wiring.report import PatchReport
 
 is_compiling = torch.compiler.is_compiling  # bound once: this runs on every layer call
@@ -95,7 +96,21 @@ class FusedForward:
             return self.original(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(device_type)
         memo = self._memo
+        bind_key = None
         if memo is not None and counting and not autocast and not args and not kwargs and memo.holds(x):
+            key = memo.call_key(x)
+            call = UNBOUND if key is None else memo.bound(key)
+            if call is UNBOUND:
+                bind_key = key  # bound after this call, which decides its graph
+            elif call is not None:  # the plan's call bound for an x like this one: no plan, no wrappers
+                self.report.fused_calls += 1
+                try:
+                    return call(x)
+                except _CONTROL_FLOW + guard.NOT_LAUNCH_ERRORS:
+                    raise
+                except Exception:  # noqa: BLE001 - the unbound call below runs it again, and reports or falls back
+                    self.report.fused_calls -= 1
+                    memo.unbind(key)
             plan = memo.plan(x)
         else:
             plan = self._disabled or call_plan(self.layer, device_type, x, args, kwargs)
@@ -115,12 +130,15 @@ class FusedForward:
         # Counted before the call: a recomputation that activation checkpointing stops early (by raising) was fused.
         self.report.fused_calls += 1
         try:
-            return self._fused(plan, autocast, device_type, backend)
+            y = self._fused(plan, autocast, device_type, backend)
         except _CONTROL_FLOW:
             raise
         except Exception:
             self.report.fused_calls -= 1  # the guard counts it as an internal error (or PEFT raises the caller's)
             raise
+        if bind_key is not None:
+            memo.bind(bind_key, x, backend)
+        return y
 
     def _backend_for(self, device_type: str) -> Optional[str]:
         """The backend for calls on ``device_type``, resolved once per device type; None (the reason kept in

@@ -23,14 +23,18 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from fastlora.functions import graph
+from fastlora.functions.lora import bound_call
 from fastlora.functions.nf4_weight import cache_key as nf4_cache_key
 
 _MISSING = object()
+#: :meth:`PlanMemo.bound` for a call key not bound yet.
+UNBOUND = object()
 _plain_tensors = torch._C.DisableTorchFunctionSubclass
 
 
@@ -45,7 +49,7 @@ class PlanMemo:
 
     __slots__ = (
         "_same", "_equal", "_tensors", "_nf4_weight", "_nf4_key", "_x_dtype", "_on_device", "_base", "_adapters",
-        "_compute_dtype", "_out_dtype", "_inference_only",
+        "_compute_dtype", "_out_dtype", "_inference_only", "_calls", "_calls_decided",
     )  # fmt: skip
 
     def __init__(self, same, equal, tensors, nf4_weight: Optional[Tensor], x: Tensor, device_type: str, plan) -> None:
@@ -66,6 +70,12 @@ class PlanMemo:
         self._inference_only = torch.is_inference_mode_enabled() and any(
             t is not None and t.is_inference() for t in (base.weight, base.bias, base.absmax)
         )
+        # The plan's call bound for the next x like a past one (fastlora.functions.lora.bound_call), per call_key;
+        # None where the call does not bind (it runs lora_linear). Only for x already in the compute and output dtype.
+        # Valid while the graph decisions they were bound under are the current ones (tuning.reset, tuning.forced
+        # and FASTLORA_PATH swap them).
+        self._calls: Optional[dict] = {} if len(self._adapters) == 1 and x.dtype is self._compute_dtype is self._out_dtype else None
+        self._calls_decided = graph.decided()
 
     @classmethod
     def capture(cls, layer: nn.Module, device_type: str, x: Tensor, plan) -> Optional["PlanMemo"]:
@@ -150,6 +160,32 @@ class PlanMemo:
                 if tensor is not None and _tensor_state(tensor) != state:
                     return False
             return self._nf4_weight is None or nf4_cache_key(self._nf4_weight) == self._nf4_key
+
+    def call_key(self, x: Tensor) -> Optional[tuple]:
+        """What a bound call of this plan is valid for beyond :meth:`holds`: x's shape, contiguity and
+        ``requires_grad``, inference mode and the adapter's ``requires_grad`` (the graph choice reads them); None when
+        this plan's calls do not bind."""
+        if self._calls is None:
+            return None
+        adapter = self._adapters[0]
+        return (x.shape, x.is_contiguous(), x.requires_grad, torch.is_inference_mode_enabled(),
+                adapter.lora_a.requires_grad, adapter.lora_b.requires_grad)  # fmt: skip
+
+    def bound(self, key: tuple):
+        """The bound call kept for ``key`` (see :meth:`call_key`); None where such calls do not bind; :data:`UNBOUND`
+        before :meth:`bind` ran for it. Usage: ``call = memo.bound(key)``"""
+        if graph.decided() is not self._calls_decided:
+            self._calls, self._calls_decided = {}, graph.decided()
+        return self._calls.get(key, UNBOUND)
+
+    def bind(self, key: tuple, x: Tensor, backend: str) -> None:
+        """Keep the plan's bound call (or None: it does not bind) for calls like ``x``, just run (its graph is decided
+        then). Usage: ``memo.bind(key, x, "cpp")``"""
+        self._calls[key] = bound_call(x, self._base, self._adapters, backend)
+
+    def unbind(self, key: tuple) -> None:
+        """Calls like this run unbound from now on (their bound call raised: ``lora_linear`` reports or falls back)."""
+        self._calls[key] = None
 
     def plan(self, x: Tensor):
         """The memoized plan for a call on ``x`` (converted to the compute dtype, as ``call_plan`` does)."""
