@@ -86,6 +86,17 @@ def cpp_build_state() -> dict[str, str | None]:
     return {"build_dir": str(build_dir), "state": "cached build present" if built else "not built yet (builds on first use)"}
 
 
+def c_allocator() -> str:
+    """The C library's allocator and its settings: CPU timings of multi-MB calls depend on them (glibc's adaptive
+    mmap threshold can make an allocation fault its pages in on every call; see docs/performance.md)."""
+    name, version = platform.libc_ver()
+    libc = f"{name} {version}".strip() or "unknown C library"
+    settings = " ".join(f"{key}={value}" for key, value in sorted(os.environ.items()) if key.startswith("MALLOC_"))
+    described = f"{libc} malloc ({settings or 'default settings'})"
+    preload = os.environ.get("LD_PRELOAD")
+    return f"{described}, LD_PRELOAD={preload}" if preload else described
+
+
 def describe_environment() -> dict:
     """Everything a report header needs, JSON-ready."""
     return {
@@ -95,6 +106,7 @@ def describe_environment() -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": c_allocator(),
         "gpu": gpu_description(),
         "versions": library_versions(),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -108,6 +120,7 @@ def format_environment(env: dict, backend_states: dict | None = None, cpp_state:
         f"host      {env['host']}  ({env['platform']})",
         f"cpu       {env['cpu']}  ({env['cpu_count']} cores, torch uses {env['torch_threads']} threads)",
         f"gpu       {gpu['name']}, {gpu['memory_gib']} GiB, sm {gpu['capability']}, CUDA {gpu['cuda']}" if gpu else "gpu       none",
+        f"allocator {env.get('allocator', '-')}",
         "versions  " + ", ".join(f"{name} {version or '-'}" for name, version in env["versions"].items()),
     ]
     if cpp_state is not None:

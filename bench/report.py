@@ -282,6 +282,7 @@ def _environment_table(results: Results) -> str:
         ["date (UTC)", env.get("date")],
         ["host", f"{env.get('host')} ({env.get('platform')})"],
         ["CPU", f"{env.get('cpu')}, {env.get('cpu_count')} cores, torch threads {results.settings.get('threads', env.get('torch_threads'))}"],
+        ["C allocator", env.get("allocator", "not recorded")],
         ["GPU", f"{gpu['name']}, {gpu['memory_gib']} GiB, sm {gpu['capability']}, L2 {gpu['l2_mib']} MiB, CUDA {gpu['cuda']}" if gpu else "none"],
         *[[name, version or "not installed"] for name, version in env.get("versions", {}).items()],
         ["command", f"`{env.get('command')}`"],

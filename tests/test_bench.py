@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from types import SimpleNamespace
 
@@ -168,6 +169,17 @@ def test_interleaved_timing_varies_who_follows_whom():
         for then in "abc":
             if first != then:
                 assert 110 <= after[first, then] <= 160, after
+
+
+def test_the_environment_records_the_c_allocator_settings(monkeypatch):
+    from fastlora.bench.environment import c_allocator
+
+    for key in [key for key in os.environ if key.startswith("MALLOC_")] + ["LD_PRELOAD"]:
+        monkeypatch.delenv(key, raising=False)
+    assert "default settings" in c_allocator()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert "MALLOC_TRIM_THRESHOLD_=4294967296" in c_allocator() and "LD_PRELOAD=libjemalloc.so.2" in c_allocator()
 
 
 def test_rotating_inputs_cover_the_cache():
