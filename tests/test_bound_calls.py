@@ -13,15 +13,30 @@ import torch
 
 import fastlora
 from fastlora import tuning
+from fastlora.backends import cpp
 from tests.conftest import lora_layer_model
 
-CASES = [  # base, dtype, x's shape, dropout
-    ("dense", torch.float32, (7, 48), 0.0),
-    ("dense", torch.float32, (2, 5, 48), 0.25),
-    ("nf4", torch.float32, (3, 48), 0.1),  # double-quantized absmax: resolved per call
-    ("dense", torch.bfloat16, (2, 9, 48), 0.0),
-    ("nf4", torch.bfloat16, (17, 48), 0.0),
+HALF_GRAPH = "native_half" if cpp.native_half_gemm(torch.bfloat16) else "native"
+CASES = [  # base, dtype, x's shape, dropout, the C++ graph
+    ("dense", torch.float32, (7, 48), 0.0, "native"),
+    ("dense", torch.float32, (2, 5, 48), 0.25, "native"),
+    ("nf4", torch.float32, (3, 48), 0.1, "native"),  # double-quantized absmax: resolved per call
+    ("dense", torch.bfloat16, (2, 9, 48), 0.0, HALF_GRAPH),
+    ("nf4", torch.bfloat16, (17, 48), 0.0, HALF_GRAPH),
+    ("nf4", torch.bfloat16, (5, 48), 0.2, "native"),
 ]
+
+
+def _force(monkeypatch, graph: str) -> None:
+    """Layer calls forced onto ``graph`` (run-time timing could pick a graph that does not bind)."""
+    monkeypatch.setenv(tuning.PATH_ENV, f"lora_layer={graph},lora_layer_inference={graph}")
+    tuning.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_decisions():
+    yield
+    tuning.reset()  # after monkeypatch has put FASTLORA_PATH back
 
 
 def _patched(base: str, dtype: torch.dtype, dropout: float):
@@ -49,10 +64,11 @@ def _bound_keys(model) -> list:
     return [key for key, call in memo._calls.items() if call is not None]
 
 
-@pytest.mark.parametrize("base,dtype,shape,dropout", CASES)
-def test_bound_calls_are_bitwise_the_unbound_call(base, dtype, shape, dropout):
+@pytest.mark.parametrize("base,dtype,shape,dropout,graph", CASES)
+def test_bound_calls_are_bitwise_the_unbound_call(monkeypatch, base, dtype, shape, dropout, graph):
     """The third call of a shape runs bound; each call is compared with a fresh copy's first (unbound) call at the
     same generator state: bitwise equal outputs and gradients, dropout masks included."""
+    _force(monkeypatch, graph)
     model = _patched(base, dtype, dropout)
     reference = copy.deepcopy(model)
     fastlora.patch(model, backend="cpp")
@@ -68,6 +84,7 @@ def test_bound_calls_are_bitwise_the_unbound_call(base, dtype, shape, dropout):
 
 
 def test_bound_calls_follow_forced_paths_and_resets(monkeypatch):
+    _force(monkeypatch, "native")
     model = _patched("dense", torch.float32, 0.0)
     fastlora.patch(model, backend="cpp")
     layer = model.base_model.model.lin
@@ -82,15 +99,15 @@ def test_bound_calls_follow_forced_paths_and_resets(monkeypatch):
     monkeypatch.setenv(tuning.PATH_ENV, "lora_layer=function")
     tuning.reset()  # reads FASTLORA_PATH again: what was bound under the old decisions no longer applies
     assert type(layer(x).grad_fn).__name__ == "LoRALinearFunctionBackward"
-    monkeypatch.delenv(tuning.PATH_ENV)
-    tuning.reset()
+    _force(monkeypatch, "native")
     assert type(layer(x).grad_fn).__name__ == "CppFunction"
 
 
 @pytest.mark.parametrize("change", ["freeze A", "x without grad", "another shape", "no_grad"])
-def test_what_the_graph_choice_reads_unbinds(change):
+def test_what_the_graph_choice_reads_unbinds(monkeypatch, change):
     """After bound calls, a call that differs in what the graph choice reads computes PEFT's gradients (fp32:
     1e-5 of the largest value, summation order only)."""
+    _force(monkeypatch, "native")
     model = _patched("dense", torch.float32, 0.0)
     reference = copy.deepcopy(model).base_model.model.lin
     fastlora.patch(model, backend="cpp")
@@ -119,7 +136,8 @@ def test_what_the_graph_choice_reads_unbinds(change):
             assert (mine.grad - theirs.grad).abs().max() <= 1e-5 * theirs.grad.abs().max()
 
 
-def test_a_bound_call_that_raises_runs_unbound_and_counts_once():
+def test_a_bound_call_that_raises_runs_unbound_and_counts_once(monkeypatch):
+    _force(monkeypatch, "native")
     model = _patched("dense", torch.float32, 0.0)
     report = fastlora.patch(model, backend="cpp")
     layer = model.base_model.model.lin

@@ -133,6 +133,11 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
     return chosen
 
 
+def binds_on(device_type: str) -> bool:
+    """Whether calls on ``device_type`` can run on a native graph (the C++ node: CPU only), so binding may apply."""
+    return device_type == "cpu"
+
+
 def decided() -> dict:
     """The graph decisions in force (a new object after ``tuning.reset``, or under ``tuning.forced``): what a
     call bound to a graph (:func:`bind`) was decided under. Usage: ``valid = graph.decided() is kept``"""
