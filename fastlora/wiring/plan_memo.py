@@ -164,13 +164,14 @@ class PlanMemo:
 
     def call_key(self, x: Tensor) -> Optional[tuple]:
         """What a bound call of this plan is valid for beyond :meth:`holds`: x's shape, contiguity and
-        ``requires_grad``, inference mode and the adapter's ``requires_grad`` (the graph choice reads them); None when
-        this plan's calls do not bind."""
+        ``requires_grad``, inference mode, and the adapter weights' ``requires_grad`` and dtypes (the graph choice
+        reads them; a ``.data`` swap can change a dtype under the same parameter); None when this plan's calls do
+        not bind."""
         if self._calls is None:
             return None
-        adapter = self._adapters[0]
-        return (x.shape, x.is_contiguous(), x.requires_grad, torch.is_inference_mode_enabled(),
-                adapter.lora_a.requires_grad, adapter.lora_b.requires_grad)  # fmt: skip
+        lora_a, lora_b = self._adapters[0].lora_a, self._adapters[0].lora_b
+        return (x.shape, x.is_contiguous(), x.requires_grad, torch.is_inference_mode_enabled(), lora_a.requires_grad,
+                lora_b.requires_grad, lora_a.dtype, lora_b.dtype)  # fmt: skip
 
     def bound(self, key: tuple):
         """The bound call kept for ``key`` (see :meth:`call_key`); None where such calls do not bind; :data:`UNBOUND`
