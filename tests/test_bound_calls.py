@@ -153,3 +153,21 @@ def test_a_bound_call_that_raises_runs_unbound_and_counts_once(monkeypatch):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert report.fused_calls == 3 and not report.internal_errors and not report.fallback_calls
     assert layer.forward._memo._calls[key] is None  # calls like it run unbound from now on
+
+
+def test_bound_calls_are_kept_for_the_last_few_shapes(monkeypatch):
+    """Variable sequence lengths: a layer keeps bound calls for at most BOUND_KEYS shapes, the newest; each call still
+    matches PEFT (fp32: 1e-5 of the largest value)."""
+    from fastlora.wiring.plan_memo import BOUND_KEYS
+
+    _force(monkeypatch, "native")
+    model = _patched("dense", torch.float32, 0.0)
+    fastlora.patch(model, backend="cpp")
+    layer = model.base_model.model.lin
+    for length in range(1, 3 * BOUND_KEYS):
+        x = torch.randn(2, length, 48)
+        for _ in range(2):
+            got, want = layer(x), layer.forward.original(x)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    keys = _bound_keys(model)
+    assert len(keys) == BOUND_KEYS and {key[0][1] for key in keys} == set(range(2 * BOUND_KEYS, 3 * BOUND_KEYS))

@@ -17,8 +17,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fastlora import backends
-from fastlora.tuning import guard
 from fastlora.functions.lora import lora_linear
+from fastlora.tuning import guard
 from fastlora.wiring import verify as verification
 from fastlora.wiring.plan import call_plan, layer_device
 from fastlora.wiring.plan_memo import UNBOUND, PlanMemo

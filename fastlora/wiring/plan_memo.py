@@ -35,6 +35,8 @@ from fastlora.functions.nf4_weight import cache_key as nf4_cache_key
 _MISSING = object()
 #: :meth:`PlanMemo.bound` for a call key not bound yet.
 UNBOUND = object()
+#: Call keys (x shapes, mostly) a plan keeps bound calls for: a model's few fixed shapes, or the last ones seen.
+BOUND_KEYS = 8
 _plain_tensors = torch._C.DisableTorchFunctionSubclass
 
 
@@ -182,7 +184,10 @@ class PlanMemo:
 
     def bind(self, key: tuple, x: Tensor, backend: str) -> None:
         """Keep the plan's bound call (or None: it does not bind) for calls like ``x``, just run (its graph is decided
-        then). Usage: ``memo.bind(key, x, "cpp")``"""
+        then); the oldest of :data:`BOUND_KEYS` goes first (variable sequence lengths must not grow a layer's state
+        without end). Usage: ``memo.bind(key, x, "cpp")``"""
+        if len(self._calls) >= BOUND_KEYS:
+            del self._calls[next(iter(self._calls))]
         self._calls[key] = bound_call(x, self._base, self._adapters, backend)
 
     def unbind(self, key: tuple) -> None:
