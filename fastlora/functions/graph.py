@@ -63,7 +63,7 @@ is_compiling = torch.compiler.is_compiling  # bound once: this runs on every lay
 #: host work and PEFT's own ATen nodes (oneDNN's half GEMV) can be the fastest graph; beyond, the native graphs save less.
 #: An M-bucket boundary (fastlora.tuning.m_bucket), so every M of a shape key has the same candidates.
 HALF_AUTOGRAD_MAX_TOKENS = 64
-#: The C++ node's graphs and the path each gives :func:`fastlora.backends.cpp.lora_layer`.
+#: The C++ node's graphs and the path each gives :func:`fastlora.backends.cpp.bound_lora_layer`.
 _NATIVE_PATHS = {"native": "auto", "native_half": "half", "native_half_lora": "half_lora"}
 #: ``function(x, base, adapter, backend)``: the call on fastlora's own Function (or its ops alone without grad).
 Function = Callable[..., Tensor]
@@ -72,7 +72,7 @@ Function = Callable[..., Tensor]
 def _candidates(x: Tensor, base, adapter, backend: str) -> tuple[str, ...]:
     """The graphs that compute this call (see the module docstring), the default first; :func:`path` has checked the
     adapter and the bias."""
-    native = backend == "cpp" and x.device.type == "cpu"
+    native = backend == "cpp" and native_on(x.device.type)
     dense_f32 = (
         base.absmax is None and adapter.dropout_p == 0.0 and x.dtype is torch.float32 and base.weight.dtype is torch.float32
     )
@@ -133,8 +133,8 @@ def path(x: Tensor, base, adapter, backend: str, function: Function) -> str:
     return chosen
 
 
-def binds_on(device_type: str) -> bool:
-    """Whether calls on ``device_type`` can run on a native graph (the C++ node: CPU only), so binding may apply."""
+def native_on(device_type: str) -> bool:
+    """Whether calls on ``device_type`` can run on a native graph (the C++ node: CPU only)."""
     return device_type == "cpu"
 
 

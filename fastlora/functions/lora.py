@@ -213,14 +213,11 @@ def bound_call(x: Tensor, base: BaseWeight, adapters: Sequence[Adapter], backend
     if layer is None or (_GRAPH_FALLBACKS and _graph_key(path, x2d, base, backend) in _GRAPH_FALLBACKS):
         return None
     device, unused = x.device, None if dropout else _unused_seeds(1, x.device)
+    seeds = (lambda: draw_seeds(1, device)) if dropout else (lambda: unused)
     if x.dim() == 2:
-        if dropout:
-            return lambda x: layer(x, draw_seeds(1, device))
-        return lambda x: layer(x, unused)
+        return lambda x: layer(x, seeds())
     out_shape = (*x.shape[:-1], base.out_features)
-    if dropout:
-        return lambda x: layer(x.view(-1, k), draw_seeds(1, device)).view(out_shape)
-    return lambda x: layer(x.view(-1, k), unused).view(out_shape)
+    return lambda x: layer(x.view(-1, k), seeds()).view(out_shape)
 
 
 #: Layer graphs (fastlora.functions.graph) that failed to launch, per (graph, backend, dtypes, K, N): fastlora's Function

@@ -76,7 +76,7 @@ class PlanMemo:
         # None where the call does not bind (it runs lora_linear). Only for x already in the compute and output dtype.
         # Valid while the graph decisions they were bound under are the current ones (tuning.reset, tuning.forced
         # and FASTLORA_PATH swap them).
-        binds = graph.binds_on(device_type) and len(self._adapters) == 1 and x.dtype is self._compute_dtype is self._out_dtype
+        binds = graph.native_on(device_type) and len(self._adapters) == 1 and x.dtype is self._compute_dtype is self._out_dtype
         self._calls: Optional[dict] = {} if binds else None
         self._calls_decided = graph.decided()
 
